@@ -1,0 +1,119 @@
+"""Dynamic quantization parameters: PyTorch's ``ChooseQuantizationParams`` (``quant_utils.h``).
+
+This is what ``torch._choose_qparams_per_tensor`` and fbgemm's dynamic linear use for activations.
+It differs from the observers' ``calculate_qparams``: tiny scales are lifted to 6.1e-5 (widening the
+range), a zero scale becomes 0.1, and the zero point comes from whichever end (min or max) has the
+smaller rounding error. PyTorch computes the intermediate values in float64; here they are float32,
+which can differ from PyTorch by one zero-point step in rare tie cases.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxquant.dtypes import QDType, quint8
+
+SMALL_SCALE_THRESHOLD = 6.1e-5
+
+
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # Veltkamp split of a float32 into two 12-bit halves, so products of halves are exact.
+    c = jnp.float32(4097.0) * a
+    hi = c - (c - a)
+    return hi, a - hi
+
+
+def _exact_difference_over(max_val: jax.Array, min_val: jax.Array, divisor: float) -> jax.Array:
+    """float32((max - min) / divisor) with the difference and division done as if in float64.
+
+    PyTorch computes this in double and rounds once; plain float32 rounds twice and is one ulp off
+    for about one range in ten. Error-free transforms (TwoSum, Dekker's product) recover the exact
+    difference and the residual of the first quotient, which is enough for a faithful result.
+    """
+    hi, lo = _two_sum(max_val, -min_val)
+    d = jnp.float32(divisor)
+    q1 = hi / d
+    # residual = hi - q1 * d, computed exactly with a split product
+    q_hi, q_lo = _split(q1)
+    d_hi, d_lo = _split(d)
+    p = q1 * d
+    p_err = ((q_hi * d_hi - p) + q_hi * d_lo + q_lo * d_hi) + q_lo * d_lo
+    residual = ((hi - p) - p_err) + lo
+    return q1 + residual / d
+
+
+def choose_qparams_from_min_max(
+    min_val: jax.Array,
+    max_val: jax.Array,
+    quant_min: int = 0,
+    quant_max: int = 255,
+    reduce_range: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Scale and zero point for a float range, elementwise over ``min_val``/``max_val`` of any shape.
+
+    Args:
+      min_val, max_val: float32 arrays of the same shape (``()`` per tensor, ``(M,)`` per row).
+      quant_min, quant_max: the integer range; ``reduce_range`` halves both (C++ integer division).
+    Returns:
+      ``(scale float32, zero_point int32)`` with the shape of ``min_val``.
+    """
+    if reduce_range:
+        quant_min, quant_max = int(quant_min / 2), int(quant_max / 2)  # C++ truncation toward zero
+    min_val = jnp.minimum(jnp.asarray(min_val, jnp.float32), 0.0)
+    max_val = jnp.maximum(jnp.asarray(max_val, jnp.float32), 0.0)
+    qrange = float(quant_max - quant_min)
+    scale = _exact_difference_over(max_val, min_val, qrange)
+    bad = (scale == 0.0) | jnp.isinf(jnp.float32(1.0) / scale)
+    scale = jnp.where(bad, jnp.float32(0.1), scale)
+
+    small = scale < SMALL_SCALE_THRESHOLD
+    amplifier = jnp.float32(SMALL_SCALE_THRESHOLD) / jnp.where(small, scale, 1.0)
+    new_max = jnp.where(min_val == 0.0, jnp.float32(SMALL_SCALE_THRESHOLD * qrange), max_val * amplifier)
+    new_min = jnp.where(
+        min_val == 0.0, min_val,
+        jnp.where(max_val == 0.0, jnp.float32(-SMALL_SCALE_THRESHOLD * qrange), min_val * amplifier),
+    )
+    new_max = jnp.where((min_val != 0.0) & (max_val == 0.0), max_val, new_max)
+    min_val = jnp.where(small, new_min, min_val)
+    max_val = jnp.where(small, new_max, max_val)
+    scale = jnp.where(small, jnp.float32(SMALL_SCALE_THRESHOLD), scale)
+
+    zp_from_min = quant_min - min_val / scale
+    zp_from_max = quant_max - max_val / scale
+    err_min = abs(quant_min) - jnp.abs(min_val / scale)
+    err_max = abs(quant_max) - jnp.abs(max_val / scale)
+    initial = jnp.where(err_min < err_max, zp_from_min, zp_from_max)
+    zero_point = jnp.clip(jnp.round(initial), quant_min, quant_max).astype(jnp.int32)
+    return scale, zero_point
+
+
+def choose_qparams(
+    x: jax.Array,
+    dtype: QDType = quint8,
+    reduce_range: bool = False,
+    axis: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Dynamic qparams of ``x`` (``torch._choose_qparams_per_tensor`` when ``axis`` is None).
+
+    Args:
+      x: float array of any shape. Must be finite (NaN/Inf give meaningless qparams, as in PyTorch).
+      dtype: ``quint8`` (range [0, 255]) or ``qint8`` ([-128, 127]).
+      reduce_range: use 7 bits (what PyTorch's x86/fbgemm dynamic ops do to avoid overflow).
+      axis: ``None`` for one scale per tensor; an int to reduce over every other axis
+        (``axis=0`` of an ``(M, K)`` input gives per-row (per-token) qparams of shape ``(M,)``).
+    Returns:
+      ``(scale float32, zero_point int32)``, shape ``()`` or ``(x.shape[axis],)``.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    if axis is None:
+        lo, hi = jnp.min(x), jnp.max(x)
+    else:
+        axes = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+        lo, hi = jnp.min(x, axis=axes), jnp.max(x, axis=axes)
+    return choose_qparams_from_min_max(lo, hi, dtype.min, dtype.max, reduce_range)

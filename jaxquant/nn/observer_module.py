@@ -1,0 +1,32 @@
+"""``ObserverModule``: an observer config and its state, as an NNX module (PyTorch's
+``activation_post_process``).
+
+Calling it on a float array updates the statistics (a pure ``observer.update`` whose result is
+written back into a :class:`~jaxquant.nn.variables.QuantStats` variable) and returns the input
+unchanged, so it can sit after any layer. Under ``nnx.jit``, or ``jax.jit`` over split state, the
+update is traced once and reused for every batch.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+
+from jaxquant.nn.variables import QuantStats
+
+
+class ObserverModule(nnx.Module):
+    """Holds ``observer`` (a frozen, hashable config) and ``stats`` (its state pytree)."""
+
+    def __init__(self, observer: Any, example_or_shape: Any = None):
+        self.observer = observer
+        self.stats = QuantStats(observer.init(example_or_shape))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        self.stats.set_value(self.observer.update(self.stats.get_value(), x))
+        return x
+
+    def calculate_qparams(self) -> tuple[jax.Array, jax.Array]:
+        """``(scale float32, zero_point int32)`` from the statistics seen so far."""
+        return self.observer.calculate_qparams(self.stats.get_value())

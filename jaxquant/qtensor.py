@@ -1,0 +1,212 @@
+"""``QTensor``: integer data with its scale and zero point, as a pytree; quantize and dequantize.
+
+Numerics follow PyTorch's CPU kernels (fbgemm's ``Quantize``):
+``q = clamp(round_half_even(x * float32(1 / scale)) + zero_point, qmin, qmax)`` and
+``x = (q - zero_point) * scale``. For ``per_channel_affine_float_qparams`` (embedding weights) the
+zero point is a float added before rounding: ``q = clamp(round(x * (1 / scale) + zero_point))``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.dtypes import (
+    QDType,
+    QScheme,
+    per_channel_affine,
+    per_channel_affine_float_qparams,
+    per_tensor_affine,
+    qint32,
+    qint8,
+    quint8,
+)
+
+ArrayLike = Union[jax.Array, np.ndarray, float, int]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QTensor:
+    """A quantized tensor: ``int_data`` with its ``scale`` and ``zero_point``.
+
+    Leaves (arrays): ``int_data`` (any shape, storage dtype of ``dtype``: int8/uint8/int32),
+    ``scale`` (float32, shape ``()`` per tensor or ``(C,)`` per channel) and ``zero_point``
+    (int32 with the same shape as ``scale``; float32 for ``per_channel_affine_float_qparams``).
+    Metadata (static, never traced): ``dtype`` (a :class:`~jaxquant.dtypes.QDType`),
+    ``qscheme`` and ``axis`` (the channel axis, or ``None`` per tensor).
+    """
+
+    int_data: jax.Array
+    scale: jax.Array
+    zero_point: jax.Array
+    dtype: QDType = dataclasses.field(metadata=dict(static=True), default=quint8)
+    qscheme: QScheme = dataclasses.field(metadata=dict(static=True), default=per_tensor_affine)
+    axis: Optional[int] = dataclasses.field(metadata=dict(static=True), default=None)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.int_data.shape)
+
+    @property
+    def ndim(self) -> int:
+        return self.int_data.ndim
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by data, scales and zero points."""
+        return int(sum(np.dtype(a.dtype).itemsize * a.size for a in (self.int_data, self.scale, self.zero_point)))
+
+    def int_repr(self) -> jax.Array:
+        """The stored integers (int8/uint8/int32), same shape as the tensor."""
+        return self.int_data
+
+    def dequantize(self) -> jax.Array:
+        """float32 values ``(q - zero_point) * scale``, same shape as the tensor."""
+        return dequantize(self)
+
+    def q_scale(self) -> jax.Array:
+        self._require_per_tensor("q_scale")
+        return self.scale
+
+    def q_zero_point(self) -> jax.Array:
+        self._require_per_tensor("q_zero_point")
+        return self.zero_point
+
+    def q_per_channel_scales(self) -> jax.Array:
+        self._require_per_channel("q_per_channel_scales")
+        return self.scale
+
+    def q_per_channel_zero_points(self) -> jax.Array:
+        self._require_per_channel("q_per_channel_zero_points")
+        return self.zero_point
+
+    def q_per_channel_axis(self) -> int:
+        self._require_per_channel("q_per_channel_axis")
+        return self.axis  # type: ignore[return-value]
+
+    def _require_per_tensor(self, what: str) -> None:
+        if self.axis is not None:
+            raise ValueError(f"QTensor.{what}() needs a per-tensor QTensor; this one is {self.qscheme!r} "
+                             f"along axis {self.axis}: use q_per_channel_* instead")
+
+    def _require_per_channel(self, what: str) -> None:
+        if self.axis is None:
+            raise ValueError(f"QTensor.{what}() needs a per-channel QTensor; this one is {self.qscheme!r}: "
+                             "use q_scale()/q_zero_point() instead")
+
+    def __repr__(self) -> str:
+        where = "" if self.axis is None else f", axis={self.axis}"
+        return f"QTensor(shape={self.shape}, dtype={self.dtype!r}, qscheme={self.qscheme!r}{where})"
+
+
+def _check_dtype(dtype: QDType, where: str) -> None:
+    if not isinstance(dtype, QDType):
+        raise TypeError(f"{where}: dtype must be a jaxquant quantized dtype (qint8, quint8, qint32, ...), "
+                        f"got {dtype!r}")
+
+
+def _check_float_input(x: jax.Array, where: str) -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{where}: expected a floating-point input, got {x.dtype}")
+    return x.astype(jnp.float32)
+
+
+def _round_shift_clamp(x: jax.Array, scale: jax.Array, zero_point: jax.Array, qmin: int, qmax: int) -> jax.Array:
+    # Multiply by the float32 reciprocal (not divide): that is what fbgemm does, and it changes ties.
+    inv_scale = jnp.float32(1.0) / scale
+    q = jnp.round(x * inv_scale) + zero_point.astype(jnp.float32)
+    return jnp.clip(q, qmin, qmax)
+
+
+def quantize_per_tensor(
+    x: ArrayLike,
+    scale: ArrayLike,
+    zero_point: ArrayLike,
+    dtype: QDType = quint8,
+) -> QTensor:
+    """Quantize a float tensor with one scale and zero point (``torch.quantize_per_tensor``).
+
+    Args:
+      x: float array of any shape.
+      scale: float32 scalar.
+      zero_point: integer scalar.
+      dtype: ``quint8``, ``qint8`` or ``qint32``; values are clamped to its full range.
+    Returns:
+      A per-tensor affine :class:`QTensor` with ``int_data`` of ``x.shape`` in the storage dtype.
+    """
+    _check_dtype(dtype, "quantize_per_tensor")
+    x = _check_float_input(x, "quantize_per_tensor")
+    scale = jnp.asarray(scale, jnp.float32).reshape(())
+    zero_point = jnp.asarray(zero_point).astype(jnp.int32).reshape(())
+    q = _round_shift_clamp(x, scale, zero_point, dtype.min, dtype.max)
+    return QTensor(q.astype(dtype.storage), scale, zero_point, dtype, per_tensor_affine, None)
+
+
+def _channel_shape(ndim: int, axis: int) -> list[int]:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return shape
+
+
+def quantize_per_channel(
+    x: ArrayLike,
+    scales: ArrayLike,
+    zero_points: ArrayLike,
+    axis: int,
+    dtype: QDType = qint8,
+) -> QTensor:
+    """Quantize with one scale and zero point per slice along ``axis`` (``torch.quantize_per_channel``).
+
+    Args:
+      x: float array; ``x.shape[axis] == C``.
+      scales: float32 ``(C,)``.
+      zero_points: ``(C,)``; integers give ``per_channel_affine``, floats give
+        ``per_channel_affine_float_qparams`` (zero point added before rounding, as PyTorch does).
+      axis: the channel axis (negative values count from the end; stored normalised).
+      dtype: the quantized dtype.
+    Returns:
+      A per-channel :class:`QTensor`.
+    """
+    _check_dtype(dtype, "quantize_per_channel")
+    x = _check_float_input(x, "quantize_per_channel")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"quantize_per_channel: axis {axis} is out of range for an input of shape {x.shape}")
+    axis = axis % x.ndim
+    scales = jnp.asarray(scales, jnp.float32).reshape(-1)
+    zero_points = jnp.asarray(zero_points)
+    channels = x.shape[axis]
+    if scales.shape[0] != channels or zero_points.reshape(-1).shape[0] != channels:
+        raise ValueError(
+            f"quantize_per_channel: expected {channels} scales and zero points for axis {axis} of an input of "
+            f"shape {x.shape}, got {scales.shape[0]} and {zero_points.reshape(-1).shape[0]}"
+        )
+    bshape = _channel_shape(x.ndim, axis)
+    s = scales.reshape(bshape)
+    if jnp.issubdtype(zero_points.dtype, jnp.floating):
+        zp = zero_points.astype(jnp.float32).reshape(-1)
+        # PyTorch treats a zero scale as 1 here (embedding rows that are constant).
+        inv_scale = jnp.where(s == 0, jnp.float32(1.0), jnp.float32(1.0) / s)
+        q = jnp.clip(jnp.round(x * inv_scale + zp.reshape(bshape)), dtype.min, dtype.max)
+        return QTensor(q.astype(dtype.storage), scales, zp, dtype, per_channel_affine_float_qparams, axis)
+    zp = zero_points.astype(jnp.int32).reshape(-1)
+    q = _round_shift_clamp(x, s, zp.reshape(bshape), dtype.min, dtype.max)
+    return QTensor(q.astype(dtype.storage), scales, zp, dtype, per_channel_affine, axis)
+
+
+def dequantize(q: QTensor) -> jax.Array:
+    """float32 ``(int_data - zero_point) * scale``, broadcast along ``q.axis`` when per channel."""
+    if not isinstance(q, QTensor):
+        raise TypeError(f"dequantize expects a QTensor, got {type(q).__name__}")
+    if q.axis is None:
+        return (q.int_data.astype(jnp.int32) - q.zero_point).astype(jnp.float32) * q.scale
+    bshape = _channel_shape(q.int_data.ndim, q.axis)
+    s = q.scale.reshape(bshape)
+    zp = q.zero_point.reshape(bshape)
+    if q.qscheme == per_channel_affine_float_qparams:
+        return (q.int_data.astype(jnp.float32) - zp) * s
+    return (q.int_data.astype(jnp.int32) - zp).astype(jnp.float32) * s
