@@ -98,6 +98,14 @@ class QTensor:
             raise ValueError(f"QTensor.{what}() needs a per-channel QTensor; this one is {self.qscheme!r}: "
                              "use q_scale()/q_zero_point() instead")
 
+    def __jax_array__(self):
+        # Reached when a quantized activation flows into a float JAX op (jnp.*, nnx.relu, ...):
+        # say what to do instead of JAX's generic "not a valid JAX type".
+        raise TypeError(
+            f"a quantized activation ({self!r}) reached a float operation. Insert a DeQuantStub before "
+            "float code (or call .dequantize()), or use a jaxquant.nn module that accepts QTensors"
+        )
+
     def __repr__(self) -> str:
         where = "" if self.axis is None else f", axis={self.axis}"
         return f"QTensor(shape={self.shape}, dtype={self.dtype!r}, qscheme={self.qscheme!r}{where})"

@@ -26,4 +26,4 @@ from jaxquant.nn.pooling import (
     max_pool2d,
 )
 from jaxquant.nn.stubs import DeQuantStub, QuantStub, QuantWrapper
-from jaxquant.nn.variables import QuantParams, QuantStats
+from jaxquant.nn.variables import QuantCache, QuantParams, QuantStats

@@ -11,6 +11,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxquant.dtypes import quint8
+from jaxquant.qtensor import QTensor, dequantize, quantize_per_tensor
+
+
+def _map_int(x: QTensor, int_data: jax.Array) -> QTensor:
+    """A QTensor with new integers and ``x``'s qparams."""
+    return QTensor(int_data, x.scale, x.zero_point, x.dtype, x.qscheme, x.axis)
+
+
+def _fixed_qparams_op(x: QTensor, fn, scale: float, zero_point: int) -> QTensor:
+    # Output range is known in advance (e.g. sigmoid in [0, 1]), so no observer is needed.
+    return quantize_per_tensor(fn(dequantize(x)), scale, zero_point, quint8)
+
 
 class Identity(nnx.Module):
     """Returns its input; what fusion leaves in place of a module folded into its neighbour."""
@@ -20,12 +33,23 @@ class Identity(nnx.Module):
 
 
 class ReLU(nnx.Module):
-    def __call__(self, x: jax.Array) -> jax.Array:
+    """``max(x, 0)``; on a QTensor, ``max(q, zero_point)`` with the input's qparams (PyTorch's)."""
+
+    def __call__(self, x):
+        if isinstance(x, QTensor):
+            return _map_int(x, jnp.maximum(x.int_data, x.zero_point.astype(x.int_data.dtype)))
         return jax.nn.relu(x)
 
 
 class ReLU6(nnx.Module):
-    def __call__(self, x: jax.Array) -> jax.Array:
+    """``clip(x, 0, 6)``; on a QTensor the integer clip ``[zp, zp + round(6 / scale)]``, qparams kept."""
+
+    def __call__(self, x):
+        if isinstance(x, QTensor):
+            zp = x.zero_point.astype(jnp.int32)
+            six = jnp.round(jnp.float32(6.0) / x.scale).astype(jnp.int32) + zp
+            q = jnp.clip(x.int_data.astype(jnp.int32), zp, six)
+            return _map_int(x, jnp.clip(q, x.dtype.min, x.dtype.max).astype(x.int_data.dtype))
         return jnp.clip(x, 0.0, 6.0)
 
 
@@ -35,7 +59,11 @@ class Hardswish(nnx.Module):
 
 
 class Hardsigmoid(nnx.Module):
-    def __call__(self, x: jax.Array) -> jax.Array:
+    """On a QTensor: fixed output qparams ``(1/256, 0)`` quint8, as PyTorch."""
+
+    def __call__(self, x):
+        if isinstance(x, QTensor):
+            return _fixed_qparams_op(x, lambda v: jnp.clip(v + 3.0, 0.0, 6.0) / 6.0, 1.0 / 256.0, 0)
         return jnp.clip(x + 3.0, 0.0, 6.0) / 6.0
 
 
@@ -56,12 +84,20 @@ class LeakyReLU(nnx.Module):
 
 
 class Sigmoid(nnx.Module):
-    def __call__(self, x: jax.Array) -> jax.Array:
+    """On a QTensor: fixed output qparams ``(1/256, 0)`` quint8, as PyTorch's quantized sigmoid."""
+
+    def __call__(self, x):
+        if isinstance(x, QTensor):
+            return _fixed_qparams_op(x, jax.nn.sigmoid, 1.0 / 256.0, 0)
         return jax.nn.sigmoid(x)
 
 
 class Tanh(nnx.Module):
-    def __call__(self, x: jax.Array) -> jax.Array:
+    """On a QTensor: fixed output qparams ``(2/256, 128)`` quint8, as PyTorch's quantized tanh."""
+
+    def __call__(self, x):
+        if isinstance(x, QTensor):
+            return _fixed_qparams_op(x, jnp.tanh, 2.0 / 256.0, 128)
         return jnp.tanh(x)
 
 
@@ -102,8 +138,6 @@ def flatten(x, start_axis: int = 1, end_axis: int = -1):
 
 def reshape(x, shape):
     """``x.reshape(shape)`` for arrays and per-tensor QTensors (qparams unchanged)."""
-    from jaxquant.qtensor import QTensor
-
     if isinstance(x, QTensor):
         if x.axis is not None:
             raise ValueError("reshape of a per-channel QTensor is not supported: dequantize first")

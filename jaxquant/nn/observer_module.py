@@ -30,3 +30,14 @@ class ObserverModule(nnx.Module):
     def calculate_qparams(self) -> tuple[jax.Array, jax.Array]:
         """``(scale float32, zero_point int32)`` from the statistics seen so far."""
         return self.observer.calculate_qparams(self.stats.get_value())
+
+    @property
+    def dtype(self):
+        return self.observer.dtype
+
+    def checked_qparams(self, path: str) -> tuple[jax.Array, jax.Array]:
+        """Concrete qparams for ``convert``; raises naming ``path`` if the observer saw no data or NaN/Inf."""
+        from jaxquant.observers import check_observer_state
+
+        check_observer_state(self.observer, self.stats.get_value(), name=path)
+        return self.calculate_qparams()

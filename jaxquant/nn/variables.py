@@ -13,3 +13,11 @@ class QuantStats(nnx.Variable):
 
 class QuantParams(nnx.Variable):
     """The fixed arrays of a converted model: int8 weights, scales, zero points, folded biases."""
+
+
+class QuantCache(nnx.Variable):
+    """Arrays derived from ``QuantParams`` for speed (packed weight layouts, column sums).
+
+    Not part of what defines the model: serialisation and size accounting leave it out
+    (``nnx.state(model, nnx.Not(QuantCache))``).
+    """

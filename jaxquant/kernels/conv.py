@@ -1,0 +1,386 @@
+"""Static int8 convolution (1-D/2-D/3-D, NHWC) and transposed convolution.
+
+XLA's int8 ``conv_general_dilated`` runs YNNPACK's s8 x s8 path (no VNNI) and is barely
+faster than float32; grouped convs via ``feature_group_count`` are 12-66x slower than
+needed (PERF_NOTES). So the formulation is chosen by shape at prepack time:
+
+* ``"dot"``: 1x1, stride 1, no padding: a plain u8 x s8 dot over pixels.
+* ``"im2col"``: the k taps' strided slices concatenated along channels, then one u8 x s8
+  dot of ``(pixels, taps*cin) x (taps*cin, cout)``; the batch is tiled (``lax.map``) so the
+  im2col temporary stays around ``IM2COL_TILE_BYTES``.
+* ``"depthwise"``: ``groups == cin`` and one input channel per group: a taps-long
+  shift-multiply-add loop in int32 that XLA fuses into one elementwise loop.
+* ``"grouped"``: any other ``groups``: im2col per group and a batched u8 x s8 dot.
+
+Padding is done with the *input zero point* (the quantized value of real 0), so padded taps
+contribute exactly 0 to ``sum (x - zx)(w - zw)``, which lets every zero-point term be folded
+into a per-output-channel int32 offset at prepack time. The output pipeline is
+:func:`jaxquant.kernels.requantize.requantize` (fbgemm's formula).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxquant.kernels.linear import PackedWeight, int8_matmul_acc, pack_weight, to_uint8_activation
+from jaxquant.kernels.mixed_dot import dot_general_u8s8
+from jaxquant.kernels.requantize import output_multiplier, quant_range, requantize
+
+__all__ = ["StaticConvParams", "prepack_static_conv", "static_conv",
+           "prepack_static_conv_transpose", "static_conv_transpose", "IM2COL_TILE_BYTES"]
+
+Padding = Union[str, Sequence[tuple[int, int]]]
+
+# Target size of one im2col tile (uint8 bytes). Large temporaries page-fault on every call
+# under glibc malloc; a few MB stay in cache and in the allocator's free lists.
+IM2COL_TILE_BYTES = 4 << 20
+
+
+def _field(static: bool = False):
+    return dataclasses.field(metadata={"static": static})
+
+
+def _tuple(v, n: int, name: str) -> tuple[int, ...]:
+    if isinstance(v, int):
+        return (v,) * n
+    v = tuple(int(i) for i in v)
+    if len(v) != n:
+        raise ValueError(f"{name} must have {n} entries (one per spatial dim), got {v}")
+    return v
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StaticConvParams:
+    """Prepacked static int8 convolution.
+
+    Leaves: ``weight`` (a :class:`PackedWeight` of the ``(taps*cin, cout)`` matrix for
+    "dot"/"im2col"), ``w_grouped`` (int8 ``(G, cout/G, taps*cin/G)`` for "grouped"),
+    ``w_taps`` (int32 ``(taps, cout)`` = ``w - zw`` for "depthwise"), ``offset`` int32
+    ``(cout,)``, ``bias_over_scale`` float32 ``(cout,)`` or None, ``multiplier`` float32
+    ``(cout,)``, ``x_zero_point`` / ``out_zero_point`` int32 ``()``, ``colsum`` / ``w_zero_point``
+    int32 ``(cout,)``. Everything else is static metadata.
+    """
+
+    weight: Optional[PackedWeight]
+    w_grouped: Optional[jax.Array]
+    w_taps: Optional[jax.Array]
+    offset: jax.Array
+    bias_over_scale: Optional[jax.Array]
+    multiplier: jax.Array
+    x_zero_point: jax.Array
+    out_zero_point: jax.Array
+    colsum: jax.Array
+    w_zero_point: jax.Array
+    kind: str = _field(static=True)
+    kernel_size: tuple[int, ...] = _field(static=True)
+    in_channels: int = _field(static=True)
+    out_channels: int = _field(static=True)
+    strides: tuple[int, ...] = _field(static=True)
+    padding: Union[str, tuple[tuple[int, int], ...]] = _field(static=True)
+    dilation: tuple[int, ...] = _field(static=True)
+    groups: int = _field(static=True)
+    has_w_zero_point: bool = _field(static=True)
+    relu: bool = _field(static=True)
+    out_dtype: str = _field(static=True)
+
+
+def prepack_static_conv(
+    w_int8: jax.Array,
+    w_scale: jax.Array,
+    w_zero_point: jax.Array,
+    bias: Optional[jax.Array],
+    x_scale: jax.Array,
+    x_zero_point: jax.Array,
+    out_scale: jax.Array,
+    out_zero_point: jax.Array,
+    *,
+    strides: Union[int, Sequence[int]] = 1,
+    padding: Padding = "VALID",
+    dilation: Union[int, Sequence[int]] = 1,
+    groups: int = 1,
+    relu: bool = False,
+    out_dtype=jnp.uint8,
+) -> StaticConvParams:
+    """Prepack an int8 conv weight and fold the zero-point terms (once, at convert time).
+
+    Args:
+      w_int8: int8 ``(k_1, ..., k_d, cin/groups, cout)`` (flax ``nnx.Conv`` kernel layout).
+      w_scale: float32 ``()`` or ``(cout,)``; w_zero_point: int32 ``()`` or ``(cout,)``.
+      bias: float32 ``(cout,)`` or None.
+      x_scale, x_zero_point: static input qparams (zero point in the input's own dtype).
+      out_scale, out_zero_point: output qparams.
+      strides, dilation: ints or one per spatial dim.
+      padding: ``"SAME"``, ``"VALID"`` or explicit ``((lo, hi), ...)`` per spatial dim
+        (PyTorch's ``padding=p`` is ``((p, p),) * d``).
+      groups: feature groups; ``groups == cin`` with ``cin/groups == 1`` is depthwise.
+      relu: fused ReLU; out_dtype: ``jnp.uint8`` or ``jnp.int8``.
+    """
+    quant_range(out_dtype)
+    w = jnp.asarray(w_int8)
+    if w.dtype != jnp.int8 or w.ndim < 3:
+        raise TypeError(f"conv weight must be int8 (k..., cin/groups, cout), got "
+                        f"{w.dtype}{tuple(w.shape)}")
+    nd = w.ndim - 2
+    ks = tuple(int(k) for k in w.shape[:nd])
+    cin_g, cout = int(w.shape[-2]), int(w.shape[-1])
+    if cout % groups:
+        raise ValueError(f"out channels {cout} not divisible by groups={groups}")
+    cin = cin_g * groups
+    strides_t = _tuple(strides, nd, "strides")
+    dilation_t = _tuple(dilation, nd, "dilation")
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            raise ValueError(f"padding must be 'SAME', 'VALID' or explicit pairs, got {padding!r}")
+        padding_t: Union[str, tuple] = padding.upper()
+    else:
+        padding_t = tuple((int(lo), int(hi)) for lo, hi in padding)
+        if len(padding_t) != nd:
+            raise ValueError(f"padding needs {nd} (lo, hi) pairs, got {padding}")
+    taps = int(np.prod(ks))
+    zx = jnp.asarray(x_zero_point, jnp.int32)
+    zw = jnp.broadcast_to(jnp.asarray(w_zero_point, jnp.int32), (cout,))
+    w32 = w.astype(jnp.int32).reshape(taps * cin_g, cout)
+    colsum = jnp.sum(w32, axis=0)
+    k_red = taps * cin_g
+    offset = k_red * zx * zw - zx * colsum
+    act_times_w, mult = output_multiplier(x_scale, w_scale, out_scale)
+    bias_over_scale = None
+    if bias is not None:
+        bias = jnp.asarray(bias, jnp.float32)
+        if bias.shape != (cout,):
+            raise ValueError(f"bias must have shape ({cout},), got {bias.shape}")
+        bias_over_scale = jnp.broadcast_to(bias / act_times_w, (cout,))
+
+    weight = w_grouped = w_taps = None
+    pointwise = all(k == 1 for k in ks) and all(s == 1 for s in strides_t) and (
+        padding_t in ("VALID", "SAME") or all(p == (0, 0) for p in padding_t))
+    if groups == 1:
+        kind = "dot" if pointwise else "im2col"
+        weight = pack_weight(w.reshape(taps * cin_g, cout), zw, layouts="act_lhs")
+    elif cin_g == 1 and groups == cin:
+        kind = "depthwise"
+        w_taps = w32 - zw  # (taps, cout)
+        offset = -zx * jnp.sum(w_taps, axis=0)
+    else:
+        kind = "grouped"
+        cout_g = cout // groups
+        # (taps, cin_g, G, cout_g) -> (G, cout_g, taps*cin_g)
+        wg = w.reshape(taps, cin_g, groups, cout_g).transpose(2, 3, 0, 1)
+        w_grouped = wg.reshape(groups, cout_g, taps * cin_g)
+    has_zw = True
+    try:
+        has_zw = bool(np.any(np.asarray(zw) != 0))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        pass
+    return StaticConvParams(
+        weight=weight, w_grouped=w_grouped, w_taps=w_taps, offset=offset,
+        bias_over_scale=bias_over_scale,
+        multiplier=jnp.broadcast_to(mult, (cout,)).astype(jnp.float32),
+        x_zero_point=zx, out_zero_point=jnp.asarray(out_zero_point, jnp.int32),
+        colsum=colsum, w_zero_point=zw,
+        kind=kind, kernel_size=ks, in_channels=cin, out_channels=cout, strides=strides_t,
+        padding=padding_t, dilation=dilation_t, groups=int(groups), has_w_zero_point=has_zw,
+        relu=bool(relu), out_dtype=np.dtype(out_dtype).name,
+    )
+
+
+def _resolve_padding(p: StaticConvParams, spatial: Sequence[int]) -> list[tuple[int, int]]:
+    if isinstance(p.padding, str):
+        eff = [(k - 1) * d + 1 for k, d in zip(p.kernel_size, p.dilation)]
+        return lax.padtype_to_pads(tuple(spatial), eff, p.strides, p.padding)
+    return list(p.padding)
+
+
+def _taps(x_pad: jax.Array, p: StaticConvParams, out_sp: Sequence[int]):
+    """Yield, per kernel tap (row-major over kernel dims), the strided input slice
+    ``(N, *out_sp, C)`` that the tap multiplies."""
+    nd = len(p.kernel_size)
+    for tap in itertools.product(*(range(k) for k in p.kernel_size)):
+        start = [0] + [t * d for t, d in zip(tap, p.dilation)] + [0]
+        limit = ([x_pad.shape[0]] + [s + (o - 1) * st + 1 for s, o, st in
+                                      zip(start[1:1 + nd], out_sp, p.strides)] + [x_pad.shape[-1]])
+        yield lax.slice(x_pad, start, limit, [1] + list(p.strides) + [1])
+
+
+def _conv_acc(x_pad: jax.Array, zx: jax.Array, offset: jax.Array, p: StaticConvParams,
+              out_sp: Sequence[int]) -> jax.Array:
+    """int32 accumulator ``(N, *out_sp, cout)`` of one batch tile (x_pad uint8, padded)."""
+    n = x_pad.shape[0]
+    pixels = n * int(np.prod(out_sp))
+    if p.kind == "depthwise":
+        mult = p.out_channels // p.in_channels
+        acc = None
+        for t, xs in enumerate(_taps(x_pad, p, out_sp)):
+            xs = xs.astype(jnp.int32)
+            if mult > 1:
+                xs = jnp.repeat(xs, mult, axis=-1)
+            term = xs * p.w_taps[t]
+            acc = term if acc is None else acc + term
+        return acc + offset
+    if p.kind == "dot":
+        cols = x_pad.reshape(pixels, p.in_channels)
+    else:
+        cols = jnp.concatenate(list(_taps(x_pad, p, out_sp)), axis=-1)
+        cols = cols.reshape(pixels, -1)
+    if p.kind in ("dot", "im2col"):
+        acc = int8_matmul_acc(cols, zx, p.weight, offset=offset, layout="act_lhs")
+        return acc.reshape(n, *out_sp, p.out_channels)
+    # grouped: (pixels, taps, G, cin_g) -> (G, pixels, taps*cin_g)
+    g = p.groups
+    cin_g = p.in_channels // g
+    taps = int(np.prod(p.kernel_size))
+    cols_g = cols.reshape(pixels, taps, g, cin_g).transpose(2, 0, 1, 3).reshape(g, pixels, -1)
+    acc = dot_general_u8s8(cols_g, p.w_grouped, (((2,), (2,)), ((0,), (0,))))  # (G, P, cout_g)
+    acc = acc.transpose(1, 0, 2).reshape(pixels, p.out_channels) + offset
+    if p.has_w_zero_point:
+        rowsum = jnp.sum(cols_g.astype(jnp.int32), axis=2).T  # (P, G)
+        acc = acc - jnp.repeat(rowsum, p.out_channels // g, axis=1) * p.w_zero_point
+    return acc.reshape(n, *out_sp, p.out_channels)
+
+
+def _batch_tile(n: int, bytes_per_image: int) -> int:
+    """Largest divisor of n whose tile stays within IM2COL_TILE_BYTES (at least 1)."""
+    best = 1
+    for c in range(1, n + 1):
+        if n % c == 0 and c * bytes_per_image <= IM2COL_TILE_BYTES:
+            best = c
+    return best
+
+
+def static_conv(x_q: jax.Array, params: StaticConvParams) -> jax.Array:
+    """Static int8 convolution, channels last.
+
+    Args:
+      x_q: uint8 or int8 ``(N, *spatial, cin)`` quantized with the prepacked input qparams.
+      params: from :func:`prepack_static_conv`.
+
+    Returns:
+      ``(N, *out_spatial, cout)`` of ``params.out_dtype``.
+    """
+    p = params
+    nd = len(p.kernel_size)
+    if x_q.ndim != nd + 2 or x_q.shape[-1] != p.in_channels:
+        raise ValueError(f"static_conv expects (N, {nd} spatial dims, {p.in_channels}) input, "
+                         f"got shape {x_q.shape}")
+    offset = p.offset
+    if x_q.dtype == jnp.int8:
+        k_red = int(np.prod(p.kernel_size)) * (p.in_channels // p.groups)
+        if p.kind == "depthwise":
+            offset = offset - 128 * jnp.sum(p.w_taps, axis=0)
+        else:
+            offset = offset + 128 * (k_red * p.w_zero_point - p.colsum)
+    x_u8, zx = to_uint8_activation(x_q, p.x_zero_point)
+    spatial = x_u8.shape[1:-1]
+    pads = _resolve_padding(p, spatial)
+    if any(lo or hi for lo, hi in pads):
+        x_u8 = lax.pad(x_u8, zx.astype(jnp.uint8), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads]
+                       + [(0, 0, 0)])
+    out_sp = [(s - ((k - 1) * d + 1)) // st + 1 for s, k, d, st in
+              zip(x_u8.shape[1:-1], p.kernel_size, p.dilation, p.strides)]
+    if any(o <= 0 for o in out_sp):
+        raise ValueError(f"static_conv: input spatial {tuple(spatial)} is smaller than the "
+                         f"dilated kernel {p.kernel_size} (dilation {p.dilation})")
+    n = x_u8.shape[0]
+
+    def body(xt):
+        acc = _conv_acc(xt, zx, offset, p, out_sp)
+        return requantize(acc, p.multiplier, p.out_zero_point,
+                          bias_over_scale=p.bias_over_scale, relu=p.relu, out_dtype=p.out_dtype)
+
+    if p.kind in ("im2col", "grouped"):
+        per_image = int(np.prod(out_sp)) * int(np.prod(p.kernel_size)) * (p.in_channels // p.groups) * (
+            p.groups if p.kind == "grouped" else 1)
+        tile = _batch_tile(n, per_image)
+        if tile < n:
+            xt = x_u8.reshape(n // tile, tile, *x_u8.shape[1:])
+            y = lax.map(body, xt)
+            return y.reshape(n, *y.shape[2:])
+    return body(x_u8)
+
+
+# -------------------------------------------------------------------- transposed conv
+
+
+def prepack_static_conv_transpose(
+    w_int8: jax.Array,
+    w_scale: jax.Array,
+    w_zero_point: jax.Array,
+    bias: Optional[jax.Array],
+    x_scale: jax.Array,
+    x_zero_point: jax.Array,
+    out_scale: jax.Array,
+    out_zero_point: jax.Array,
+    *,
+    strides: Union[int, Sequence[int]] = 1,
+    padding: Union[int, Sequence[int]] = 0,
+    output_padding: Union[int, Sequence[int]] = 0,
+    dilation: Union[int, Sequence[int]] = 1,
+    groups: int = 1,
+    relu: bool = False,
+    out_dtype=jnp.uint8,
+) -> tuple[StaticConvParams, tuple[int, ...]]:
+    """Prepack a transposed conv with PyTorch ``ConvTranspose{1,2,3}d`` semantics.
+
+    ``w_int8`` is int8 ``(k..., cin, cout/groups)``: PyTorch's ``(cin, cout/groups, k...)``
+    with the kernel dims moved first. ``padding``/``output_padding`` are PyTorch's ints.
+    Returns ``(params, strides)``; pass both to :func:`static_conv_transpose`.
+
+    Formulation: dilate the input by ``strides`` (filling with the input zero point), pad by
+    ``dilation*(k-1) - padding`` (+ ``output_padding`` at the end), and run the stride-1
+    static conv with the spatially flipped kernel.
+    """
+    w = jnp.asarray(w_int8)
+    if w.dtype != jnp.int8 or w.ndim < 3:
+        raise TypeError(f"transposed conv weight must be int8 (k..., cin, cout/groups), got "
+                        f"{w.dtype}{tuple(w.shape)}")
+    nd = w.ndim - 2
+    ks = w.shape[:nd]
+    cin, cout_g = int(w.shape[-2]), int(w.shape[-1])
+    if cin % groups:
+        raise ValueError(f"in channels {cin} not divisible by groups={groups}")
+    cin_g = cin // groups
+    strides_t = _tuple(strides, nd, "strides")
+    pad_t = _tuple(padding, nd, "padding")
+    opad_t = _tuple(output_padding, nd, "output_padding")
+    dil_t = _tuple(dilation, nd, "dilation")
+    wf = jnp.flip(w, axis=tuple(range(nd)))
+    # per group g: conv weight (k, cin_g, cout_g) = wf[..., g*cin_g:(g+1)*cin_g, :]
+    wc = jnp.concatenate([wf[..., g * cin_g:(g + 1) * cin_g, :] for g in range(groups)], axis=-1)
+    pads = tuple((d * (k - 1) - p, d * (k - 1) - p + op)
+                 for k, p, op, d in zip(ks, pad_t, opad_t, dil_t))
+    params = prepack_static_conv(
+        wc, w_scale, w_zero_point, bias, x_scale, x_zero_point, out_scale, out_zero_point,
+        strides=1, padding=pads, dilation=dil_t, groups=groups, relu=relu, out_dtype=out_dtype)
+    return params, strides_t
+
+
+def static_conv_transpose(x_q: jax.Array, params: StaticConvParams,
+                          strides: Sequence[int]) -> jax.Array:
+    """Static int8 transposed convolution, channels last.
+
+    ``x_q``: uint8/int8 ``(N, *spatial, cin)``; returns ``(N, *out_spatial, cout)`` with
+    ``out = (in - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1``.
+    """
+    nd = len(strides)
+    if any(s > 1 for s in strides):
+        zx = jnp.asarray(params.x_zero_point).astype(x_q.dtype)
+        # interior padding inserts stride-1 copies of the zero point (real 0) between pixels
+        x_q = lax.pad(x_q, zx, [(0, 0, 0)] + [(0, 0, s - 1) for s in strides] + [(0, 0, 0)])
+    # negative explicit pads (padding > dilation*(k-1)) crop; lax.pad handles both signs
+    pads = params.padding
+    if any(lo < 0 or hi < 0 for lo, hi in pads):
+        zx = jnp.asarray(params.x_zero_point).astype(x_q.dtype)
+        x_q = lax.pad(x_q, zx, [(0, 0, 0)] + [(min(lo, 0), min(hi, 0), 0) for lo, hi in pads]
+                      + [(0, 0, 0)])
+        params = dataclasses.replace(params, padding=tuple((max(lo, 0), max(hi, 0))
+                                                           for lo, hi in pads))
+    del nd
+    return static_conv(x_q, params)

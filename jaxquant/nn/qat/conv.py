@@ -1,0 +1,183 @@
+"""QAT convolutions: ``Conv``, ``ConvReLU``, ``ConvBn``, ``ConvBnReLU`` (``torch.ao.nn.qat.Conv*d``,
+``torch.ao.nn.intrinsic.qat.ConvReLU*d`` / ``ConvBn*d`` / ``ConvBnReLU*d``), for 1-D, 2-D and 3-D
+(``nnx.Conv`` of any rank, NWC / NHWC / NDHWC) and grouped convolutions.
+
+Each keeps the float ``nnx.Conv`` (and ``nnx.BatchNorm``) whose Params are trained; the kernel goes
+through ``weight_fake_quant`` each call, the output through ``activation_post_process``.
+``to_quantized(path)`` gives the int8 :class:`jaxquant.nn.quantized.Conv` (BatchNorm folded with its
+running statistics first, as PyTorch's ``convert`` does).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn.linear import _conv_dimension_numbers, canonicalize_padding
+
+from jaxquant.nn.qat.batchnorm_fold import fused_bn_forward
+from jaxquant.nn.qat.linear import _out_qparams, make_fake_quants
+from jaxquant.nn.qat.weight_fake_quant import fake_quant_kernel, quantize_kernel_with_fake_quant
+from jaxquant.nn.variables import QuantStats
+
+__all__ = ["Conv", "ConvReLU", "ConvBn", "ConvBnReLU", "conv_with_kernel"]
+
+
+def _broadcast(value, nd: int) -> tuple[int, ...]:
+    if value is None:
+        return (1,) * nd
+    if isinstance(value, int):
+        return (value,) * nd
+    return tuple(value)
+
+
+def conv_with_kernel(conv: nnx.Conv, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """What ``conv(x)`` computes without its bias, using ``kernel`` instead of ``conv.kernel``.
+
+    Args:
+      conv: the float ``nnx.Conv`` (strides, padding incl. CIRCULAR/REFLECT/CAUSAL, dilations, groups).
+      x: float32 ``(*batch, *spatial, C_in)``.
+      kernel: float32 ``(*kernel_size, C_in/groups, C_out)``.
+    Returns:
+      float32 ``(*batch, *out_spatial, C_out)``.
+    """
+    kernel_size = tuple(conv.kernel_size)
+    nd = len(kernel_size)
+    n_batch = x.ndim - (nd + 1)
+    batch_shape = x.shape[:n_batch]
+    if n_batch != 1:
+        x = jnp.reshape(x, (-1,) + x.shape[n_batch:])
+    strides = _broadcast(conv.strides, nd)
+    input_dilation = _broadcast(conv.input_dilation, nd)
+    kernel_dilation = _broadcast(conv.kernel_dilation, nd)
+    padding = canonicalize_padding(conv.padding, nd)
+    if padding in ("CIRCULAR", "REFLECT"):
+        dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]
+        pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
+        x = jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
+        padding = "VALID"
+    elif padding == "CAUSAL":
+        pads = [(0, 0), (kernel_dilation[0] * (kernel_size[0] - 1), 0), (0, 0)]
+        x = jnp.pad(x, pads)
+        padding = "VALID"
+    if conv.mask is not None:
+        kernel = kernel * conv.mask
+    y = jax.lax.conv_general_dilated(
+        x, kernel, strides, padding, lhs_dilation=input_dilation, rhs_dilation=kernel_dilation,
+        dimension_numbers=_conv_dimension_numbers(x.shape), feature_group_count=conv.feature_group_count,
+        precision=conv.precision)
+    if n_batch != 1:
+        y = jnp.reshape(y, batch_shape + y.shape[1:])
+    return y
+
+
+def _quantized_conv(conv: nnx.Conv, weight, bias, module: Any, path: str, relu: bool):
+    from jaxquant.nn.quantized import Conv as QConv
+    from jaxquant.nn.quantized.conv import conv_padding
+
+    if set(_broadcast(conv.input_dilation, len(conv.kernel_size))) != {1}:
+        raise ValueError(f"'{path}': input_dilation has no int8 kernel; keep this conv float (qconfig=None)")
+    if conv.mask is not None:
+        raise ValueError(f"'{path}': masked convolutions have no int8 kernel; keep this conv float")
+    out_scale, out_zp, out_dtype = _out_qparams(module, path)
+    return QConv(weight, bias, out_scale, out_zp, out_dtype, strides=conv.strides, padding=conv_padding(conv, path),
+                 dilation=conv.kernel_dilation, groups=conv.feature_group_count, relu=relu, name=path)
+
+
+class Conv(nnx.Module):
+    """QAT convolution: ``act_fq(relu?(conv(x, weight_fq(kernel)) + bias))``; NHWC float32 in and out."""
+
+    _relu = False
+
+    def __init__(self, conv: nnx.Conv, qconfig: Any, path: str = ""):
+        self.conv = conv
+        self.qconfig = qconfig
+        self.weight_fake_quant, act = make_fake_quants(qconfig, conv.kernel.get_value().shape, path)
+        self.activation_post_process = nnx.data(act)
+
+    @classmethod
+    def from_float(cls, module: nnx.Module, qconfig: Any, path: str = "") -> "Conv":
+        """From an ``nnx.Conv`` (or, for ``ConvReLU``, a fused ``intrinsic.ConvReLU``)."""
+        from jaxquant.nn import intrinsic
+
+        conv = module.conv if isinstance(module, intrinsic.ConvReLU) else module
+        if not isinstance(conv, nnx.Conv):
+            raise TypeError(f"'{path}': {cls.__name__}.from_float needs an nnx.Conv, got {type(module).__name__}")
+        return cls(conv, qconfig, path)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = fake_quant_kernel(self.weight_fake_quant, self.conv.kernel.get_value())
+        y = conv_with_kernel(self.conv, x, kernel)
+        if self.conv.bias is not None:
+            y = y + self.conv.bias.get_value()
+        if self._relu:
+            y = jax.nn.relu(y)
+        if self.activation_post_process is not None:
+            y = self.activation_post_process(y)
+        return y
+
+    def to_quantized(self, path: str):
+        """The int8 :class:`jaxquant.nn.quantized.Conv` (weight quantized with ``weight_fake_quant``'s qparams)."""
+        bias = None if self.conv.bias is None else self.conv.bias.get_value()
+        weight = quantize_kernel_with_fake_quant(self.weight_fake_quant, self.conv.kernel.get_value(), path)
+        return _quantized_conv(self.conv, weight, bias, self, path, self._relu)
+
+
+class ConvReLU(Conv):
+    """QAT ``ConvReLU``: ReLU before the output fake quant; converts with a fused ReLU."""
+
+    _relu = True
+
+
+class ConvBn(nnx.Module):
+    """QAT ``ConvBn``: BatchNorm-in-the-loop convolution as PyTorch's ``ConvBn2d._forward_approximate``
+    (see :mod:`jaxquant.nn.qat.batchnorm_fold`). ``freeze_bn`` (int32 ``()`` in ``QuantStats``) makes
+    the BatchNorm use and keep its running statistics while training (``freeze_bn_stats``)."""
+
+    _relu = False
+
+    def __init__(self, conv: nnx.Conv, bn: nnx.BatchNorm, qconfig: Any, path: str = ""):
+        self.conv = conv
+        self.bn = bn
+        self.qconfig = qconfig
+        self.freeze_bn = QuantStats(jnp.zeros((), jnp.int32))
+        self.weight_fake_quant, act = make_fake_quants(qconfig, conv.kernel.get_value().shape, path)
+        self.activation_post_process = nnx.data(act)
+
+    @classmethod
+    def from_float(cls, module: nnx.Module, qconfig: Any, path: str = "") -> "ConvBn":
+        """From a fused ``intrinsic.ConvBn`` / ``intrinsic.ConvBnReLU`` (``fuse_modules_qat``)."""
+        return cls(module.conv, module.bn, qconfig, path)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        bias = None if self.conv.bias is None else self.conv.bias.get_value()
+        y = fused_bn_forward(lambda x, k: conv_with_kernel(self.conv, x, k), x, self.conv.kernel.get_value(), bias,
+                             self.bn, self.freeze_bn.get_value(), self.weight_fake_quant)
+        if self._relu:
+            y = jax.nn.relu(y)
+        if self.activation_post_process is not None:
+            y = self.activation_post_process(y)
+        return y
+
+    def folded_weights(self) -> tuple[jax.Array, jax.Array]:
+        """Kernel and bias with the BatchNorm folded in using its running statistics (PyTorch's ``to_float``)."""
+        from jaxquant.fusion.bn_folding import fuse_conv_bn_weights
+
+        bn = self.bn
+        return fuse_conv_bn_weights(
+            self.conv.kernel.get_value(), None if self.conv.bias is None else self.conv.bias.get_value(),
+            bn.mean.get_value(), bn.var.get_value(), bn.epsilon,
+            None if bn.scale is None else bn.scale.get_value(), None if bn.bias is None else bn.bias.get_value())
+
+    def to_quantized(self, path: str):
+        """The int8 :class:`jaxquant.nn.quantized.Conv` with the BatchNorm folded."""
+        kernel, bias = self.folded_weights()
+        weight = quantize_kernel_with_fake_quant(self.weight_fake_quant, kernel, path)
+        return _quantized_conv(self.conv, weight, bias, self, path, self._relu)
+
+
+class ConvBnReLU(ConvBn):
+    """QAT ``ConvBnReLU``: :class:`ConvBn` then ReLU, before the output fake quant."""
+
+    _relu = True

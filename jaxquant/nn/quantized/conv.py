@@ -1,0 +1,120 @@
+"""Static int8 ``Conv`` (1-D/2-D/3-D, grouped, depthwise; and ``ConvReLU``) over NHWC QTensors.
+
+The kernel formulation (1x1 dot, im2col + u8 x s8 dot, depthwise tap loop, grouped dot) is chosen
+from the static shapes at convert time by :func:`jaxquant.kernels.conv.prepack_static_conv`; the few
+per-channel terms that depend on the input's qparams are refolded per call (O(out_channels)).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxquant.dtypes import QDType, qint8
+from jaxquant.kernels.conv import StaticConvParams, prepack_static_conv, static_conv
+from jaxquant.kernels.requantize import output_multiplier
+from jaxquant.nn.quantized.common import observed_qparams, require_qtensor
+from jaxquant.nn.quantized.weights import quantize_weight
+from jaxquant.nn.variables import QuantCache, QuantParams
+from jaxquant.qtensor import QTensor
+
+
+def conv_padding(conv: nnx.Conv, path: str):
+    """flax ``nnx.Conv.padding`` as 'SAME'/'VALID' or explicit ``((lo, hi), ...)`` pairs."""
+    nd = len(conv.kernel_size)
+    padding = conv.padding
+    if isinstance(padding, str):
+        if padding.upper() in ("SAME", "VALID"):
+            return padding.upper()
+        raise ValueError(f"'{path}': padding {padding!r} has no int8 kernel; use 'SAME', 'VALID' or explicit "
+                         "padding (or keep this conv float with qconfig=None)")
+    if isinstance(padding, int):
+        return ((padding, padding),) * nd
+    pairs = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+    if len(pairs) != nd:
+        raise ValueError(f"'{path}': padding {padding!r} does not give one pair per spatial dimension")
+    return pairs
+
+
+def _spatial_tuple(value, nd: int) -> tuple[int, ...]:
+    if value is None:
+        return (1,) * nd
+    if isinstance(value, int):
+        return (value,) * nd
+    return tuple(int(v) for v in value)
+
+
+class Conv(nnx.Module):
+    """Quantized ``nnx.Conv``: NHWC QTensor ``(N, *spatial, C_in)`` -> QTensor ``(N, *out_spatial, C_out)``."""
+
+    def __init__(self, weight: QTensor, bias: Optional[jax.Array], out_scale: jax.Array,
+                 out_zero_point: jax.Array, out_dtype: QDType, *, strides, padding, dilation,
+                 groups: int, relu: bool = False, name: str = ""):
+        nd = weight.ndim - 2
+        out_channels = weight.shape[-1]
+        w_scale = jnp.broadcast_to(weight.scale, (out_channels,)).astype(jnp.float32)
+        # Prepacked with placeholder input qparams; __call__ refolds them from the input QTensor.
+        self.params = QuantCache(prepack_static_conv(
+            weight.int_data, w_scale, weight.zero_point, bias, 1.0, 0, out_scale, out_zero_point,
+            strides=_spatial_tuple(strides, nd), padding=padding, dilation=_spatial_tuple(dilation, nd),
+            groups=groups, relu=relu, out_dtype=out_dtype.storage))
+        self.weight_int8 = QuantParams(weight.int_data)
+        self.weight_zero_point = QuantParams(jnp.broadcast_to(weight.zero_point, (out_channels,)).astype(jnp.int32))
+        self.weight_scale = QuantParams(w_scale)
+        self.weight_qscheme = weight.qscheme
+        self.bias = QuantParams(None if bias is None else jnp.asarray(bias, jnp.float32))
+        self.out_scale = QuantParams(jnp.asarray(out_scale, jnp.float32))
+        self.out_zero_point = QuantParams(jnp.asarray(out_zero_point, jnp.int32))
+        self.out_dtype = out_dtype
+        self.relu = bool(relu)
+        self.name = name
+
+    @classmethod
+    def from_observed(cls, observed, path: str) -> "Conv":
+        from jaxquant.nn.intrinsic import ConvReLU
+
+        float_module = observed.module
+        relu = isinstance(float_module, ConvReLU)
+        conv = float_module.conv if relu else float_module
+        if conv.input_dilation not in (None, 1) and set(_spatial_tuple(conv.input_dilation, 1)) != {1}:
+            raise ValueError(f"'{path}': input_dilation has no int8 kernel; keep this conv float (qconfig=None)")
+        if getattr(conv, "mask", None) is not None:
+            raise ValueError(f"'{path}': masked convolutions have no int8 kernel; keep this conv float")
+        out_scale, out_zp, out_dtype = observed_qparams(observed.activation_post_process, path)
+        weight = quantize_weight(conv.kernel.get_value(), observed.qconfig, path)
+        bias = None if conv.bias is None else conv.bias.get_value()
+        return cls(weight, bias, out_scale, out_zp, out_dtype, strides=conv.strides,
+                   padding=conv_padding(conv, path), dilation=conv.kernel_dilation,
+                   groups=conv.feature_group_count, relu=relu, name=path)
+
+    def weight(self) -> QTensor:
+        """The int8 kernel as a QTensor in flax layout ``(k..., C_in/groups, C_out)``."""
+        data, scale = self.weight_int8.get_value(), self.weight_scale.get_value()
+        zero_point = self.weight_zero_point.get_value()
+        if self.weight_qscheme.is_per_channel:
+            return QTensor(data, scale, zero_point, qint8, self.weight_qscheme, data.ndim - 1)
+        return QTensor(data, scale[0], zero_point[0], qint8, self.weight_qscheme, None)
+
+    def _with_input_qparams(self, p: StaticConvParams, x: QTensor) -> StaticConvParams:
+        zx = x.zero_point.astype(jnp.int32)
+        if p.kind == "depthwise":
+            offset = -zx * jnp.sum(p.w_taps, axis=0)
+        else:
+            k_red = int(np.prod(p.kernel_size)) * (p.in_channels // p.groups)
+            offset = k_red * zx * p.w_zero_point - zx * p.colsum
+        act_times_w, multiplier = output_multiplier(x.scale, self.weight_scale.get_value(),
+                                                    self.out_scale.get_value())
+        bias = self.bias.get_value()
+        return dataclasses.replace(
+            p, offset=offset, multiplier=multiplier, x_zero_point=zx,
+            bias_over_scale=None if bias is None else bias / act_times_w)
+
+    def __call__(self, x) -> QTensor:
+        x = require_qtensor(x, self.name, "quantized Conv")
+        p = self._with_input_qparams(self.params.get_value(), x)
+        y = static_conv(x.int_data, p)
+        return QTensor(y, self.out_scale.get_value(), self.out_zero_point.get_value(), self.out_dtype)

@@ -1,0 +1,82 @@
+"""Static int8 ``Linear`` (and ``LinearReLU``): u8 x s8 -> s32 dot, requantized to the output's qparams.
+
+The input's scale and zero point arrive with the input QTensor (as in PyTorch); what depends only on
+the weight (its packed layouts, column sums) is computed once at convert time, and the O(out_features)
+terms that depend on the input qparams are folded per call inside the fused epilogue.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxquant.dtypes import QDType, qint8
+from jaxquant.kernels.linear import int8_matmul_acc, pack_weight, to_uint8_activation
+from jaxquant.kernels.requantize import output_multiplier, requantize
+from jaxquant.nn.quantized.common import observed_qparams, require_qtensor
+from jaxquant.nn.quantized.weights import quantize_weight
+from jaxquant.nn.variables import QuantCache, QuantParams
+from jaxquant.qtensor import QTensor
+
+
+class Linear(nnx.Module):
+    """Quantized ``nnx.Linear``: ``(..., in_features)`` QTensor -> ``(..., out_features)`` QTensor.
+
+    Holds the int8 weight packed for the dot kernels, float32 weight scales ``(out_features,)``, an
+    optional float32 bias (added in the accumulator's scale, as fbgemm does) and the output's static
+    scale/zero point.
+    """
+
+    def __init__(self, weight: QTensor, bias: Optional[jax.Array], out_scale: jax.Array,
+                 out_zero_point: jax.Array, out_dtype: QDType, relu: bool = False, name: str = ""):
+        k, n = weight.shape
+        self.in_features, self.out_features = int(k), int(n)
+        self.weight_int8 = QuantParams(weight.int_data)
+        self.weight_zero_point = QuantParams(jnp.broadcast_to(weight.zero_point, (n,)).astype(jnp.int32))
+        self.packed = QuantCache(pack_weight(weight.int_data, weight.zero_point, "both"))
+        self.weight_scale = QuantParams(jnp.broadcast_to(weight.scale, (n,)).astype(jnp.float32))
+        self.weight_qscheme = weight.qscheme
+        self.bias = QuantParams(None if bias is None else jnp.asarray(bias, jnp.float32))
+        self.out_scale = QuantParams(jnp.asarray(out_scale, jnp.float32))
+        self.out_zero_point = QuantParams(jnp.asarray(out_zero_point, jnp.int32))
+        self.out_dtype = out_dtype
+        self.relu = bool(relu)
+        self.name = name
+
+    @classmethod
+    def from_observed(cls, observed, path: str) -> "Linear":
+        from jaxquant.nn.intrinsic import LinearReLU
+
+        float_module = observed.module
+        relu = isinstance(float_module, LinearReLU)
+        linear = float_module.linear if relu else float_module
+        out_scale, out_zp, out_dtype = observed_qparams(observed.activation_post_process, path)
+        weight = quantize_weight(linear.kernel.get_value(), observed.qconfig, path)
+        bias = None if linear.bias is None else linear.bias.get_value()
+        return cls(weight, bias, out_scale, out_zp, out_dtype, relu=relu, name=path)
+
+    def weight(self) -> QTensor:
+        """The int8 weight as a QTensor in flax layout ``(in_features, out_features)``."""
+        data, scale = self.weight_int8.get_value(), self.weight_scale.get_value()
+        zero_point = self.weight_zero_point.get_value()
+        if self.weight_qscheme.is_per_channel:
+            return QTensor(data, scale, zero_point, qint8, self.weight_qscheme, 1)
+        return QTensor(data, scale[0], zero_point[0], qint8, self.weight_qscheme, None)
+
+    def __call__(self, x) -> QTensor:
+        x = require_qtensor(x, self.name, "quantized Linear")
+        pw = self.packed.get_value()
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"quantized Linear '{self.name}': input has {x.shape[-1]} features, "
+                             f"expected {self.in_features}")
+        lead = x.shape[:-1]
+        x_u8, zx = to_uint8_activation(x.int_data.reshape(-1, self.in_features), x.zero_point)
+        acc = int8_matmul_acc(x_u8, zx, pw)
+        out_scale, out_zp = self.out_scale.get_value(), self.out_zero_point.get_value()
+        act_times_w, multiplier = output_multiplier(x.scale, self.weight_scale.get_value(), out_scale)
+        bias = self.bias.get_value()
+        y = requantize(acc, multiplier, out_zp, bias_over_scale=None if bias is None else bias / act_times_w,
+                       relu=self.relu, out_dtype=self.out_dtype.storage)
+        return QTensor(y.reshape(*lead, self.out_features), out_scale, out_zp, self.out_dtype)

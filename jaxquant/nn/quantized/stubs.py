@@ -1,0 +1,45 @@
+"""``Quantize`` and ``DeQuantize``: what ``QuantStub`` and ``DeQuantStub`` become after convert."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxquant.dtypes import QDType
+from jaxquant.nn.quantized.common import observed_qparams
+from jaxquant.nn.variables import QuantParams
+from jaxquant.qtensor import QTensor, dequantize, quantize_per_tensor
+
+
+class Quantize(nnx.Module):
+    """float array (any shape) -> per-tensor QTensor with the calibrated scale and zero point."""
+
+    def __init__(self, scale: jax.Array, zero_point: jax.Array, dtype: QDType, name: str = ""):
+        self.scale = QuantParams(jnp.asarray(scale, jnp.float32))
+        self.zero_point = QuantParams(jnp.asarray(zero_point, jnp.int32))
+        self.dtype = dtype
+        self.name = name
+
+    @classmethod
+    def from_observed(cls, observed, path: str) -> "Quantize":
+        scale, zero_point, dtype = observed_qparams(observed.activation_post_process, path)
+        return cls(scale, zero_point, dtype, path)
+
+    def __call__(self, x) -> QTensor:
+        if isinstance(x, QTensor):
+            return x  # already quantized upstream, as PyTorch's Quantize of a quantized tensor
+        return quantize_per_tensor(x, self.scale.get_value(), self.zero_point.get_value(), self.dtype)
+
+
+class DeQuantize(nnx.Module):
+    """QTensor -> float32 array; a float input passes through unchanged."""
+
+    def __init__(self, name: str = ""):
+        self.name = name
+
+    @classmethod
+    def from_observed(cls, observed, path: str) -> "DeQuantize":
+        return cls(path)
+
+    def __call__(self, x) -> jax.Array:
+        return dequantize(x) if isinstance(x, QTensor) else x

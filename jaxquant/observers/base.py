@@ -1,0 +1,357 @@
+"""Observer contract: immutable configs with pure ``init`` / ``update`` / ``calculate_qparams``.
+
+An observer is a frozen (hashable) dataclass holding only static configuration; its statistics
+live in a separate, small pytree ``state`` that the caller threads through ``update``. This is
+what lets a whole calibration loop run under one ``jax.jit`` and lets ``jax.vmap`` observe a batch
+of independent tensors with one compiled program.
+
+PyTorch parity: field names and defaults are ``torch.ao.quantization.observer``'s constructor
+arguments, and ``_calculate_qparams`` is PyTorch's formula computed in float32 op by op, so scale
+and zero point agree bit for bit. Differences (documented in ``docs/observers.md``): per-tensor
+qparams have shape ``()`` (PyTorch: ``(1,)``), zero points are int32 (PyTorch: int64), NaN/Inf in
+observed data are ignored and flagged in the state instead of poisoning min/max, and asking a
+concrete state that never saw data for qparams raises instead of warning.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxquant.dtypes import (
+    QDType,
+    QScheme,
+    QSCHEMES,
+    QUANTIZED_DTYPES,
+    calculate_qmin_qmax,
+    per_channel_affine_float_qparams,
+    per_tensor_affine,
+    qint32,
+    quint8,
+    validate_qrange,
+)
+
+# torch.finfo(torch.float32).eps, PyTorch's default ``eps`` for every uniform observer.
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+
+State = Any  # a pytree of arrays (NamedTuple per observer family)
+
+
+class NotCalibratedError(ValueError):
+    """An observer's state cannot give qparams: it saw no data, or saw NaN/Inf."""
+
+
+# ----------------------------------------------------------------------------------------------
+# with_args factories
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ObserverFactory:
+    """A hashable partial constructor, PyTorch's ``_PartialWrapper`` for ``with_args``.
+
+    ``factory(**more)`` builds an observer with the stored keyword arguments overridden by
+    ``more``; ``factory.with_args(**more)`` returns a new factory with the arguments merged.
+    Stored as a sorted tuple of items so that two factories with equal arguments are equal and
+    hash the same (QConfig objects are compared and used as dict keys).
+    """
+
+    cls: type
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    def __call__(self, **kwargs: Any) -> "ObserverBase":
+        return self.cls(**{**dict(self.kwargs), **kwargs})
+
+    def with_args(self, **kwargs: Any) -> "ObserverFactory":
+        return ObserverFactory(self.cls, tuple(sorted({**dict(self.kwargs), **kwargs}.items())))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs)
+        return f"{self.cls.__name__}.with_args({args})"
+
+
+ObserverLike = Union["ObserverBase", ObserverFactory, type]
+
+
+def as_observer(spec: ObserverLike, **kwargs: Any) -> "ObserverBase":
+    """Build an observer instance from a class, a ``with_args`` factory or an instance.
+
+    QConfig entries may be any of the three (as in PyTorch, where they are classes or partials).
+    ``kwargs`` override the stored arguments; they are not allowed with an instance.
+    """
+    if isinstance(spec, ObserverBase):
+        if kwargs:
+            return dataclasses.replace(spec, **kwargs)
+        return spec
+    if isinstance(spec, ObserverFactory) or (isinstance(spec, type) and issubclass(spec, ObserverBase)):
+        return spec(**kwargs)
+    raise TypeError(
+        f"expected an observer class, an Observer.with_args(...) factory or an observer instance, got {spec!r}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Base classes
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_traced(tree: Any) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ObserverBase:
+    """Base of every observer: ``dtype`` and ``is_dynamic`` as in PyTorch's ``ObserverBase``.
+
+    Subclasses implement ``init``, ``update`` and ``calculate_qparams``. Configuration is
+    keyword-only (frozen dataclass fields cannot follow PyTorch's positional order across the
+    class hierarchy).
+    """
+
+    dtype: Any = quint8
+    is_dynamic: bool = False
+
+    @classmethod
+    def with_args(cls, **kwargs: Any) -> ObserverFactory:
+        """A hashable factory building ``cls(**kwargs)``; chain with ``.with_args`` (PyTorch's idiom)."""
+        return ObserverFactory(cls, tuple(sorted(kwargs.items())))
+
+    # -- the pure API ---------------------------------------------------------------------------
+    def init(self, example_or_shape: Any = None) -> State:
+        """Fresh state. Per-channel observers need an example array or its shape."""
+        raise NotImplementedError
+
+    def update(self, state: State, x: jax.Array) -> State:
+        """Fold the statistics of ``x`` into ``state`` (pure, jittable, vmappable)."""
+        raise NotImplementedError
+
+    def calculate_qparams(self, state: State) -> tuple[jax.Array, jax.Array]:
+        """``(scale float32, zero_point int32)`` from the state."""
+        raise NotImplementedError(f"calculate_qparams should not be called for {type(self).__name__}")
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @property
+    def computes_qparams(self) -> bool:
+        """Whether ``calculate_qparams`` gives qparams (False for placeholder-like observers)."""
+        return False
+
+    def _check_dtype(self, allowed: tuple) -> None:
+        if self.dtype not in allowed:
+            names = ", ".join(repr(d) for d in allowed)
+            raise ValueError(f"{type(self).__name__}: dtype {self.dtype!r} is not supported; use one of {names}")
+
+
+class StatsState(NamedTuple):
+    """Min/max statistics: ``min_val``/``max_val`` float32 (``()`` or ``(C,)``), ``num_batches`` int32
+    (updates seen), ``nonfinite`` bool (some observed value was NaN or +-Inf and was ignored)."""
+
+    min_val: jax.Array
+    max_val: jax.Array
+    num_batches: jax.Array
+    nonfinite: jax.Array
+
+
+def check_observer_state(observer: ObserverBase, state: State, name: Optional[str] = None) -> None:
+    """Host-side check that ``state`` can give qparams; raise :class:`NotCalibratedError` otherwise.
+
+    The convert step calls this with the module path as ``name`` so that the message points at
+    the layer to fix. Observers that never compute qparams (placeholders, fixed qparams) pass.
+    """
+    if not observer.computes_qparams or not isinstance(state, tuple) or not hasattr(state, "num_batches"):
+        return
+    where = f" at {name}" if name else ""
+    if bool(np.any(np.asarray(state.nonfinite))):
+        raise NotCalibratedError(
+            f"{observer!r}{where} found NaN/Inf in the data it observed; clean the calibration data "
+            "(or clip the float model's activations) before convert"
+        )
+    seen = np.asarray(state.num_batches)
+    empty = not bool(np.all(seen > 0))
+    if not empty and hasattr(state, "min_val"):
+        # a per-channel entry stays (inf, -inf) only if that channel never saw a finite value
+        empty = bool(np.any(np.asarray(state.min_val) > np.asarray(state.max_val)))
+    if empty:
+        raise NotCalibratedError(
+            f"{observer!r}{where} has not observed any data; call it on representative data before convert"
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UniformQuantizationObserverBase(ObserverBase):
+    """Shared configuration and qparams formula of the uniform (affine/symmetric) observers.
+
+    ``quant_min``/``quant_max`` hold what the user passed (``None`` = the dtype's 8-bit default);
+    the effective range PyTorch would store in ``observer.quant_min`` is :attr:`qmin`/:attr:`qmax`.
+    """
+
+    dtype: QDType = quint8
+    qscheme: QScheme = per_tensor_affine
+    reduce_range: bool = False
+    quant_min: Optional[int] = None
+    quant_max: Optional[int] = None
+    eps: float = FLOAT32_EPS
+    is_dynamic: bool = False
+
+    def __post_init__(self) -> None:
+        me = type(self).__name__
+        if self.qscheme not in QSCHEMES:
+            raise ValueError(
+                f"{me}: qscheme {self.qscheme!r} is not supported; use per_tensor_affine, per_tensor_symmetric, "
+                "per_channel_affine, per_channel_symmetric or per_channel_affine_float_qparams"
+            )
+        if not isinstance(self.dtype, QDType) or self.dtype not in QUANTIZED_DTYPES:
+            raise ValueError(
+                f"{me}: dtype {self.dtype!r} is not a quantized dtype; use qint8, quint8, qint32, qint4 or quint4 "
+                "(float16/bfloat16 targets use PlaceholderObserver)"
+            )
+        if (self.quant_min is None) != (self.quant_max is None):
+            raise ValueError(
+                f"{me}: give both quant_min and quant_max for a custom range (got quant_min={self.quant_min}, "
+                f"quant_max={self.quant_max}); PyTorch silently ignores a single bound"
+            )
+        if self.has_customized_qrange:
+            validate_qrange(self.quant_min, self.quant_max, self.dtype, where=me)  # type: ignore[arg-type]
+        try:
+            calculate_qmin_qmax(self.quant_min, self.quant_max, self.has_customized_qrange, self.dtype,
+                                self.reduce_range)
+        except ValueError as e:
+            raise ValueError(f"{me}: {e}") from None
+        if not self.eps > 0:
+            raise ValueError(f"{me}: eps must be positive, got {self.eps}")
+
+    @property
+    def computes_qparams(self) -> bool:
+        return True
+
+    @property
+    def has_customized_qrange(self) -> bool:
+        return self.quant_min is not None and self.quant_max is not None
+
+    @property
+    def quant_range(self) -> tuple[int, int]:
+        """The effective ``(quant_min, quant_max)`` after ``reduce_range`` (PyTorch's ``obs.quant_min/max``)."""
+        return calculate_qmin_qmax(self.quant_min, self.quant_max, self.has_customized_qrange, self.dtype,
+                                   self.reduce_range)
+
+    @property
+    def qmin(self) -> int:
+        return self.quant_range[0]
+
+    @property
+    def qmax(self) -> int:
+        return self.quant_range[1]
+
+    def _reject_symmetric_reduced_quint8(self) -> None:
+        if self.qscheme.is_symmetric and self.reduce_range and self.dtype == quint8:
+            raise ValueError(
+                f"{type(self).__name__}: cannot reduce range for symmetric quantization with quint8; "
+                "use reduce_range=False or dtype=qint8"
+            )
+
+    def _calculate_qparams(self, min_val: jax.Array, max_val: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """PyTorch's ``UniformQuantizationObserverBase._calculate_qparams``, elementwise, in float32.
+
+        Args:
+          min_val, max_val: float32, shape ``()`` per tensor or ``(C,)`` per channel.
+        Returns:
+          ``scale`` float32 and ``zero_point`` int32 (float32 for ``per_channel_affine_float_qparams``),
+          both of ``min_val``'s shape. Entries with ``min_val > max_val`` (never observed) get
+          PyTorch's defaults, scale 1 and zero point 0, never NaN.
+        """
+        qmin, qmax = self.quant_range
+        min_val = jnp.asarray(min_val, jnp.float32)
+        max_val = jnp.asarray(max_val, jnp.float32)
+        valid = min_val <= max_val
+        # Keep invalid entries finite so no inf/NaN flows through the arithmetic below.
+        min_val = jnp.where(valid, min_val, 0.0)
+        max_val = jnp.where(valid, max_val, 0.0)
+        eps = jnp.float32(self.eps)
+        min_neg = jnp.minimum(min_val, 0.0)
+        max_pos = jnp.maximum(max_val, 0.0)
+        float_zp = self.qscheme == per_channel_affine_float_qparams
+        if self.qscheme.is_symmetric:
+            max_pos = jnp.maximum(-min_neg, max_pos)
+            # PyTorch divides by the Python float (qmax - qmin) / 2, rounded once to float32.
+            scale = jnp.maximum(max_pos / jnp.float32(float(qmax - qmin) / 2), eps)
+            if self.dtype == quint8:
+                mid = (qmin + qmax) // 2 if self.has_customized_qrange else 128
+            else:
+                mid = 0
+            zero_point = jnp.full(min_val.shape, mid, jnp.float32)
+        elif float_zp:
+            scale = (max_val - min_val) / jnp.float32(float(qmax - qmin))
+            scale = jnp.where(scale > eps, scale, jnp.float32(1.0))
+            zero_point = -min_val / scale
+        else:
+            scale = jnp.maximum((max_pos - min_neg) / jnp.float32(float(qmax - qmin)), eps)
+            zero_point = jnp.clip(qmin - jnp.round(min_neg / scale), qmin, qmax)
+        scale = jnp.where(valid, scale, jnp.float32(1.0))
+        zero_point = jnp.where(valid, zero_point, 0.0)
+        if float_zp:
+            return scale, zero_point.astype(jnp.float32)
+        return scale, zero_point.astype(jnp.int32)
+
+    def _checked(self, state: State) -> None:
+        # Only a concrete state can be inspected; under jit the flags stay in the state for convert.
+        if not _is_traced(state):
+            check_observer_state(self, state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared reductions
+# ----------------------------------------------------------------------------------------------
+
+
+def finite_min_max(x: jax.Array, axis: Optional[int] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Min and max of the finite entries of ``x`` (over all of it, or over ``axis``) and a bool
+    "some entry was NaN/Inf" flag.
+
+    NaN propagates through min/max and +-Inf shows up in them, so a plain reduction detects any
+    non-finite input; only then is the masked (second) pass taken. Slices with no finite value give
+    ``(inf, -inf)``, the "not observed" value.
+    """
+    lo = jnp.min(x, axis=axis)
+    hi = jnp.max(x, axis=axis)
+    bad = ~(jnp.isfinite(lo) & jnp.isfinite(hi))
+    any_bad = jnp.any(bad)
+
+    def masked(_: Any) -> tuple[jax.Array, jax.Array]:
+        fin = jnp.isfinite(x)
+        return (jnp.min(jnp.where(fin, x, jnp.inf), axis=axis),
+                jnp.max(jnp.where(fin, x, -jnp.inf), axis=axis))
+
+    lo, hi = jax.lax.cond(any_bad, masked, lambda _: (lo, hi), None)
+    return lo, hi, any_bad
+
+
+def as_float32(x: Any, where: str) -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{where}: observers expect floating-point inputs, got {x.dtype}")
+    return x.astype(jnp.float32)
+
+
+def fresh_stats(shape: tuple[int, ...] = ()) -> StatsState:
+    return StatsState(
+        min_val=jnp.full(shape, jnp.inf, jnp.float32),
+        max_val=jnp.full(shape, -jnp.inf, jnp.float32),
+        num_batches=jnp.zeros((), jnp.int32),
+        nonfinite=jnp.zeros((), jnp.bool_),
+    )
+
+
+__all__ = [
+    "FLOAT32_EPS",
+    "NotCalibratedError",
+    "ObserverBase",
+    "ObserverFactory",
+    "ObserverLike",
+    "StatsState",
+    "UniformQuantizationObserverBase",
+    "as_observer",
+    "check_observer_state",
+    "finite_min_max",
+]

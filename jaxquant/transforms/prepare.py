@@ -1,0 +1,103 @@
+"""``prepare``: attach observers where the qconfig says, returning a new (observed) model."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from flax import nnx
+
+from jaxquant.module_paths import copy_model, named_modules, replace_contents, set_submodule
+from jaxquant.nn.functional_modules import FloatFunctional
+from jaxquant.nn.observed import Observed
+from jaxquant.nn.observer_module import ObserverModule
+from jaxquant.nn.stubs import DeQuantStub
+from jaxquant.quantization_mappings import (
+    get_default_static_quant_module_mappings,
+    get_quantized_passthrough_types,
+)
+from jaxquant.transforms.propagate import propagate_qconfig
+
+
+def _activation_observer(qconfig: Any, path: str) -> ObserverModule:
+    if qconfig.activation is None:
+        raise ValueError(f"'{path}': its qconfig has no activation observer; static quantization needs one")
+    observer = qconfig.activation()
+    if getattr(observer, "qscheme", None) is not None and observer.qscheme.is_per_channel:
+        raise ValueError(f"'{path}': activation observers must be per tensor, got {observer!r}")
+    return ObserverModule(observer)
+
+
+def _has_params(module: nnx.Module) -> bool:
+    return any(True for _ in nnx.state(module, nnx.Param).flat_state())
+
+
+def _is_leaf(module: nnx.Module) -> bool:
+    return not any(child is not module for _, child in named_modules(module))
+
+
+def prepare(
+    model: nnx.Module,
+    qconfig_or_mapping: Any = None,
+    inplace: bool = False,
+    mapping: Optional[Mapping[type, type]] = None,
+) -> nnx.Module:
+    """Insert observers for static post-training quantization (``torch.ao.quantization.prepare``).
+
+    Every module whose type has a static quantized counterpart (``mapping``; by default
+    ``get_default_static_quant_module_mappings()``) and a qconfig is wrapped in an
+    :class:`~jaxquant.nn.observed.Observed` whose observer watches its output; each
+    ``FloatFunctional`` gets an output observer. Observer state lives in ``QuantStats`` variables,
+    so ``nnx.split(model, nnx.Param, QuantStats, ...)`` separates it for a ``jax.jit`` loop.
+
+    Args:
+      model: a float NNX model, usually fused (``fuse_modules``) and in eval mode.
+      qconfig_or_mapping: a ``QConfig`` applied globally, a ``QConfigMapping``, or ``None`` to use
+        only ``qconfig`` attributes set on modules. ``qconfig=None`` on a subtree keeps it float.
+      inplace: change ``model`` itself instead of returning a changed copy.
+      mapping: float type -> quantized type, to extend or override the default.
+    Returns:
+      The observed model. On error the input model is left unchanged.
+    Raises:
+      ValueError naming the module path: a layer with parameters and a qconfig but no quantized
+      counterpart, a qconfig without an activation observer.
+    """
+    mapping = get_default_static_quant_module_mappings() if mapping is None else mapping
+    passthrough = get_quantized_passthrough_types()
+    result = copy_model(model)
+    qconfigs = propagate_qconfig(result, qconfig_or_mapping)
+    if all(q is None for q in qconfigs.values()):
+        raise ValueError("prepare: no module has a qconfig, so nothing would be quantized; pass a QConfig "
+                         "(e.g. get_default_qconfig('x86')) or a QConfigMapping")
+    handled: list[str] = []
+    for path, module in named_modules(result):
+        if any(path == h or path.startswith(h + ".") for h in handled if h != ""):
+            continue  # inside a unit that is quantized as a whole (e.g. ConvReLU)
+        qconfig = qconfigs.get(path)
+        if qconfig is None:
+            continue
+        module_type = type(module)
+        if isinstance(module, FloatFunctional):
+            module.activation_post_process = nnx.data(_activation_observer(qconfig, path))
+            handled.append(path)
+        elif module_type is DeQuantStub:
+            set_submodule(result, path, Observed(module, None, qconfig))
+            handled.append(path)
+        elif module_type in mapping:
+            observed = Observed(module, _activation_observer(qconfig, path), qconfig)
+            if path == "":
+                raise ValueError("prepare: the model itself is a single quantizable layer; wrap it, e.g. "
+                                 "QuantWrapper(model), so it has a parent and input/output stubs")
+            set_submodule(result, path, observed)
+            handled.append(path)
+        elif module_type in passthrough:
+            continue
+        elif _is_leaf(module) and _has_params(module):
+            raise ValueError(
+                f"'{path}' ({module_type.__module__}.{module_type.__qualname__}) has a qconfig but no static "
+                "quantized counterpart. Keep it float with qconfig_mapping.set_module_name("
+                f"'{path}', None) (and put a DeQuantStub before it), use quantize_dynamic for it, or pass "
+                "mapping={...} with your own quantized module"
+            )
+    if inplace:
+        replace_contents(model, result)
+        return model
+    return result

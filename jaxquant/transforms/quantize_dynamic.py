@@ -1,0 +1,191 @@
+"""``quantize_dynamic``: swap Linear / LSTM / GRU cells / Embed for modules with quantized weights
+whose activations are quantized on every call (``torch.ao.quantization.quantize_dynamic``).
+
+No calibration: weights are quantized once here with the qconfig's weight observer; each call
+picks the activation's scale and zero point from its own min/max. The result takes and returns
+float32 everywhere, so it drops into any float model, including ``nnx.RNN`` loops.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from collections import Counter
+from types import MappingProxyType
+from typing import Any, Mapping, Optional, Union
+
+from flax import nnx
+
+from jaxquant.dtypes import FloatDType, QDType, bfloat16, float16, qint8, quint4, quint8
+from jaxquant.module_paths import copy_model, get_submodule, named_modules, replace_contents, set_submodule
+
+QConfigSpec = Union[None, set, frozenset, Mapping[Any, Any]]
+
+__all__ = ["quantize_dynamic", "get_default_dynamic_quant_module_mappings", "DYNAMIC_DEFAULT_TYPES"]
+
+
+def get_default_dynamic_quant_module_mappings() -> Mapping[type, type]:
+    """Float module type -> dynamic module type (each has ``from_float(module, qconfig, path)``).
+
+    The dynamic ``Linear`` and the cells pick the int8, float16 or bfloat16 weight variant from
+    the qconfig's weight dtype, as PyTorch's ``nnqd.Linear.from_float`` does.
+    """
+    from jaxquant.nn import dynamic as nnqd
+    from jaxquant.nn.intrinsic import LinearReLU
+
+    return MappingProxyType({
+        nnx.Linear: nnqd.Linear,
+        LinearReLU: nnqd.Linear,
+        nnx.LSTMCell: nnqd.LSTMCell,
+        nnx.OptimizedLSTMCell: nnqd.LSTMCell,
+        nnx.GRUCell: nnqd.GRUCell,
+        nnx.Embed: nnqd.Embedding,
+    })
+
+
+def DYNAMIC_DEFAULT_TYPES(dtype: Any) -> frozenset:  # noqa: N802 - reads like PyTorch's default sets
+    """The module types ``qconfig_spec=None`` quantizes for ``dtype`` (PyTorch's defaults:
+    Linear and recurrent cells for qint8/float16, embeddings for quint8)."""
+    from jaxquant.nn.intrinsic import LinearReLU
+
+    if dtype in (qint8, float16, bfloat16):
+        return frozenset({nnx.Linear, LinearReLU, nnx.LSTMCell, nnx.OptimizedLSTMCell, nnx.GRUCell})
+    if dtype == quint8:
+        return frozenset({nnx.Embed})
+    raise ValueError(f"quantize_dynamic: don't know how to quantize with default settings for {dtype!r}; use "
+                     "qint8, float16, bfloat16 or quint8, or give a full qconfig_spec")
+
+
+def _default_qconfig(dtype: Any):
+    from jaxquant import qconfig as qc
+
+    table = {qint8: qc.default_dynamic_qconfig, float16: qc.float16_dynamic_qconfig,
+             bfloat16: qc.bfloat16_dynamic_qconfig, quint8: qc.float_qparams_weight_only_qconfig}
+    if dtype == quint4:
+        return qc.float_qparams_weight_only_qconfig_4bit
+    if dtype not in table:
+        raise ValueError(f"quantize_dynamic: unknown dtype {dtype!r}; use qint8, float16, bfloat16 or quint8")
+    return table[dtype]
+
+
+def _weight_dtypes_supported() -> dict[type, tuple]:
+    from jaxquant.nn import dynamic as nnqd
+
+    linear_like = (qint8, float16, bfloat16)
+    return {nnqd.Linear: linear_like, nnqd.LSTMCell: linear_like, nnqd.GRUCell: linear_like,
+            nnqd.Embedding: (quint8,)}
+
+
+def _normalise_spec(model: nnx.Module, qconfig_spec: QConfigSpec, dtype: Any):
+    """``qconfig_spec`` as a QConfigMapping (global None), validating every entry."""
+    from jaxquant.qconfig import QConfig
+    from jaxquant.qconfig_mapping import QConfigMapping
+
+    if qconfig_spec is None:
+        qconfig = _default_qconfig(dtype)
+        qconfig_spec = {t: qconfig for t in DYNAMIC_DEFAULT_TYPES(dtype)}
+    elif isinstance(qconfig_spec, (set, frozenset, list, tuple)):
+        qconfig = _default_qconfig(dtype)
+        qconfig_spec = {k: qconfig for k in qconfig_spec}
+    elif not isinstance(qconfig_spec, Mapping):
+        raise TypeError(f"quantize_dynamic: qconfig_spec must be None, a set of module types, or a dict from "
+                        f"module type / dotted path to QConfig; got {type(qconfig_spec).__name__}")
+    paths = {p for p, _ in named_modules(model)}
+    mapping = QConfigMapping()
+    for key, value in qconfig_spec.items():
+        if value is not None and not isinstance(value, QConfig):
+            raise TypeError(f"quantize_dynamic: qconfig_spec[{key!r}] must be a QConfig or None, got "
+                            f"{type(value).__name__} ({value!r})")
+        if isinstance(key, type):
+            if not issubclass(key, nnx.Module):
+                raise TypeError(f"quantize_dynamic: qconfig_spec key {key.__qualname__} is not an nnx.Module type")
+            mapping.set_object_type(key, value)
+        elif isinstance(key, str):
+            if key not in paths:
+                near = sorted(p for p in paths if p and (p.startswith(key) or key.startswith(p)))[:8]
+                raise KeyError(f"quantize_dynamic: qconfig_spec names module path '{key}', which is not in the "
+                               f"model; nearby paths: {near or sorted(paths)[:8]}")
+            mapping.set_module_name(key, value)
+        else:
+            raise TypeError(f"quantize_dynamic: qconfig_spec key {key!r} ({type(key).__name__}) is neither a "
+                            "module type nor a dotted module path string")
+    return mapping
+
+
+def _weight_dtype(qconfig: Any, path: str) -> Any:
+    from jaxquant.nn.dynamic.weights import weight_dtype
+
+    return weight_dtype(qconfig, path)
+
+
+def quantize_dynamic(
+    model: nnx.Module,
+    qconfig_spec: QConfigSpec = None,
+    dtype: Union[QDType, FloatDType] = qint8,
+    mapping: Optional[Mapping[type, type]] = None,
+    inplace: bool = False,
+    *,
+    per_token: Optional[bool] = None,
+    reduce_range: bool = True,
+) -> nnx.Module:
+    """Replace float modules with dynamically quantized ones (PyTorch's ``quantize_dynamic``).
+
+    Args:
+      model: a float NNX model.
+      qconfig_spec: ``None`` -> the default module types for ``dtype`` (qint8/float16/bfloat16:
+        ``nnx.Linear``, ``LinearReLU``, ``nnx.LSTMCell``, ``nnx.OptimizedLSTMCell``, ``nnx.GRUCell``;
+        quint8: ``nnx.Embed``) with the default qconfig for ``dtype``; a set of module types (default
+        qconfig for ``dtype``); or a dict from module type or dotted module path to a QConfig (or
+        ``None`` to keep that subtree float). Children inherit their parent's qconfig; a path entry
+        beats a type entry.
+      dtype: ``qint8`` (int8 weights, ``default_dynamic_qconfig``), ``float16``, ``bfloat16``
+        (half-precision weights) or ``quint8`` (weight-only embeddings, per-row float qparams).
+      mapping: float type -> dynamic type (default ``get_default_dynamic_quant_module_mappings()``).
+      inplace: change ``model`` itself (built on a copy first, so a failure leaves it untouched).
+      per_token: one activation scale per row instead of per tensor (None: from the qconfig's
+        activation placeholder; per tensor by default, as PyTorch).
+      reduce_range: 7-bit activations as PyTorch's x86 engine (default) or full 8 bits.
+
+    Returns:
+      The model with float32 inputs and outputs and quantized weights. Warns (listing the module
+      types found) if nothing matched. Raises with the module path when a module cannot take the
+      requested dtype.
+    """
+    from jaxquant.transforms.propagate import propagate_qconfig
+
+    mapping = get_default_dynamic_quant_module_mappings() if mapping is None else mapping
+    result = copy_model(model)
+    qconfigs = propagate_qconfig(result, _normalise_spec(result, qconfig_spec, dtype))
+    supported = _weight_dtypes_supported()
+    swapped: list[str] = []
+    for path, module in named_modules(result):
+        if any(path.startswith(done + ".") for done in swapped if done) or "" in swapped:
+            continue  # inside a module already replaced
+        qconfig = qconfigs.get(path)
+        target = mapping.get(type(module))
+        if qconfig is None or target is None:
+            continue
+        wdtype = _weight_dtype(qconfig, path)
+        allowed = supported.get(target)
+        if allowed is not None and wdtype not in allowed:
+            raise ValueError(f"quantize_dynamic: '{path or '<root>'}' ({type(module).__qualname__}) cannot be "
+                             f"dynamically quantized with {wdtype!r} weights; supported: "
+                             f"{', '.join(repr(d) for d in allowed)}")
+        new = target.from_float(module, qconfig, path, per_token=per_token, reduce_range=reduce_range)
+        if path == "":
+            result = new
+        else:
+            set_submodule(result, path, new)
+        swapped.append(path)
+    if not swapped:
+        found = Counter(type(m).__qualname__ for _, m in named_modules(result))
+        want = sorted(t.__qualname__ for t in mapping)
+        warnings.warn(f"quantize_dynamic: no module was quantized (dtype {dtype!r}); the model has "
+                      f"{dict(found)}, quantizable types are {want}. Returning an unchanged copy.",
+                      UserWarning, stacklevel=2)
+    if inplace:
+        if type(result) is not type(model):
+            raise TypeError("quantize_dynamic(inplace=True) cannot replace the root module itself; "
+                            "use the returned model")
+        replace_contents(model, result)
+        return model
+    return result
