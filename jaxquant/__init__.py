@@ -35,10 +35,6 @@ from jaxquant.fake_quant import (
     default_fused_wt_fake_quant,
     default_per_channel_weight_fake_quant,
     default_weight_fake_quant,
-    disable_fake_quant,
-    disable_observer,
-    enable_fake_quant,
-    enable_observer,
     fake_quantize_learnable_per_channel_affine,
     fake_quantize_learnable_per_tensor_affine,
     fake_quantize_per_channel_affine,
@@ -123,5 +119,20 @@ from jaxquant.transforms import (
     propagate_qconfig,
     quantize,
 )
+from jaxquant.transforms.prepare_qat import (
+    check_qat_state,
+    disable_fake_quant,
+    disable_observer,
+    enable_fake_quant,
+    enable_observer,
+    enable_param_learning,
+    enable_static_estimate,
+    freeze_bn_stats,
+    get_default_qat_module_mappings,
+    prepare_qat,
+    quantize_qat,
+    update_bn_stats,
+)
+from jaxquant.transforms.quantize_dynamic import get_default_dynamic_quant_module_mappings, quantize_dynamic
 
 __version__ = "0.1.0"

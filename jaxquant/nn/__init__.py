@@ -1,4 +1,6 @@
-"""Flax NNX modules: float building blocks, fused (intrinsic), observed, quantized and dynamic ones."""
+"""Flax NNX modules: float building blocks, fused (``intrinsic``), observed, ``quantized`` (static),
+``dynamic`` and ``qat`` ones. The submodules are namespaces, like ``torch.ao.nn.quantized``."""
+from jaxquant.nn import dynamic, intrinsic, qat, quantized
 from jaxquant.nn.activations import (
     ELU,
     GELU,

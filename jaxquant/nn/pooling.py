@@ -37,7 +37,8 @@ def max_pool2d(x, kernel_size: IntOrPair, stride: IntOrPair | None = None, paddi
         init = jnp.array(jnp.iinfo(data.dtype).min, data.dtype)
         out = _window(data, init, lax.max, kernel, stride, padding)
         return QTensor(out, x.scale, x.zero_point, x.dtype, x.qscheme, None)
-    return _window(x, jnp.array(-jnp.inf, x.dtype), lax.max, kernel, stride, padding)
+    # A Python-scalar identity lets JAX recognise the max monoid, whose reduce_window is differentiable.
+    return _window(x, -jnp.inf, lax.max, kernel, stride, padding)
 
 
 def avg_pool2d(x, kernel_size: IntOrPair, stride: IntOrPair | None = None, padding: IntOrPair = 0):
@@ -55,7 +56,7 @@ def avg_pool2d(x, kernel_size: IntOrPair, stride: IntOrPair | None = None, paddi
         mean = jnp.round(total.astype(jnp.float32) / count) + x.zero_point
         out = jnp.clip(mean, x.dtype.min, x.dtype.max).astype(x.int_data.dtype)
         return QTensor(out, x.scale, x.zero_point, x.dtype, x.qscheme, None)
-    total = _window(x, jnp.array(0, x.dtype), lax.add, kernel, stride, padding)
+    total = _window(x, 0.0, lax.add, kernel, stride, padding)
     return total / count
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant.observers.torch_numerics import true_divide
 from jaxquant.dtypes import (
     QDType,
     QScheme,
@@ -265,7 +266,8 @@ class UniformQuantizationObserverBase(ObserverBase):
         min_val = jnp.asarray(min_val, jnp.float32)
         max_val = jnp.asarray(max_val, jnp.float32)
         valid = min_val <= max_val
-        # Keep invalid entries finite so no inf/NaN flows through the arithmetic below.
+        # Keep invalid entries finite so no inf/NaN flows through the arithmetic below (true_divide
+        # needs finite numerators). Divisions are true float32 divisions, as PyTorch's.
         min_val = jnp.where(valid, min_val, 0.0)
         max_val = jnp.where(valid, max_val, 0.0)
         eps = jnp.float32(self.eps)
@@ -275,19 +277,19 @@ class UniformQuantizationObserverBase(ObserverBase):
         if self.qscheme.is_symmetric:
             max_pos = jnp.maximum(-min_neg, max_pos)
             # PyTorch divides by the Python float (qmax - qmin) / 2, rounded once to float32.
-            scale = jnp.maximum(max_pos / jnp.float32(float(qmax - qmin) / 2), eps)
+            scale = jnp.maximum(true_divide(max_pos, jnp.float32(float(qmax - qmin) / 2)), eps)
             if self.dtype == quint8:
                 mid = (qmin + qmax) // 2 if self.has_customized_qrange else 128
             else:
                 mid = 0
             zero_point = jnp.full(min_val.shape, mid, jnp.float32)
         elif float_zp:
-            scale = (max_val - min_val) / jnp.float32(float(qmax - qmin))
+            scale = true_divide(max_val - min_val, jnp.float32(float(qmax - qmin)))
             scale = jnp.where(scale > eps, scale, jnp.float32(1.0))
-            zero_point = -min_val / scale
+            zero_point = true_divide(-min_val, scale)
         else:
-            scale = jnp.maximum((max_pos - min_neg) / jnp.float32(float(qmax - qmin)), eps)
-            zero_point = jnp.clip(qmin - jnp.round(min_neg / scale), qmin, qmax)
+            scale = jnp.maximum(true_divide(max_pos - min_neg, jnp.float32(float(qmax - qmin))), eps)
+            zero_point = jnp.clip(qmin - jnp.round(true_divide(min_neg, scale)), qmin, qmax)
         scale = jnp.where(valid, scale, jnp.float32(1.0))
         zero_point = jnp.where(valid, zero_point, 0.0)
         if float_zp:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxquant import fake_quant as fq
 from jaxquant.module_paths import copy_model, named_modules, replace_contents, set_submodule
 from jaxquant.nn import intrinsic
 from jaxquant.nn import qat as nnqat
@@ -24,6 +25,7 @@ from jaxquant.nn.functional_modules import FloatFunctional
 from jaxquant.nn.observed import Observed
 from jaxquant.nn.qat.fake_quant_module import FakeQuantModule
 from jaxquant.nn.stubs import DeQuantStub
+from jaxquant.nn.variables import QuantStats
 from jaxquant.quantization_mappings import get_default_static_quant_module_mappings, get_quantized_passthrough_types
 from jaxquant.transforms.propagate import propagate_qconfig
 
@@ -172,52 +174,33 @@ def quantize_qat(
 # switches
 
 
-def _map_states(target: Any, fn: Callable[[Any], Any], is_state: Callable[[Any], bool]) -> Any:
-    """Apply ``fn`` to every fake-quant state inside ``target`` (a model, edited in place, or a state pytree)."""
+def _on_model_or_state(target: Any, state_fn: Callable[[Any], Any]) -> Any:
+    """Apply a pure switch from :mod:`jaxquant.fake_quant` to a model (edited in place: its
+    ``QuantStats`` are replaced) or to a state pytree (returned new)."""
     if isinstance(target, nnx.Module):
-        for _, module in named_modules(target):
-            if isinstance(module, FakeQuantModule):
-                module.stats.set_value(fn(module.stats.get_value()))
+        nnx.update(target, state_fn(nnx.state(target, QuantStats)))
         return target
-    return jax.tree_util.tree_map(lambda n: fn(n) if is_state(n) else n, target, is_leaf=is_state)
-
-
-def _is_fq_state(node: Any) -> bool:
-    return dataclasses.is_dataclass(node) and not isinstance(node, type) and any(
-        f.name == "fake_quant_enabled" for f in dataclasses.fields(node))
-
-
-def _set_fields(**flags: int) -> Callable[[Any], Any]:
-    def fn(state: Any) -> Any:
-        names = {f.name for f in dataclasses.fields(state)}
-        updates = {}
-        for name, value in flags.items():
-            # PyTorch's LearnableFakeQuantize calls its observer switch "static_enabled"
-            target = "static_enabled" if name == "observer_enabled" and name not in names else name
-            if target in names:
-                updates[target] = jnp.asarray(value, jnp.int32).reshape(())
-        return dataclasses.replace(state, **updates)
-    return fn
+    return state_fn(target)
 
 
 def enable_observer(model_or_state: Any) -> Any:
     """Turn statistics collection on in every fake quant (``torch.ao.quantization.enable_observer``)."""
-    return _map_states(model_or_state, _set_fields(observer_enabled=1), _is_fq_state)
+    return _on_model_or_state(model_or_state, fq.enable_observer)
 
 
 def disable_observer(model_or_state: Any) -> Any:
     """Freeze every fake quant's qparams (``torch.ao.quantization.disable_observer``)."""
-    return _map_states(model_or_state, _set_fields(observer_enabled=0), _is_fq_state)
+    return _on_model_or_state(model_or_state, fq.disable_observer)
 
 
 def enable_fake_quant(model_or_state: Any) -> Any:
     """Turn fake quantization on everywhere (``torch.ao.quantization.enable_fake_quant``)."""
-    return _map_states(model_or_state, _set_fields(fake_quant_enabled=1), _is_fq_state)
+    return _on_model_or_state(model_or_state, fq.enable_fake_quant)
 
 
 def disable_fake_quant(model_or_state: Any) -> Any:
     """Make every fake quant the identity (``torch.ao.quantization.disable_fake_quant``)."""
-    return _map_states(model_or_state, _set_fields(fake_quant_enabled=0), _is_fq_state)
+    return _on_model_or_state(model_or_state, fq.disable_fake_quant)
 
 
 def _bn_flag(model_or_state: Any, value: int) -> Any:
@@ -247,6 +230,10 @@ def update_bn_stats(model_or_state: Any) -> Any:
     return _bn_flag(model_or_state, 0)
 
 
+def _with_flags(state: Any, **flags: int) -> Any:
+    return dataclasses.replace(state, **{k: jnp.asarray(v, jnp.int32).reshape(()) for k, v in flags.items()})
+
+
 def enable_param_learning(model: nnx.Module) -> nnx.Module:
     """LSQ: start learning every ``LearnableFakeQuantize``'s scale/zero point from its current estimate
     (observer off, gradients on; PyTorch's ``enable_param_learning``). Edits ``model`` in place."""
@@ -255,7 +242,7 @@ def enable_param_learning(model: nnx.Module) -> nnx.Module:
             state = module.stats.get_value()
             module.scale.set_value(jnp.asarray(state.scale, jnp.float32))
             module.zero_point.set_value(jnp.asarray(state.zero_point, jnp.float32))
-            module.stats.set_value(_set_fields(static_enabled=0, learning_enabled=1, fake_quant_enabled=1)(state))
+            module.stats.set_value(_with_flags(state, static_enabled=0, learning_enabled=1, fake_quant_enabled=1))
     return model
 
 
@@ -263,8 +250,8 @@ def enable_static_estimate(model: nnx.Module) -> nnx.Module:
     """LSQ: observers set the scales again, no learning (PyTorch's ``enable_static_estimate``)."""
     for _, module in named_modules(model):
         if isinstance(module, FakeQuantModule) and module.learnable:
-            module.stats.set_value(_set_fields(static_enabled=1, learning_enabled=0, fake_quant_enabled=1)(
-                module.stats.get_value()))
+            module.stats.set_value(_with_flags(module.stats.get_value(), static_enabled=1, learning_enabled=0,
+                                               fake_quant_enabled=1))
     return model
 
 

@@ -11,7 +11,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -169,6 +168,7 @@ def test_tokenize_truncates_keeping_sep(jax_model):
 # ----------------------------------------------------------------------------- parity with PyTorch
 
 
+@pytest.mark.slow  # importing transformers + loading the reference: 6-17 s
 def test_tokenizer_matches_sentence_transformers(jax_model, st_model):
     _, tok = jax_model
     features = st_model.tokenize(SENTENCES)
@@ -178,6 +178,7 @@ def test_tokenizer_matches_sentence_transformers(jax_model, st_model):
         assert ids == ref_ids[i][ref_mask[i] == 1].tolist()
 
 
+@pytest.mark.slow  # importing transformers + loading the reference: 6-17 s
 def test_token_embeddings_match_hf_bert(jax_model, st_model):
     import torch
 
@@ -194,6 +195,7 @@ def test_token_embeddings_match_hf_bert(jax_model, st_model):
     np.testing.assert_allclose(ours[real], ref[real], atol=5e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # importing transformers + loading the reference: 6-17 s
 def test_sentence_embeddings_match_sentence_transformers(jax_model, st_model):
     model, tok = jax_model
     ref = st_model.encode(SENTENCES, convert_to_numpy=True, batch_size=8)

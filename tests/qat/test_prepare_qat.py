@@ -60,6 +60,7 @@ def test_prepare_qat_structure():
     assert "stats" in nnx.state(model, QuantStats)["fc"]["weight_fake_quant"]
 
 
+@pytest.mark.slow
 def test_convert_matches_torch_eager_qat_flow():
     torch = pytest.importorskip("torch")
     tq = torch.ao.quantization
@@ -126,6 +127,7 @@ def test_convert_matches_torch_eager_qat_flow():
     assert np.abs(y - yt).max() <= 1.01 * tq_model.fc.scale * 2  # one step here, one inherited from the conv
 
 
+@pytest.mark.slow
 def test_training_with_optimizer_under_nnx_jit_traces_once():
     model = _qat_net()
     opt = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
@@ -167,6 +169,7 @@ def test_training_with_optimizer_under_nnx_jit_traces_once():
     assert out.shape == (4, N_OUT) and out.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_pure_jax_jit_step_over_split_state():
     model = _qat_net()
     graphdef, params, stats, bstats, rest = nnx.split(model, nnx.Param, QuantStats, nnx.BatchStat, ...)
@@ -205,6 +208,7 @@ def test_pure_jax_jit_step_over_split_state():
     convert(trained)
 
 
+@pytest.mark.slow
 def test_lsq_scales_are_params_and_learn():
     from jaxquant.fake_quant.learnable import LearnableFakeQuantize
     from jaxquant.observers.minmax import MovingAverageMinMaxObserver

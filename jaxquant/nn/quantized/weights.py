@@ -13,6 +13,8 @@ from jaxquant.qtensor import QTensor, quantize_per_channel, quantize_per_tensor
 
 def observer_quant_range(observer: Any) -> tuple[int, int]:
     """The effective ``(quant_min, quant_max)`` of an observer config (PyTorch's rules)."""
+    if hasattr(observer, "quant_range"):
+        return tuple(observer.quant_range)
     qmin, qmax = getattr(observer, "quant_min", None), getattr(observer, "quant_max", None)
     custom = qmin is not None and qmax is not None
     return calculate_qmin_qmax(qmin, qmax, custom, observer.dtype, getattr(observer, "reduce_range", False))
@@ -37,7 +39,8 @@ def quantize_weight(kernel: jax.Array, qconfig: Any, path: str) -> QTensor:
         raise ValueError(f"'{path}': its qconfig has no weight observer; use a static qconfig such as "
                          "get_default_qconfig('x86')")
     observer = qconfig.weight()
-    observer = getattr(observer, "observer", observer)  # a FakeQuantize config carries its observer
+    # A FakeQuantize config carries its observer as ``activation_post_process`` (PyTorch's name).
+    observer = getattr(observer, "activation_post_process", observer)
     if observer.dtype != qint8:
         raise ValueError(f"'{path}': int8 kernels need qint8 weights, the weight observer {observer!r} "
                          f"uses {observer.dtype!r}")

@@ -1,0 +1,157 @@
+"""Whole-model benchmark: the Fashion-MNIST CNN, static int8 vs float, jaxquant vs PyTorch.
+
+Same architecture and float weights in both frameworks (random init, BatchNorm statistics set),
+calibrated on the same real Fashion-MNIST images, x86 default qconfig in both. Timed interleaved in
+one process (medians, paired ratios), at batch 1 and 64; sizes are those of the defining arrays.
+
+    python benchmarks/bench_fashion_cnn.py [--quick] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # PyTorch's spinning threads otherwise starve XLA
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(__file__))
+from timing import markdown_table, median_ms, paired_ratio, time_interleaved, write_json  # noqa: E402
+
+import jaxquant as jq  # noqa: E402
+from jaxquant.datasets.fashion_mnist import load_fashion_mnist, to_float_nhwc  # noqa: E402
+from jaxquant.models.fashion_cnn import FashionCNN, fusion_patterns  # noqa: E402
+from jaxquant.tools import model_size_bytes  # noqa: E402
+
+
+def torch_twin(model: FashionCNN):
+    """The same network in PyTorch (NCHW) with the same float weights."""
+    import torch
+    from torch import nn
+
+    width = model.block1.conv.out_features
+
+    class Block(nn.Module):
+        def __init__(self, src, cin, cout):
+            super().__init__()
+            self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(cout, eps=src.bn.epsilon)
+            self.relu = nn.ReLU()
+            self.pool = nn.MaxPool2d(2)
+            with torch.no_grad():
+                self.conv.weight.copy_(torch.tensor(np.asarray(src.conv.kernel.get_value()).transpose(3, 2, 0, 1)))
+                self.bn.weight.copy_(torch.tensor(np.asarray(src.bn.scale.get_value())))
+                self.bn.bias.copy_(torch.tensor(np.asarray(src.bn.bias.get_value())))
+                self.bn.running_mean.copy_(torch.tensor(np.asarray(src.bn.mean.get_value())))
+                self.bn.running_var.copy_(torch.tensor(np.asarray(src.bn.var.get_value())))
+
+        def forward(self, x):
+            return self.pool(self.relu(self.bn(self.conv(x))))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant = torch.ao.quantization.QuantStub()
+            self.block1 = Block(model.block1, 1, width)
+            self.block2 = Block(model.block2, width, 2 * width)
+            self.fc1 = nn.Linear(7 * 7 * 2 * width, 128)
+            self.relu = nn.ReLU()
+            self.fc2 = nn.Linear(128, 10)
+            self.dequant = torch.ao.quantization.DeQuantStub()
+            with torch.no_grad():
+                # Our Flatten is NHWC-ordered; permute fc1's input features to torch's NCHW order.
+                k = np.asarray(model.fc1.kernel.get_value()).reshape(7, 7, 2 * width, 128)
+                self.fc1.weight.copy_(torch.tensor(k.transpose(3, 2, 0, 1).reshape(128, -1)))
+                self.fc1.bias.copy_(torch.tensor(np.asarray(model.fc1.bias.get_value())))
+                self.fc2.weight.copy_(torch.tensor(np.asarray(model.fc2.kernel.get_value()).T))
+                self.fc2.bias.copy_(torch.tensor(np.asarray(model.fc2.bias.get_value())))
+
+        def forward(self, x):
+            x = self.quant(x)
+            x = self.block2(self.block1(x))
+            x = self.relu(self.fc1(torch.flatten(x, 1)))
+            return self.dequant(self.fc2(x))
+
+    return Net().eval()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", default="benchmarks/results/fashion_cnn.json")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(2)
+    torch.backends.quantized.engine = "x86"
+
+    images, _ = load_fashion_mnist("test")
+    images = to_float_nhwc(images[:1000])
+    model = FashionCNN(rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    for block in (model.block1, model.block2):
+        c = block.bn.mean.get_value().shape[0]
+        block.bn.mean.set_value(jnp.asarray(rng.normal(0, 0.1, c), jnp.float32))
+        block.bn.var.set_value(jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32))
+    model.eval()
+
+    calibration = [jnp.asarray(images[i:i + 100]) for i in range(0, 500, 100)]
+    prepared = jq.prepare(jq.fuse_modules(model, fusion_patterns(model)), jq.get_default_qconfig("x86"))
+    jq.calibrate(prepared, calibration, progress=False)
+    int8_model = jq.convert(prepared)
+
+    tmodel = torch_twin(model)
+    tmodel.qconfig = torch.ao.quantization.get_default_qconfig("x86")
+    tfused = torch.ao.quantization.fuse_modules(
+        tmodel, [["block1.conv", "block1.bn", "block1.relu"], ["block2.conv", "block2.bn", "block2.relu"],
+                 ["fc1", "relu"]])
+    tprep = torch.ao.quantization.prepare(tfused)
+    with torch.no_grad():
+        for c in calibration:
+            tprep(torch.tensor(np.asarray(c)).permute(0, 3, 1, 2))
+    tint8 = torch.ao.quantization.convert(tprep)
+
+    def jitted(m):
+        graphdef, state = nnx.split(m)
+        f = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+        return lambda x: f(state, x)
+
+    run_float, run_int8 = jitted(model), jitted(int8_model)
+    rows, raw = [], {}
+    for batch in (1, 64):
+        x = jnp.asarray(images[:batch])
+        xt = torch.tensor(images[:batch]).permute(0, 3, 1, 2).contiguous()
+        with torch.no_grad():
+            times = time_interleaved({
+                "jax_f32": lambda: run_float(x),
+                "jaxquant_int8": lambda: run_int8(x),
+                "torch_f32": lambda: tmodel(xt),
+                "torch_int8": lambda: tint8(xt),
+            }, repeats=7 if args.quick else 21)
+        raw[batch] = times
+        rows.append({
+            "batch": batch,
+            **{f"{k} ms": median_ms(v) for k, v in times.items()},
+            "int8 speed-up vs jax_f32": paired_ratio(times, "jax_f32", "jaxquant_int8"),
+            "jaxquant/torch int8 time": paired_ratio(times, "jaxquant_int8", "torch_int8"),
+        })
+
+    agreement = float(np.mean(np.argmax(np.asarray(run_float(jnp.asarray(images))), -1)
+                              == np.argmax(np.asarray(run_int8(jnp.asarray(images))), -1)))
+    sizes = {"float_bytes": model_size_bytes(model), "int8_bytes": model_size_bytes(int8_model)}
+    print(markdown_table(rows))
+    print(f"\nsize: float {sizes['float_bytes'] / 1024:.0f} KB, int8 {sizes['int8_bytes'] / 1024:.0f} KB "
+          f"({sizes['int8_bytes'] / sizes['float_bytes']:.3f}x); top-1 agreement float vs int8 on 1000 test "
+          f"images: {100 * agreement:.1f}%")
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    write_json(args.json, {"rows": rows, "sizes": sizes, "top1_agreement": agreement,
+                           "raw_seconds": {str(k): v for k, v in raw.items()}})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Float and int8 forward passes of ``nn.Conv`` (1-D/2-D/3-D, grouped, depthwise) and
+``nn.ConvTranspose``, channels last.
+
+The int8 convolution is :func:`jaxquant.kernels.conv.static_conv` (im2col / 1x1 dot / depthwise taps /
+grouped dot chosen from the static shapes), the arithmetic of :class:`jaxquant.nn.quantized.Conv`.
+A transposed convolution is run as JAX's ``lax.conv_transpose`` defines it: the input dilated by the
+strides (filled with the input zero point, i.e. real 0), padded, and convolved at stride 1.
+"""
+from __future__ import annotations
+
+import types
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxquant.kernels.conv import prepack_static_conv, static_conv
+from jaxquant.qtensor import QTensor
+
+
+def _tuple(value: Any, nd: int) -> tuple[int, ...]:
+    if value is None:
+        return (1,) * nd
+    if isinstance(value, int):
+        return (value,) * nd
+    return tuple(int(v) for v in value)
+
+
+def conv_geometry(module: Any) -> types.SimpleNamespace:
+    """The attributes of a Linen ``nn.Conv`` in the normalised form the NNX helpers read."""
+    ks = module.kernel_size
+    ks = (ks,) if isinstance(ks, int) else tuple(ks)
+    nd = len(ks)
+    return types.SimpleNamespace(
+        kernel_size=ks, strides=_tuple(module.strides, nd), input_dilation=_tuple(getattr(module, "input_dilation", 1), nd),
+        kernel_dilation=_tuple(module.kernel_dilation, nd), padding=module.padding,
+        feature_group_count=getattr(module, "feature_group_count", 1), mask=module.mask, precision=module.precision)
+
+
+def _batched(x: jax.Array, nd: int) -> tuple[jax.Array, tuple[int, ...]]:
+    """``(*batch, *spatial, C)`` -> ``(N, *spatial, C)`` and the batch shape (``()`` if unbatched)."""
+    batch = x.shape[:x.ndim - (nd + 1)]
+    return x.reshape((-1,) + x.shape[x.ndim - (nd + 1):]), batch
+
+
+class ConvLayer:
+    """``nn.Conv``: kernel ``(*k, C_in/groups, C_out)``, bias ``(C_out,)``."""
+
+    kernel_name = "kernel"
+    supports_dynamic = False
+
+    def float_apply(self, module: Any, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
+        from jaxquant.nn.qat.conv import conv_with_kernel
+
+        y = conv_with_kernel(conv_geometry(module), x, kernel)
+        return y if bias is None else y + bias
+
+    def stored_kernel(self, module: Any, kernel: jax.Array) -> jax.Array:
+        return kernel
+
+    def check_module(self, module: Any, path: str) -> None:
+        from jaxquant.nn.quantized.conv import conv_padding
+
+        g = conv_geometry(module)
+        if set(g.input_dilation) != {1}:
+            raise ValueError(f"'{path}': input_dilation has no int8 kernel; keep this conv float (qconfig None)")
+        if g.mask is not None:
+            raise ValueError(f"'{path}': masked convolutions have no int8 kernel; keep this conv float (qconfig None)")
+        conv_padding(g, path)
+
+    def int8_apply(self, module: Any, path: str, xq: QTensor, qp: dict, out_storage) -> jax.Array:
+        from jaxquant.nn.quantized.conv import conv_padding
+
+        g = conv_geometry(module)
+        self.check_module(module, path)
+        x, batch = _batched(xq.int_data, len(g.kernel_size))
+        p = prepack_static_conv(
+            qp["weight_int"], qp["weight_scale"], qp["weight_zero_point"], qp.get("bias"), xq.scale, xq.zero_point,
+            qp["output_scale"], qp["output_zero_point"], strides=g.strides, padding=conv_padding(g, path),
+            dilation=g.kernel_dilation, groups=g.feature_group_count, out_dtype=out_storage)
+        y = static_conv(x, p)
+        return y.reshape(batch + y.shape[1:])
+
+
+def conv_transpose_padding(k: int, s: int, padding: Any) -> tuple[int, int]:
+    """Before/after padding of one spatial dim of ``lax.conv_transpose`` (JAX's rule for 'SAME'/'VALID')."""
+    if padding == "SAME":
+        pad_len = k + s - 2
+        pad_a = k - 1 if s > k - 1 else int(np.ceil(pad_len / 2))
+    elif padding == "VALID":
+        pad_len = k + s - 2 + max(k - s, 0)
+        pad_a = k - 1
+    else:
+        raise ValueError(f"invalid padding {padding!r}")
+    return pad_a, pad_len - pad_a
+
+
+class ConvTransposeLayer:
+    """``nn.ConvTranspose``. The stored kernel is the forward-conv kernel ``(*k, C_in, C_out)`` that
+    ``lax.conv_transpose`` convolves the dilated input with (flipped and swapped when
+    ``transpose_kernel=True``)."""
+
+    kernel_name = "kernel"
+    supports_dynamic = False
+
+    def stored_kernel(self, module: Any, kernel: jax.Array) -> jax.Array:
+        if module.transpose_kernel:
+            nd = kernel.ndim - 2
+            kernel = jnp.swapaxes(jnp.flip(kernel, axis=tuple(range(nd))), -1, -2)
+        return kernel
+
+    def _pads(self, module: Any, path: str, ks: tuple[int, ...]):
+        from flax.linen.linear import canonicalize_padding
+
+        nd = len(ks)
+        padding = canonicalize_padding(module.padding, nd)
+        if padding == "CIRCULAR":
+            raise ValueError(f"'{path}': CIRCULAR padding has no int8 kernel; keep this ConvTranspose float (qconfig None)")
+        dil = _tuple(module.kernel_dilation, nd)
+        strides = _tuple(module.strides, nd)
+        eff = [(k - 1) * d + 1 for k, d in zip(ks, dil)]
+        if isinstance(padding, str):
+            pads = tuple(conv_transpose_padding(k, s, padding) for k, s in zip(eff, strides))
+        else:
+            pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+        return pads, strides, dil
+
+    def check_module(self, module: Any, path: str) -> None:
+        if module.mask is not None:
+            raise ValueError(f"'{path}': masked transposed convolutions have no int8 kernel; keep it float (qconfig None)")
+        ks = module.kernel_size
+        self._pads(module, path, (ks,) if isinstance(ks, int) else tuple(ks))
+
+    def float_apply(self, module: Any, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
+        nd = kernel.ndim - 2
+        pads, strides, dil = self._pads(module, "", kernel.shape[:nd])
+        xb, batch = _batched(x, nd)
+        # ``kernel`` is in the stored (forward-conv) layout, see stored_kernel
+        y = lax.conv_transpose(xb, kernel, strides, pads, rhs_dilation=dil, transpose_kernel=False,
+                               precision=module.precision)
+        y = y.reshape(batch + y.shape[1:])
+        return y if bias is None else y + bias
+
+    def int8_apply(self, module: Any, path: str, xq: QTensor, qp: dict, out_storage) -> jax.Array:
+        w = qp["weight_int"]
+        nd = w.ndim - 2
+        pads, strides, dil = self._pads(module, path, w.shape[:nd])
+        x, batch = _batched(xq.int_data, nd)
+        zx = xq.zero_point.astype(x.dtype)
+        # interior padding inserts stride-1 copies of the zero point (real 0); negative pads crop
+        x = lax.pad(x, zx, [(0, 0, 0)] + [(min(lo, 0), min(hi, 0), s - 1) for (lo, hi), s in zip(pads, strides)]
+                    + [(0, 0, 0)])
+        p = prepack_static_conv(
+            w, qp["weight_scale"], qp["weight_zero_point"], qp.get("bias"), xq.scale, xq.zero_point,
+            qp["output_scale"], qp["output_zero_point"], strides=1,
+            padding=tuple((max(lo, 0), max(hi, 0)) for lo, hi in pads), dilation=dil, groups=1, out_dtype=out_storage)
+        y = static_conv(x, p)
+        return y.reshape(batch + y.shape[1:])

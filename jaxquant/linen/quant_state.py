@@ -1,0 +1,113 @@
+"""Observer and fake-quant state kept in Linen variables, and traceable weight quantization.
+
+Everything here is traceable (works inside ``jax.jit``, ``nn.scan``, ``nn.vmap``): checks that need
+concrete values (was an observer ever fed? is a weight finite?) are made afterwards, on the variable
+trees, by :mod:`jaxquant.linen.checks`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxquant.dtypes import per_channel_affine_float_qparams
+from jaxquant.linen.names import QUANT_STATS, display_path, module_path
+from jaxquant.nn.quantized.weights import observer_quant_range
+from jaxquant.qtensor import quantize_per_channel, quantize_per_tensor
+
+
+def _stats_variable(module: Any, name: str, init_fn, *init_args):
+    if not module.has_variable(QUANT_STATS, name) and not module.is_mutable_collection(QUANT_STATS):
+        raise ValueError(
+            f"'{display_path(module_path(module))}' ({type(module).__name__}) has no '{QUANT_STATS}/{name}' yet: "
+            f"run the prepared model once with apply(..., mutable=['{QUANT_STATS}']) (or calibrate) first")
+    return module.variable(QUANT_STATS, name, init_fn, *init_args)
+
+
+def observe(module: Any, name: str, observer: Any, x: jax.Array) -> jax.Array:
+    """Update the observer state ``quant_stats/<name>`` of ``module`` with ``x``; returns ``x``.
+
+    The state is only written when ``quant_stats`` is mutable (``apply(..., mutable=['quant_stats'])``),
+    as an observer in eval mode."""
+    var = _stats_variable(module, name, observer.init, x)
+    # model.init only creates the state: the init example is not calibration data
+    if module.is_mutable_collection(QUANT_STATS) and not module.is_initializing():
+        var.value = observer.update(var.value, x)
+    return x
+
+
+def fake_quant(module: Any, name: str, config: Any, x: jax.Array, example_or_shape: Any = None) -> jax.Array:
+    """Fake-quantize ``x`` with ``config`` (a FakeQuantize config) and state ``quant_stats/<name>``.
+
+    Same shape/dtype as ``x``; gradients straight-through (the config's custom VJP)."""
+    from jaxquant.nn.qat.fake_quant_module import is_learnable
+
+    if not hasattr(config, "apply"):
+        raise TypeError(f"'{display_path(module_path(module))}': QAT needs fake-quantize configs, got {config!r}; "
+                        "use get_default_qat_qconfig('x86') or jaxquant.linen.get_default_qat_qconfig_mapping()")
+    if is_learnable(config):
+        raise NotImplementedError(
+            f"'{display_path(module_path(module))}': LearnableFakeQuantize (LSQ) is not supported in "
+            "jaxquant.linen yet; use FakeQuantize / FusedMovingAvgObsFakeQuantize configs")
+    var = _stats_variable(module, name, config.init, example_or_shape)
+    y, new_state = config.apply(var.value, x)
+    if module.is_mutable_collection(QUANT_STATS) and not module.is_initializing():
+        var.value = new_state
+    return y
+
+
+def activation_qparams(config: Any, state: Any) -> tuple[jax.Array, jax.Array]:
+    """Per-tensor ``(scale float32 (), zero_point int32 ())`` from an observer or fake-quant state."""
+    scale, zero_point = config.calculate_qparams(state)
+    return (jnp.asarray(scale, jnp.float32).reshape(()),
+            jnp.round(jnp.asarray(zero_point)).astype(jnp.int32).reshape(()))
+
+
+def _quantize_with_qparams(kernel: jax.Array, scale, zero_point, observer_like: Any, qrange) -> dict:
+    dtype = observer_like.dtype
+    c = kernel.shape[-1]
+    if observer_like.qscheme.is_per_channel:
+        if observer_like.qscheme == per_channel_affine_float_qparams:
+            zero_point = jnp.asarray(zero_point, jnp.float32)
+        else:
+            zero_point = jnp.round(jnp.asarray(zero_point)).astype(jnp.int32)
+        q = quantize_per_channel(kernel, scale, zero_point, kernel.ndim - 1, dtype)
+    else:
+        q = quantize_per_tensor(kernel, jnp.reshape(scale, ()), jnp.reshape(jnp.round(jnp.asarray(zero_point)), ()),
+                                dtype)
+    qmin, qmax = qrange
+    zp_dtype = jnp.float32 if observer_like.qscheme == per_channel_affine_float_qparams else jnp.int32
+    return {
+        "weight_int": jnp.clip(q.int_data, qmin, qmax).astype(dtype.storage),
+        "weight_scale": jnp.broadcast_to(jnp.asarray(q.scale, jnp.float32), (c,)),
+        "weight_zero_point": jnp.broadcast_to(jnp.asarray(q.zero_point).astype(zp_dtype), (c,)),
+    }
+
+
+def quantize_kernel(kernel: jax.Array, observer: Any) -> dict:
+    """Quantize a float kernel ``(..., C_out)`` with a weight observer, as
+    :func:`jaxquant.nn.quantized.weights.quantize_weight` does (observer sees PyTorch's
+    out-channel-first layout; integers clamped to the observer's range) but traceable.
+
+    Returns ``{"weight_int": int (..., C_out) in the observer dtype's storage, "weight_scale": float32 (C_out,),
+    "weight_zero_point": int32 (or float32 for float qparams) (C_out,)}``.
+    """
+    kernel = jnp.asarray(kernel, jnp.float32)
+    w_pt = jnp.moveaxis(kernel, -1, 0)
+    state = observer.update(observer.init(w_pt), w_pt)
+    scale, zero_point = observer.calculate_qparams(state)
+    return _quantize_with_qparams(kernel, scale, zero_point, observer, observer_quant_range(observer))
+
+
+def quantize_kernel_with_fake_quant(kernel: jax.Array, config: Any, state: Any) -> dict:
+    """Quantize a float kernel ``(..., C_out)`` with a weight fake quant's qparams after running it once
+    more on the kernel (PyTorch's QAT ``from_float``; :func:`jaxquant.nn.qat.weight_fake_quant.
+    quantize_kernel_with_fake_quant` for NNX). Same return as :func:`quantize_kernel`."""
+    kernel = jnp.asarray(kernel, jnp.float32)
+    w_pt = jnp.moveaxis(kernel, -1, 0)
+    _, state = config.apply(state, w_pt)
+    scale, zero_point = config.calculate_qparams(state)
+    qrange = tuple(config.quant_range) if hasattr(config, "quant_range") else (int(config.quant_min),
+                                                                                int(config.quant_max))
+    return _quantize_with_qparams(kernel, jnp.asarray(scale, jnp.float32), zero_point, config, qrange)

@@ -1,0 +1,392 @@
+"""Saving and loading quantized (or float) NNX models in a documented, non-executable file format.
+
+A ``.jq`` checkpoint is one file, little-endian throughout::
+
+    offset 0   8 bytes  magic  b"JAXQUANT"
+    offset 8   uint32   format version (FORMAT_VERSION)
+    offset 12  uint64   H = length of the JSON header in bytes
+    offset 20  H bytes  UTF-8 JSON header (below)
+    then       D bytes  raw array data; each array starts at a 64-byte aligned offset (relative to
+                        the start of this section), C order, the dtype's little-endian bytes
+    then       32 bytes SHA-256 of every byte before it
+
+The header holds ``format``, ``format_version``, ``jaxquant_version``, ``model_type``,
+``data_nbytes``, ``arrays`` (one entry per array: ``path``, ``dtype``, ``shape``, ``offset``,
+``nbytes``), ``modules`` (every module path with its type and its static configuration: dtypes,
+qschemes, strides, ``relu`` flags, ...; ``qconfig`` as text where a module still holds one),
+``qconfig`` (the text of the QConfig/QConfigMapping the caller passed, for people to read) and
+``metadata`` (the caller's JSON-able dict). Nothing in the file is ever executed: there is no pickle.
+
+What is saved are the arrays that define the model (``jaxquant.tools.size.model_arrays``: int8
+weights, scales, zero points, biases, static activation qparams, float parameters, BatchNorm
+statistics, observer state). ``QuantCache`` arrays (packed weight layouts) are not saved: ``load``
+rebuilds them from the loaded int8 weights with :func:`rebuild_cache`.
+
+Loading needs a template model of the same architecture: build the float model, then
+``prepare``/``convert`` it as when it was saved (any calibration data will do, as the loaded arrays
+replace the template's; :func:`converted_template` does that with a synthetic batch).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import struct
+from typing import Any, Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxquant.dtypes import FloatDType, QDType, QScheme
+from jaxquant.module_paths import copy_model, named_modules, replace_contents, set_submodule
+from jaxquant.nn.variables import QuantCache
+
+MAGIC = b"JAXQUANT"
+FORMAT_VERSION = 1
+_PREAMBLE = struct.Struct("<8sIQ")
+_CHECKSUM_BYTES = 32
+_ALIGN = 64
+# Only plain numeric dtypes: an object/void dtype in a header is refused before any byte is read.
+_ALLOWED_DTYPES = ("bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+                   "float16", "bfloat16", "float32", "float64")
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is damaged, of another format version, or does not fit the target model."""
+
+
+# ----------------------------------------------------------------------------------------------
+# What is saved
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as JSON if it is plain static configuration; ``_SKIP`` otherwise."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (QDType, QScheme, FloatDType)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        items = [_jsonable(v) for v in value]
+        return _SKIP if any(i is _SKIP for i in items) else items
+    return _SKIP
+
+
+_SKIP = object()
+
+
+def _module_static(module: nnx.Module) -> dict[str, Any]:
+    static = {}
+    for name, value in sorted(vars(module).items()):
+        if name.startswith("_") or isinstance(value, (nnx.Variable, nnx.Module, jax.Array, np.ndarray)):
+            continue
+        encoded = _jsonable(value)
+        if encoded is not _SKIP:
+            static[name] = encoded
+    return static
+
+
+def _type_name(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def describe_modules(model: nnx.Module) -> dict[str, dict[str, Any]]:
+    """``{path: {"type": ..., "static": {...}}}`` for every module: the structure a checkpoint checks."""
+    described = {}
+    for path, module in named_modules(model):
+        entry = {"type": _type_name(module), "static": _module_static(module)}
+        qconfig = vars(module).get("qconfig")
+        if qconfig is not None:
+            entry["qconfig"] = repr(qconfig)
+        described[path] = entry
+    return described
+
+
+def _defining_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
+    from jaxquant.tools.size import model_arrays
+
+    return model_arrays(model)
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    name = np.dtype(dtype).name
+    if name not in _ALLOWED_DTYPES:
+        raise TypeError(f"cannot save an array of dtype {name}; supported: {', '.join(_ALLOWED_DTYPES)}")
+    return name
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def save(path: PathLike, model: nnx.Module, *, qconfig: Any = None,
+         metadata: Optional[dict[str, Any]] = None) -> int:
+    """Write ``model``'s defining arrays and structure to ``path`` (format described in this module).
+
+    Args:
+      path: file to write (conventionally ``*.jq``); written to a temporary name, then renamed, so a
+        crash never leaves a half-written checkpoint under ``path``.
+      model: any NNX model; typically an int8 model from ``convert`` (int8 weights are stored as
+        int8, scales float32, zero points int32).
+      qconfig: optional QConfig/QConfigMapping used to build the model; stored as text for people.
+      metadata: optional JSON-serialisable dict stored in the header.
+    Returns:
+      The number of bytes written.
+    """
+    from jaxquant import __version__
+
+    arrays = _defining_arrays(model)
+    entries, offset = [], 0
+    for name, array in arrays.items():
+        offset = _align(offset)
+        entries.append({"path": name, "dtype": _dtype_name(array.dtype), "shape": list(array.shape),
+                        "offset": offset, "nbytes": int(array.nbytes)})
+        offset += array.nbytes
+    data_nbytes = _align(offset)
+    header = {
+        "format": "jaxquant.checkpoint",
+        "format_version": FORMAT_VERSION,
+        "jaxquant_version": __version__,
+        "model_type": _type_name(model),
+        "data_nbytes": data_nbytes,
+        "arrays": entries,
+        "modules": describe_modules(model),
+        "qconfig": None if qconfig is None else repr(qconfig),
+        "metadata": metadata or {},
+    }
+    try:
+        header_bytes = json.dumps(header, sort_keys=True).encode("utf-8")
+    except TypeError as e:
+        raise TypeError(f"save: metadata must be JSON-serialisable ({e})") from None
+    data = bytearray(data_nbytes)
+    for entry, array in zip(entries, arrays.values()):
+        # np.ascontiguousarray would turn a 0-d array into 1-d; tobytes() is C order already.
+        raw = np.asarray(array).astype(np.dtype(array.dtype).newbyteorder("<"), copy=False).tobytes(order="C")
+        data[entry["offset"]:entry["offset"] + entry["nbytes"]] = raw
+    body = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes + bytes(data)
+    digest = hashlib.sha256(body).digest()
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(body)
+        f.write(digest)
+    os.replace(tmp, path)
+    return len(body) + len(digest)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and checking a file
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint read and verified: its header and its arrays (numpy, keyed by dotted path)."""
+
+    header: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+
+def read_checkpoint(path: PathLike) -> Checkpoint:
+    """Read and verify ``path`` (magic, version, size, SHA-256, header); raises ``CheckpointError``."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        blob = f.read()
+    return _parse(blob, path)
+
+
+def _parse(blob: bytes, where: str) -> Checkpoint:
+    if len(blob) < _PREAMBLE.size + _CHECKSUM_BYTES:
+        raise CheckpointError(f"'{where}' is truncated or not a jaxquant checkpoint ({len(blob)} bytes)")
+    magic, version, header_len = _PREAMBLE.unpack_from(blob, 0)
+    if magic != MAGIC:
+        raise CheckpointError(f"'{where}' is not a jaxquant checkpoint (magic {magic!r}, expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"'{where}' has checkpoint format version {version}; this jaxquant reads "
+                              f"version {FORMAT_VERSION}: load it with the jaxquant that wrote it and re-save")
+    header_end = _PREAMBLE.size + header_len
+    if header_end + _CHECKSUM_BYTES > len(blob):
+        raise CheckpointError(f"'{where}' is truncated: the header alone needs {header_end} bytes, "
+                              f"the file has {len(blob)}")
+    try:
+        header = json.loads(blob[_PREAMBLE.size:header_end].decode("utf-8"))
+        data_nbytes = int(header["data_nbytes"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"'{where}' has a corrupt header ({e})") from None
+    expected = header_end + data_nbytes + _CHECKSUM_BYTES
+    if len(blob) != expected:
+        raise CheckpointError(f"'{where}' is truncated or has trailing bytes: {len(blob)} bytes, "
+                              f"the header says {expected}")
+    body, digest = blob[:-_CHECKSUM_BYTES], blob[-_CHECKSUM_BYTES:]
+    if hashlib.sha256(body).digest() != digest:
+        raise CheckpointError(f"'{where}' is corrupt: its SHA-256 checksum does not match its contents")
+    if header.get("format_version") != version:
+        raise CheckpointError(f"'{where}': header format_version {header.get('format_version')} "
+                              f"disagrees with the file's version {version}")
+    data = memoryview(blob)[header_end:header_end + data_nbytes]
+    arrays = {}
+    for entry in header["arrays"]:
+        name, dtype_name = entry["path"], entry["dtype"]
+        if dtype_name not in _ALLOWED_DTYPES:
+            raise CheckpointError(f"'{where}': array '{name}' has unsupported dtype {dtype_name!r}")
+        dtype = np.dtype(jnp.dtype(dtype_name)).newbyteorder("<")
+        shape = tuple(int(s) for s in entry["shape"])
+        start, nbytes = int(entry["offset"]), int(entry["nbytes"])
+        if nbytes != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or start + nbytes > data_nbytes:
+            raise CheckpointError(f"'{where}': array '{name}' ({dtype_name}{list(shape)}) does not fit "
+                                  f"its byte range [{start}, {start + nbytes})")
+        arrays[name] = np.frombuffer(data[start:start + nbytes], dtype=dtype).reshape(shape).astype(
+            dtype.newbyteorder("="), copy=True)
+    return Checkpoint(header, arrays)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading into a template
+
+
+def check_compatible(checkpoint: Checkpoint, model: nnx.Module, where: str = "checkpoint") -> None:
+    """Raise ``CheckpointError`` listing every difference between ``checkpoint`` and ``model``'s
+    structure: module paths and types, static configuration, array paths, shapes and dtypes."""
+    problems = []
+    saved_modules = checkpoint.header.get("modules", {})
+    model_modules = describe_modules(model)
+    for path in sorted(set(saved_modules) - set(model_modules)):
+        problems.append(f"module '{path}' ({saved_modules[path]['type']}) is in the checkpoint, not in the model")
+    for path in sorted(set(model_modules) - set(saved_modules)):
+        problems.append(f"module '{path}' ({model_modules[path]['type']}) is in the model, not in the checkpoint")
+    for path in sorted(set(saved_modules) & set(model_modules)):
+        saved, ours = saved_modules[path], model_modules[path]
+        if saved["type"] != ours["type"]:
+            problems.append(f"module '{path}' is a {saved['type']} in the checkpoint, a {ours['type']} in the model")
+            continue
+        for key in sorted(set(saved["static"]) | set(ours["static"])):
+            a, b = saved["static"].get(key, "<absent>"), ours["static"].get(key, "<absent>")
+            if a != b:
+                problems.append(f"module '{path}': {key} = {a!r} in the checkpoint, {b!r} in the model")
+    template = _defining_arrays(model)
+    for name in sorted(set(checkpoint.arrays) - set(template)):
+        problems.append(f"array '{name}' is in the checkpoint, not in the model (unexpected key)")
+    for name in sorted(set(template) - set(checkpoint.arrays)):
+        problems.append(f"array '{name}' is in the model, not in the checkpoint (missing key)")
+    for name in sorted(set(template) & set(checkpoint.arrays)):
+        saved, ours = checkpoint.arrays[name], template[name]
+        if saved.shape != ours.shape:
+            problems.append(f"array '{name}': shape {list(saved.shape)} in the checkpoint, {list(ours.shape)} in the model")
+        if saved.dtype != ours.dtype:
+            problems.append(f"array '{name}': dtype {saved.dtype.name} in the checkpoint, {ours.dtype.name} in the model")
+    if problems:
+        shown = "\n  ".join(problems[:20]) + ("" if len(problems) <= 20 else f"\n  ... and {len(problems) - 20} more")
+        raise CheckpointError(f"{where} does not fit this model ({len(problems)} difference(s)); build the "
+                              f"template the same way as the saved model (same architecture, fusion, qconfig):\n  {shown}")
+
+
+def _assign_arrays(model: nnx.Module, arrays: dict[str, np.ndarray]) -> None:
+    from jaxquant.tools.size import _leaves
+
+    state = nnx.state(model, nnx.All(nnx.Not(QuantCache), nnx.Not(nnx.RngState)))
+    for path, variable in state.flat_state():
+        prefix = ".".join(map(str, path))
+        value = variable.get_value()
+        flat, treedef = jax.tree_util.tree_flatten(value)
+        if not flat:
+            continue
+        names = [prefix + sub for sub, _ in _leaves(value)]
+        variable.set_value(jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[n]) for n in names]))
+    nnx.update(model, state)
+
+
+def _rebuild_linear(module):
+    from jaxquant.nn.quantized.linear import Linear
+
+    return Linear(module.weight(), module.bias.get_value(), module.out_scale.get_value(),
+                  module.out_zero_point.get_value(), module.out_dtype, relu=module.relu, name=module.name)
+
+
+def _rebuild_conv(module):
+    from jaxquant.nn.quantized.conv import Conv
+
+    p = module.params.get_value()
+    return Conv(module.weight(), module.bias.get_value(), module.out_scale.get_value(),
+                module.out_zero_point.get_value(), module.out_dtype, strides=p.strides, padding=p.padding,
+                dilation=p.dilation, groups=p.groups, relu=module.relu, name=module.name)
+
+
+def _rebuilders() -> dict[type, Callable[[nnx.Module], nnx.Module]]:
+    from jaxquant.nn.quantized.conv import Conv
+    from jaxquant.nn.quantized.linear import Linear
+
+    return {Linear: _rebuild_linear, Conv: _rebuild_conv}
+
+
+def _holds_cache(module: nnx.Module) -> bool:
+    return any(isinstance(v, QuantCache) for v in vars(module).values())
+
+
+def rebuild_cache(model: nnx.Module) -> nnx.Module:
+    """Recompute every ``QuantCache`` (packed weights, column sums) of ``model`` from its
+    ``QuantParams``, in place; returns ``model``.
+
+    Modules with a ``rebuild_cache()`` method returning the rebuilt module use it; the static int8
+    ``Linear`` and ``Conv`` are rebuilt through their constructors. Any other module holding a
+    ``QuantCache`` raises ``TypeError`` (the loaded arrays would otherwise disagree with the cache).
+    """
+    rebuilders = _rebuilders()
+    for path, module in sorted(named_modules(model), key=lambda item: -item[0].count(".")):
+        if not _holds_cache(module):
+            continue
+        if hasattr(module, "rebuild_cache"):
+            rebuilt = module.rebuild_cache()
+        elif type(module) in rebuilders:
+            rebuilt = rebuilders[type(module)](module)
+        else:
+            raise TypeError(f"'{path}': {type(module).__qualname__} holds a QuantCache but jaxquant does not "
+                            "know how to rebuild it; give the class a rebuild_cache() method")
+        if path == "":
+            replace_contents(model, rebuilt)
+        else:
+            set_submodule(model, path, rebuilt)
+    return model
+
+
+def load(path: PathLike, model_or_template: nnx.Module, *, inplace: bool = True) -> nnx.Module:
+    """Load a checkpoint written by :func:`save` into a model of the same architecture.
+
+    Args:
+      path: the checkpoint file.
+      model_or_template: a model built the same way as the saved one (for an int8 model: the float
+        model after the same fusion, ``prepare`` and ``convert``; see :func:`converted_template`).
+      inplace: put the arrays into ``model_or_template`` itself (default) or into a copy.
+    Returns:
+      The model holding the checkpoint's arrays (bit-exact), with its ``QuantCache`` rebuilt.
+    Raises:
+      CheckpointError: the file is truncated, corrupt (checksum), of another format version, or its
+        module paths/types, static configuration, array paths, shapes or dtypes differ from the
+        model's. The model is left untouched in every failure.
+    """
+    checkpoint = read_checkpoint(path)
+    check_compatible(checkpoint, model_or_template, where=f"'{os.fspath(path)}'")
+    result = copy_model(model_or_template)
+    _assign_arrays(result, checkpoint.arrays)
+    rebuild_cache(result)
+    if inplace:
+        replace_contents(model_or_template, result)
+        return model_or_template
+    return result
+
+
+def converted_template(prepared_model: nnx.Module, example_input: Any,
+                       forward: Optional[Callable[[nnx.Module, Any], Any]] = None) -> nnx.Module:
+    """An int8 model to load a checkpoint into, without real calibration data.
+
+    Runs ``prepared_model`` (the output of ``prepare``, not modified) once on ``example_input``
+    (a batch of the right shape; random values are fine: every array is replaced on load) and
+    converts it. ``forward(model, batch)`` defaults to ``model(batch)``.
+    """
+    from jaxquant.transforms import calibrate, convert
+
+    prepared = copy_model(prepared_model)
+    calibrate(prepared, [example_input], forward or (lambda m, b: m(b)), progress=False)
+    return convert(prepared)
