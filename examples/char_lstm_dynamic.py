@@ -99,21 +99,25 @@ def main() -> None:
     eval_nll = nnx.jit(nll)
     fwd = nnx.jit(lambda m, x: m(x))
     xb = jnp.asarray(hx[:1])
-    rows = []
+    ppls = {}
     for name, m in variants.items():
         total = 0.0
         for i in range(0, n, 64):
             total += float(eval_nll(m, jnp.asarray(hx[i:i + 64]), jnp.asarray(hy[i:i + 64]))) * len(hx[i:i + 64])
-        ppl = float(np.exp(total / n))
+        ppls[name] = float(np.exp(total / n))
         jax.block_until_ready(fwd(m, xb))
-        times = []
-        for _ in range(20):
+    # Interleave the variants round by round: timed one after another, each variant met different
+    # machine load (the shared machines drift by 20-30 %), which is how a spurious 3x per-token
+    # penalty was once reported; interleaved, per token costs about 5 % more (benchmarks/bench_dynamic.py).
+    times = {name: [] for name in variants}
+    for _ in range(20):
+        for name, m in variants.items():
             t0 = time.perf_counter()
             jax.block_until_ready(fwd(m, xb))
-            times.append(time.perf_counter() - t0)
-        rows.append((name, ppl, 1e3 * float(np.median(times))))
+            times[name].append(time.perf_counter() - t0)
+    rows = [(name, ppls[name], 1e3 * float(np.median(times[name]))) for name in variants]
     base = rows[0][1]
-    print("\n| model | held-out perplexity | vs float | latency, batch 1 x %d chars (ms, median of 20) |" % args.seq)
+    print("\n| model | held-out perplexity | vs float | latency, batch 1 x %d chars (ms, median of 20 interleaved) |" % args.seq)
     print("|---|---|---|---|")
     for name, ppl, ms in rows:
         print(f"| {name} | {ppl:.4f} | {100 * (ppl / base - 1):+.2f} % | {ms:.2f} |")

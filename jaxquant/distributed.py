@@ -201,11 +201,19 @@ def sync_observer_state(observer: ObserverBase, state: Any, axis_name: AxisName)
                       lax.pmax(state.num_batches, axis_name), _por(state.nonfinite, axis_name))
 
 
+def _gather(a: jax.Array, axis_name: AxisName) -> jax.Array:
+    """all_gather whose result is typed as replicated: each device writes its slot, psum adds them
+    (exact: every other slot is zero; inf stays inf since only one term per slot is non-zero)."""
+    n = lax.psum(1, axis_name)
+    slot = jnp.arange(n) == lax.axis_index(axis_name)
+    placed = jnp.where(slot.reshape((n,) + (1,) * a.ndim), a[None], jnp.zeros_like(a)[None])
+    return lax.psum(placed, axis_name)
+
+
 def _histogram_sync(observer: HistogramObserver, state: HistogramState, axis_name: AxisName) -> HistogramState:
     # Gather every device's (small) histogram and range, then re-bin each into the global range in
     # a fixed order: all devices compute the same sum, so the result is replicated and deterministic.
-    hists = lax.all_gather(state.histogram, axis_name)
-    mins, maxs = lax.all_gather(state.min_val, axis_name), lax.all_gather(state.max_val, axis_name)
+    hists, mins, maxs = (_gather(a, axis_name) for a in (state.histogram, state.min_val, state.max_val))
     g_min, g_max = jnp.min(mins), jnp.max(maxs)
     g_empty = (g_min == jnp.inf) | (g_max == -jnp.inf)
     safe_gmin = jnp.where(g_empty, 0.0, g_min)

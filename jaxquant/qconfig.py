@@ -19,11 +19,8 @@ from jaxquant.dtypes import (
     bfloat16,
     float16,
     float32,
-    per_channel_affine_float_qparams,
-    per_channel_symmetric,
-    per_tensor_symmetric,
+    per_channel_affine,
     qint8,
-    quint4,
     quint8,
 )
 from jaxquant.fake_quant.fake_quantize import FakeQuantize, FakeQuantizeBase, FusedMovingAvgObsFakeQuantize, Identity
@@ -42,29 +39,24 @@ from jaxquant.fake_quant.presets import (
     histogram_observer,
 )
 from jaxquant.observers.base import ObserverBase
+from jaxquant.observers.presets import (  # PyTorch's observer presets, under private names here
+    default_observer as _default_observer,
+    default_weight_observer as _default_weight_observer,
+    default_per_channel_weight_observer as _default_per_channel_weight_observer,
+    weight_observer_range_neg_127_to_127 as _weight_observer_range_neg_127_to_127,
+    per_channel_weight_observer_range_neg_127_to_127 as _per_channel_weight_observer_range_neg_127_to_127,
+    default_dynamic_quant_observer as _default_dynamic_quant_observer,
+    default_placeholder_observer as _default_placeholder_observer,
+    default_debug_observer as _default_debug_observer,
+    default_float_qparams_observer as _default_float_qparams_observer,
+    default_float_qparams_observer_4bit as _default_float_qparams_observer_4bit,
+    default_reuse_input_observer as _default_reuse_input_observer,
+)
 from jaxquant.observers.minmax import MinMaxObserver, MovingAverageMinMaxObserver
-from jaxquant.observers.per_channel import PerChannelMinMaxObserver
-from jaxquant.observers.simple import NoopObserver, PlaceholderObserver, RecordingObserver, ReuseInputObserver
+from jaxquant.observers.simple import NoopObserver, PlaceholderObserver
 
 SUPPORTED_BACKENDS = ("fbgemm", "x86", "qnnpack", "onednn")
 
-# PyTorch's observer presets (torch.ao.quantization.observer.default_*), value-equal factories.
-_default_observer = MinMaxObserver.with_args(quant_min=0, quant_max=127)
-_default_weight_observer = MinMaxObserver.with_args(dtype=qint8, qscheme=per_tensor_symmetric)
-_default_per_channel_weight_observer = PerChannelMinMaxObserver.with_args(dtype=qint8, qscheme=per_channel_symmetric)
-_weight_observer_range_neg_127_to_127 = MinMaxObserver.with_args(
-    dtype=qint8, qscheme=per_tensor_symmetric, quant_min=-127, quant_max=127, eps=2**-12)
-_per_channel_weight_observer_range_neg_127_to_127 = PerChannelMinMaxObserver.with_args(
-    dtype=qint8, qscheme=per_channel_symmetric, quant_min=-127, quant_max=127, eps=2**-12)
-_default_dynamic_quant_observer = PlaceholderObserver.with_args(dtype=quint8, quant_min=0, quant_max=255,
-                                                                is_dynamic=True)
-_default_placeholder_observer = PlaceholderObserver
-_default_debug_observer = RecordingObserver
-_default_float_qparams_observer = PerChannelMinMaxObserver.with_args(
-    dtype=quint8, qscheme=per_channel_affine_float_qparams, ch_axis=0)
-_default_float_qparams_observer_4bit = PerChannelMinMaxObserver.with_args(
-    dtype=quint4, qscheme=per_channel_affine_float_qparams, ch_axis=0)
-_default_reuse_input_observer = ReuseInputObserver
 
 
 def _is_built(spec: Any) -> bool:
@@ -114,6 +106,13 @@ bfloat16_dynamic_qconfig = QConfig(
 """Not in PyTorch: weights stored as bfloat16, activations cast per call (XLA:CPU runs bf16 dots)."""
 per_channel_dynamic_qconfig = QConfig(activation=_default_dynamic_quant_observer,
                                       weight=_default_per_channel_weight_observer)
+per_token_dynamic_qconfig = QConfig(
+    activation=PlaceholderObserver.with_args(dtype=quint8, quant_min=0, quant_max=255, qscheme=per_channel_affine,
+                                             is_dynamic=True),
+    weight=_default_per_channel_weight_observer)
+"""Not in PyTorch: one activation scale/zero point per row (token) of the flattened input, chosen per
+call, with per-channel int8 weights. The per-channel activation qscheme is what turns per-token on
+(``jaxquant.nn.dynamic.weights.activation_per_token``)."""
 float_qparams_weight_only_qconfig = QConfig(activation=_default_placeholder_observer,
                                             weight=_default_float_qparams_observer)
 float_qparams_weight_only_qconfig_4bit = QConfig(activation=_default_placeholder_observer,

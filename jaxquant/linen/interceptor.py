@@ -46,11 +46,14 @@ CELL_TYPES = (nn.LSTMCell, nn.GRUCell)
 @dataclasses.dataclass
 class Record:
     """What a pass saw (Python side, filled while tracing): ``checks`` are ``(kind, scope_path, name,
-    config)`` for observer / fake-quant states to validate after convert; ``converted`` maps scope
+    config)`` for observer / fake-quant states to validate after convert; ``qparams`` say how to
+    recompute each converted layer's quant_params outside the traced pass (see
+    :func:`jaxquant.linen.transforms.convert`); ``converted`` maps scope
     paths to the float param names the converted layer no longer needs; ``modules`` maps dotted paths
     to the bound modules' types and attributes (for fusion)."""
 
     checks: list = dataclasses.field(default_factory=list)
+    qparams: list = dataclasses.field(default_factory=list)
     converted: dict = dataclasses.field(default_factory=dict)
     modules: dict = dataclasses.field(default_factory=dict)
 
@@ -110,6 +113,9 @@ class QuantInterceptor:
         mtype = type(module)
         if method == "__call__" and mtype in WEIGHTED_LAYERS:
             return self._weighted(WEIGHTED_LAYERS[mtype], module, path, next_fun, args, kwargs)
+        if mtype is nn.Embed and method == "setup" and self.mode in ("static", "dynamic") and \
+                embed_layers.is_embedding_qconfig(self.qconfig_of(module)):
+            return None  # the float table is gone: nn.Embed.setup would look for it
         if mtype is nn.Embed and method in ("__call__", "attend"):
             return self._embed(module, path, method, next_fun, args, kwargs)
         if mtype is stubs.QuantStub and method == "__call__":
@@ -191,11 +197,13 @@ class QuantInterceptor:
         if obs_state is not None:
             config = qconfig.activation()
             self.record.checks.append(("observer", scope, f"{name}_observer", config))
+            self.record.qparams.append(("act", scope, f"{name}_observer", config, name))
             return activation_qparams(config, obs_state)
         fq_state = _get(module, QUANT_STATS, f"{name}_fake_quant")
         if fq_state is not None:
             config = qconfig.activation()
             self.record.checks.append(("fake_quant", scope, f"{name}_fake_quant", config))
+            self.record.qparams.append(("act", scope, f"{name}_fake_quant", config, name))
             return activation_qparams(config, fq_state)
         raise ValueError(f"'{display_path(path)}' ({type(module).__name__}): no '{QUANT_STATS}' for its {name}: this "
                          "layer never ran while calibrating (or QAT); calibrate with data that reaches it, or set "
@@ -207,14 +215,20 @@ class QuantInterceptor:
         fq_state = _get(module, QUANT_STATS, "weight_fake_quant")
         if fq_state is not None:
             config = qconfig.weight()
-            qp = quantize_kernel_with_fake_quant(kernel, config, fq_state)
+
+            def quantize(raw_kernel, state):
+                return quantize_kernel_with_fake_quant(spec.stored_kernel(module, raw_kernel), config, state)
         else:
             observer = qconfig.weight()
             observer = getattr(observer, "observer", observer)
             if observer.dtype != qint8:
                 raise ValueError(f"'{display_path(path)}': int8 kernels need qint8 weights, the weight observer "
                                  f"{observer!r} uses {observer.dtype!r}")
-            qp = quantize_kernel(kernel, observer)
+
+            def quantize(raw_kernel, state):
+                return quantize_kernel(spec.stored_kernel(module, raw_kernel), observer)
+        self.record.qparams.append(("weight", tuple(module.path), spec.kernel_name, quantize))
+        qp = quantize(module.get_variable("params", spec.kernel_name), fq_state)
         bias = _get(module, "params", "bias")
         if bias is not None:
             qp["bias"] = jnp.asarray(bias, jnp.float32)
@@ -299,6 +313,8 @@ class QuantInterceptor:
                 raise ValueError(f"'{display_path(path)}' (Embed): no float 'embedding' param to convert")
             self.record.checks.append(("weight", tuple(module.path), "embedding", None))
             qp = embed_layers.embedding_quant_params(table, qconfig)
+            self.record.qparams.append(("weight", tuple(module.path), "embedding",
+                                        lambda t, _: embed_layers.embedding_quant_params(t, qconfig)))
             self._write(module, qp, ("embedding",))
         else:
             if not module.has_variable(QUANT_PARAMS, "weight_int"):

@@ -181,6 +181,45 @@ def _run_convert(model: QuantizedModel, mode: str, variables: Any, args: tuple, 
     return dict(unfreeze(updates)).get(QUANT_PARAMS, {}), record
 
 
+def _recompute_qparams(record: Record, variables: Mapping, quant_params: dict) -> dict:
+    """The quant_params again, computed outside the traced pass, one small op at a time as NNX's
+    ``convert`` and PyTorch compute them: inside one compiled program XLA may reassociate the float32
+    arithmetic of ``calculate_qparams`` and move a scale by an ulp. Layers stacked by ``nn.scan`` /
+    ``nn.vmap`` are recomputed with ``jax.vmap`` over their leading axes."""
+    from jaxquant.linen.quant_state import activation_qparams
+
+    quant_params = jax.tree_util.tree_map(lambda x: x, quant_params)  # fresh dicts
+    stats, params = variables.get(QUANT_STATS, {}), variables.get("params", {})
+    for entry in record.qparams:
+        kind, scope = entry[0], entry[1]
+        target = _subtree(quant_params, scope)
+        if kind == "act":
+            _, _, stats_name, config, prefix = entry
+            n_lead = np.ndim(target[f"{prefix}_scale"])
+            fn = lambda state, config=config: activation_qparams(config, state)  # noqa: E731
+            for _ in range(n_lead):
+                fn = jax.vmap(fn)
+            target[f"{prefix}_scale"], target[f"{prefix}_zero_point"] = fn(_subtree(stats, scope)[stats_name])
+        else:
+            _, _, kernel_name, quantize = entry
+            n_lead = np.ndim(target["weight_scale"]) - 1
+            scope_stats = _subtree(stats, scope) if stats and scope_in(stats, scope) else {}
+            fq_state = scope_stats.get("weight_fake_quant") if isinstance(scope_stats, Mapping) else None
+            fn = quantize
+            for _ in range(n_lead):
+                fn = jax.vmap(fn)
+            target.update(fn(_subtree(params, scope)[kernel_name], fq_state))
+    return quant_params
+
+
+def scope_in(tree: Mapping, scope: tuple) -> bool:
+    for key in scope:
+        if not isinstance(tree, Mapping) or key not in tree:
+            return False
+        tree = tree[key]
+    return True
+
+
 def _converted_variables(variables: Any, quant_params: dict, record: Record) -> dict:
     variables = dict(unfreeze(variables))
     out = {k: v for k, v in variables.items() if k not in (QUANT_STATS, QUANT_PARAMS, "params")}
@@ -219,6 +258,7 @@ def convert(model: QuantizedModel, variables: Any, *example_args: Any, **example
     quant_params, record = _run_convert(model, "convert_static", variables, example_args, dict(example_kwargs))
     _check_mapping_paths(model.qconfig_mapping, record.modules, "convert")
     _check_records(record, variables)
+    quant_params = _recompute_qparams(record, variables, quant_params)
     _check_scales(quant_params)
     return model.replace(mode="static"), _converted_variables(variables, quant_params, record)
 
@@ -284,6 +324,7 @@ def quantize_dynamic(model: Union[nn.Module, QuantizedModel], variables: Any, *e
     quant_params, record = _run_convert(qm, "convert_dynamic", variables, example_args, dict(example_kwargs))
     _check_mapping_paths(qm.qconfig_mapping, record.modules, "quantize_dynamic")
     _check_records(record, variables)
+    quant_params = _recompute_qparams(record, variables, quant_params)
     if not record.converted:
         found = sorted({t.__name__ for t in record.modules.values()})
         warnings.warn(f"quantize_dynamic: no layer was quantized (dtype {dtype!r}); the model called {found}",

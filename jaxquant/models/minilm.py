@@ -29,7 +29,10 @@ __all__ = [
     "MiniLM",
     "minilm_model_dir",
     "load_minilm",
+    "load_minilm_weights",
     "load_tokenizer",
+    "mean_pool",
+    "normalize",
     "tokenize",
     "encode",
     "jit_forward",
@@ -373,7 +376,7 @@ def jit_forward(model: nnx.Module):
     """``f(input_ids, attention_mask) -> embeddings``: the model's forward under ``jax.jit``.
 
     The model is split once, so each call costs one jitted dispatch and no NNX graph
-    traversal (``nnx.jit`` re-walks the module tree on every call, which dominates at batch 1).
+    traversal (``nnx.jit`` re-walks the module tree on every call).
     Inputs int32 (B, T); output float32 (B, H). Later edits to ``model`` are not seen.
     """
     graphdef, state = nnx.split(model)

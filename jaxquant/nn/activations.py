@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxquant.dtypes import quint8
+from jaxquant.dtypes import qint8, quint8
 from jaxquant.qtensor import QTensor, dequantize, quantize_per_tensor
 
 
@@ -21,7 +21,11 @@ def _map_int(x: QTensor, int_data: jax.Array) -> QTensor:
 
 
 def _fixed_qparams_op(x: QTensor, fn, scale: float, zero_point: int) -> QTensor:
-    # Output range is known in advance (e.g. sigmoid in [0, 1]), so no observer is needed.
+    # Output range is known in advance (e.g. sigmoid in [0, 1]), so no observer is needed. As in
+    # PyTorch the output keeps the input's dtype: ``zero_point`` is the quint8 one, and a qint8 output
+    # shifts it by -128 (the same real values; tanh's 128 becomes 0).
+    if x.dtype == qint8:
+        return quantize_per_tensor(fn(dequantize(x)), scale, zero_point - 128, qint8)
     return quantize_per_tensor(fn(dequantize(x)), scale, zero_point, quint8)
 
 
@@ -59,7 +63,7 @@ class Hardswish(nnx.Module):
 
 
 class Hardsigmoid(nnx.Module):
-    """On a QTensor: fixed output qparams ``(1/256, 0)`` quint8, as PyTorch."""
+    """On a QTensor: fixed output qparams ``(1/256, 0)`` quint8 (``(1/256, -128)`` qint8), as PyTorch."""
 
     def __call__(self, x):
         if isinstance(x, QTensor):
@@ -84,7 +88,8 @@ class LeakyReLU(nnx.Module):
 
 
 class Sigmoid(nnx.Module):
-    """On a QTensor: fixed output qparams ``(1/256, 0)`` quint8, as PyTorch's quantized sigmoid."""
+    """On a QTensor: fixed output qparams ``(1/256, 0)`` quint8 (``(1/256, -128)`` qint8), as PyTorch's
+    quantized sigmoid."""
 
     def __call__(self, x):
         if isinstance(x, QTensor):
@@ -93,7 +98,8 @@ class Sigmoid(nnx.Module):
 
 
 class Tanh(nnx.Module):
-    """On a QTensor: fixed output qparams ``(2/256, 128)`` quint8, as PyTorch's quantized tanh."""
+    """On a QTensor: fixed output qparams ``(2/256, 128)`` quint8 (``(2/256, 0)`` qint8), as PyTorch's
+    quantized tanh."""
 
     def __call__(self, x):
         if isinstance(x, QTensor):

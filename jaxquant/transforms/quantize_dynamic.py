@@ -35,6 +35,8 @@ def get_default_dynamic_quant_module_mappings() -> Mapping[type, type]:
     return MappingProxyType({
         nnx.Linear: nnqd.Linear,
         LinearReLU: nnqd.Linear,
+        nnx.LinearGeneral: nnqd.LinearGeneral,
+        nnx.Einsum: nnqd.Einsum,
         nnx.LSTMCell: nnqd.LSTMCell,
         nnx.OptimizedLSTMCell: nnqd.LSTMCell,
         nnx.GRUCell: nnqd.GRUCell,
@@ -48,7 +50,8 @@ def DYNAMIC_DEFAULT_TYPES(dtype: Any) -> frozenset:  # noqa: N802 - reads like P
     from jaxquant.nn.intrinsic import LinearReLU
 
     if dtype in (qint8, float16, bfloat16):
-        return frozenset({nnx.Linear, LinearReLU, nnx.LSTMCell, nnx.OptimizedLSTMCell, nnx.GRUCell})
+        return frozenset({nnx.Linear, LinearReLU, nnx.LinearGeneral, nnx.Einsum, nnx.LSTMCell,
+                          nnx.OptimizedLSTMCell, nnx.GRUCell})
     if dtype == quint8:
         return frozenset({nnx.Embed})
     raise ValueError(f"quantize_dynamic: don't know how to quantize with default settings for {dtype!r}; use "
@@ -71,7 +74,8 @@ def _weight_dtypes_supported() -> dict[type, tuple]:
     from jaxquant.nn import dynamic as nnqd
 
     linear_like = (qint8, float16, bfloat16)
-    return {nnqd.Linear: linear_like, nnqd.LSTMCell: linear_like, nnqd.GRUCell: linear_like,
+    return {nnqd.Linear: linear_like, nnqd.LinearGeneral: linear_like, nnqd.Einsum: linear_like,
+            nnqd.LSTMCell: linear_like, nnqd.GRUCell: linear_like,
             nnqd.Embedding: (quint8,)}
 
 
@@ -132,8 +136,8 @@ def quantize_dynamic(
     Args:
       model: a float NNX model.
       qconfig_spec: ``None`` -> the default module types for ``dtype`` (qint8/float16/bfloat16:
-        ``nnx.Linear``, ``LinearReLU``, ``nnx.LSTMCell``, ``nnx.OptimizedLSTMCell``, ``nnx.GRUCell``;
-        quint8: ``nnx.Embed``) with the default qconfig for ``dtype``; a set of module types (default
+        ``nnx.Linear``, ``LinearReLU``, ``nnx.LinearGeneral``, ``nnx.Einsum``, ``nnx.LSTMCell``,
+        ``nnx.OptimizedLSTMCell``, ``nnx.GRUCell``; quint8: ``nnx.Embed``) with the default qconfig for ``dtype``; a set of module types (default
         qconfig for ``dtype``); or a dict from module type or dotted module path to a QConfig (or
         ``None`` to keep that subtree float). Children inherit their parent's qconfig; a path entry
         beats a type entry.

@@ -1,0 +1,118 @@
+"""EfficientNet-Lite0: float JAX vs jaxquant int8 vs PyTorch float / int8 (x86 eager static PTQ).
+
+    python benchmarks/bench_efficientnet.py [--batches 1 8 32] [--repeats 15] [--json out.json]
+
+Latency: median over ``--repeats`` rounds, each round calling every model once in turn (one
+process, interleaved) so machine noise hits all of them alike. Accuracy: top-1 agreement with the
+float JAX model on ``--n-eval`` real images (no labels exist for them). The quantization recipe is
+the example's (``examples/efficientnet_lite0_ptq.py``), calibrated on ``--n-calib`` images.
+Prints a markdown table and writes the numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import time
+import warnings
+
+import jax
+import numpy as np
+
+import jaxquant as jq
+from jaxquant.datasets.sample_images import sample_images
+from jaxquant.models import efficientnet_lite as eff
+
+
+def _load_example():
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "efficientnet_lite0_ptq.py")
+    spec = importlib.util.spec_from_file_location("efficientnet_lite0_ptq", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--n-eval", type=int, default=200)
+    p.add_argument("--n-calib", type=int, default=64)
+    p.add_argument("--recipe", default="relu6-range")
+    p.add_argument("--json", default="bench_efficientnet.json")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    import torch
+
+    ex = _load_example()
+    images = sample_images(args.n_eval + args.n_calib)
+    evals, calib = images[:args.n_eval], images[args.n_eval:]
+
+    model = eff.load_efficientnet_lite0()
+    t0 = time.perf_counter()
+    qmodel = ex.quantize_jaxquant(model, calib, args.recipe)
+    jq_ptq_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tq_net = ex.quantize_torch(calib, args.recipe)
+    torch_ptq_s = time.perf_counter() - t0
+    tnet = eff.torch_efficientnet_lite0()
+
+    float_fn = jax.jit(lambda x: model(x))
+    int8_fn = jax.jit(lambda x: qmodel(x))
+    ref = ex.jax_logits(float_fn, evals, desc="float JAX")
+    accuracy = {
+        "jaxquant int8": ex.agreement(ex.jax_logits(int8_fn, evals, desc="jaxquant int8"), ref),
+        "PyTorch float": ex.agreement(ex.torch_logits(tnet, evals, desc="torch float"), ref),
+        "PyTorch int8 x86": ex.agreement(ex.torch_logits(tq_net, evals, desc="torch int8"), ref),
+    }
+
+    latency: dict[int, dict[str, float]] = {}
+    for b in args.batches:
+        x = eff.preprocess(evals[np.arange(b) % len(evals)])
+        xt = ex.to_nchw(evals[np.arange(b) % len(evals)])
+
+        def run_torch(net, xt=xt):
+            with torch.no_grad():
+                net(xt)
+
+        fns = {"float JAX": lambda x=x: float_fn(x).block_until_ready(),
+               "jaxquant int8": lambda x=x: int8_fn(x).block_until_ready(),
+               "PyTorch float": lambda: run_torch(tnet),
+               "PyTorch int8 x86": lambda: run_torch(tq_net)}
+        for f in fns.values():
+            f()
+        latency[b] = ex.median_latency_ms(fns, args.repeats, f"batch {b}")
+
+    names = ["float JAX", "jaxquant int8", "PyTorch float", "PyTorch int8 x86"]
+    print(f"\nEfficientNet-Lite0, recipe '{args.recipe}', median of {args.repeats} interleaved "
+          f"rounds, {torch.get_num_threads()} torch threads, jax {jax.__version__}, "
+          f"torch {torch.__version__}\n")
+    print("| model | " + " | ".join(f"batch {b} (ms)" for b in args.batches)
+          + " | top-1 agreement | top-1 in float top-5 |")
+    print("|---|" + "---|" * (len(args.batches) + 2))
+    for n in names:
+        acc = accuracy.get(n, {"top1_agreement": 1.0, "top1_in_float_top5": 1.0})
+        print(f"| {n} | " + " | ".join(f"{latency[b][n]:.1f}" for b in args.batches)
+              + f" | {acc['top1_agreement']:.3f} | {acc['top1_in_float_top5']:.3f} |")
+    sizes = {"float": jq.model_size_bytes(model), "jaxquant int8": jq.model_size_bytes(qmodel)}
+    print(f"\nsize: float {sizes['float'] / 1e6:.2f} MB, jaxquant int8 "
+          f"{sizes['jaxquant int8'] / 1e6:.2f} MB; PTQ wall time (fuse+prepare+calibrate+convert) "
+          f"jaxquant {jq_ptq_s:.1f} s, PyTorch {torch_ptq_s:.1f} s")
+
+    with open(args.json, "w") as f:
+        json.dump({"model": "efficientnet-lite0", "recipe": args.recipe,
+                   "n_eval": args.n_eval, "n_calib": args.n_calib, "repeats": args.repeats,
+                   "latency_ms_median": {str(b): v for b, v in latency.items()},
+                   "accuracy_vs_float_jax": accuracy, "size_bytes": sizes,
+                   "ptq_seconds": {"jaxquant": jq_ptq_s, "pytorch": torch_ptq_s},
+                   "jax": jax.__version__, "torch": torch.__version__,
+                   "machine": platform.processor() or platform.machine()}, f, indent=2)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

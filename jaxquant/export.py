@@ -1,0 +1,79 @@
+"""``jax.export`` of a (quantized) NNX model's forward pass: a serialized StableHLO artifact.
+
+The model's arrays are baked into the artifact as constants, so the bytes alone run it: anyone with
+``jax.export.deserialize(blob).call(x)`` gets the int8 model's outputs, without jaxquant installed.
+The int8 kernels lower to plain StableHLO (``dot_general`` with u8 x s8 operands, integer
+convolutions, element-wise requantization), so no custom call needs to be allow-listed.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxquant.module_paths import copy_model
+from jaxquant.qtensor import QTensor
+
+
+def _input_spec(example_input: Any, batch_dim: Union[int, None], batch_name: str):
+    x = jnp.asarray(example_input)
+    if batch_dim is None:
+        return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    dims = [str(d) for d in x.shape]
+    dims[batch_dim] = batch_name
+    return jax.ShapeDtypeStruct(jax.export.symbolic_shape(", ".join(dims)), x.dtype)
+
+
+def export(model: nnx.Module, example_input: Any, *, batch_dim: Union[int, None] = 0,
+           platforms: Sequence[str] = ("cpu",), eval_mode: bool = True) -> bytes:
+    """Serialize ``model``'s forward on inputs shaped like ``example_input``.
+
+    Args:
+      model: any NNX model called as ``model(x)`` with one array; an int8 model from ``convert``
+        usually. It is not modified (a copy is traced).
+      example_input: an array (or ``jax.ShapeDtypeStruct``) giving the input's shape and dtype,
+        e.g. float32 ``(N, 28, 28, 1)``.
+      batch_dim: the axis exported as a symbolic size ``b`` (any batch size runs), or ``None`` for
+        the exact shape of ``example_input``.
+      platforms: lowering platforms (``("cpu",)``; add ``"cuda"`` etc. to run elsewhere).
+      eval_mode: trace the model in eval mode (dropout off, BatchNorm running statistics).
+    Returns:
+      ``bytes`` from ``jax.export.Exported.serialize()``; run with
+      ``jax.export.deserialize(blob).call(x)`` or :func:`load_exported`.
+    Raises:
+      TypeError: the model's output is not an array (e.g. a QTensor: end the model with a DeQuantStub).
+    """
+    traced = copy_model(model)
+    if eval_mode:
+        traced.eval()
+    graphdef, state = nnx.split(traced)
+
+    def forward(x):
+        out = nnx.merge(graphdef, state)(x)
+        for leaf in jax.tree_util.tree_leaves(out, is_leaf=lambda v: isinstance(v, QTensor)):
+            if isinstance(leaf, QTensor):
+                raise TypeError(f"export: the model returns a quantized tensor ({leaf!r}); jax.export artifacts "
+                                "carry plain arrays: end the model with a DeQuantStub, or return .int_repr()")
+        return out
+
+    if isinstance(example_input, jax.ShapeDtypeStruct):
+        example_input = jnp.zeros(example_input.shape, example_input.dtype)
+    spec = _input_spec(example_input, batch_dim, "b")
+    exported = jax.export.export(jax.jit(forward), platforms=tuple(platforms))(spec)
+    return bytes(exported.serialize())
+
+
+def load_exported(path_or_bytes: Union[str, os.PathLike, bytes, bytearray]) -> jax.export.Exported:
+    """``jax.export.Exported`` from serialized bytes or a file holding them; call it with ``.call(x)``."""
+    if isinstance(path_or_bytes, (bytes, bytearray)):
+        blob = bytes(path_or_bytes)
+    else:
+        with open(os.fspath(path_or_bytes), "rb") as f:
+            blob = f.read()
+    try:
+        return jax.export.deserialize(bytearray(blob))
+    except Exception as e:  # flatbuffer errors are not a documented type
+        raise ValueError(f"load_exported: not a jax.export artifact, or a damaged one ({type(e).__name__}: {e})") from None

@@ -1,0 +1,42 @@
+"""summary(): what was quantized, with which dtypes/schemes and bytes; mapping entries that matched nothing."""
+import numpy as np
+from flax import nnx
+
+import jaxquant as jq
+from jaxquant.tools.size import model_arrays
+from jaxquant.tools.summary import summary
+
+from .conftest import minmax_qconfig
+
+
+def test_summary_of_converted_model(cnn_models):
+    _, _, int8_model = cnn_models
+    s = summary(int8_model)
+    rows = {m.path: m for m in s.modules}
+    assert set(s.quantized_paths()) == {"quant", "fc1", "fc2", "block1.conv", "block2.conv"}
+    fc1 = rows["fc1"]
+    assert fc1.weight_dtype == "int8" and fc1.scheme == "jaxquant.per_channel_affine"
+    assert fc1.activation_dtype == "jaxquant.quint8"
+    # Bytes by hand: int8 weight + f32 scales + i32 zero points + f32 bias + out scale/zp.
+    k, n = int8_model.fc1.weight_int8.get_value().shape
+    assert fc1.nbytes == k * n + 4 * n + 4 * n + 4 * n + 4 + 4
+    assert s.total_bytes == sum(a.nbytes for a in model_arrays(int8_model).values())
+    text = str(s)
+    assert "fc1" in text and "per_channel_affine" in text and "total:" in text
+
+
+def test_summary_of_prepared_model_and_unmatched_entries(cnn_models):
+    _, prepared, _ = cnn_models
+    mapping = (jq.QConfigMapping().set_global(minmax_qconfig())
+               .set_module_name("fc3", None)                 # typo: there is no fc3
+               .set_module_name("fc2", minmax_qconfig())
+               .set_module_name_regex(r"block9\..*", None)   # matches nothing
+               .set_object_type(nnx.Linear, minmax_qconfig())
+               .set_object_type(nnx.LSTMCell, None))         # no LSTM in this model
+    s = summary(prepared, mapping)
+    rows = {m.path: m for m in s.modules}
+    assert rows["fc1"].status == "observed" and "MinMaxObserver" in rows["fc1"].qconfig
+    assert rows["fc1"].activation_dtype == "jaxquant.quint8"
+    assert set(s.unmatched_entries) == {"module_name 'fc3'", r"module_name_regex 'block9\\..*'",
+                                        "object_type LSTMCell"}
+    assert "fc3" in str(s)
