@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--n-eval", type=int, default=200)
     p.add_argument("--n-calib", type=int, default=64)
     p.add_argument("--recipe", default="relu6-range")
+    p.add_argument("--act-observer", choices=("histogram", "minmax"), default="histogram")
     p.add_argument("--json", default="bench_efficientnet.json")
     args = p.parse_args()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -54,10 +55,10 @@ def main() -> None:
 
     model = eff.load_efficientnet_lite0()
     t0 = time.perf_counter()
-    qmodel = ex.quantize_jaxquant(model, calib, args.recipe)
+    qmodel = ex.quantize_jaxquant(model, calib, args.recipe, args.act_observer)
     jq_ptq_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    tq_net = ex.quantize_torch(calib, args.recipe)
+    tq_net = ex.quantize_torch(calib, args.recipe, args.act_observer)
     torch_ptq_s = time.perf_counter() - t0
     tnet = eff.torch_efficientnet_lite0()
 
@@ -105,6 +106,7 @@ def main() -> None:
 
     with open(args.json, "w") as f:
         json.dump({"model": "efficientnet-lite0", "recipe": args.recipe,
+                   "act_observer": args.act_observer,
                    "n_eval": args.n_eval, "n_calib": args.n_calib, "repeats": args.repeats,
                    "latency_ms_median": {str(b): v for b, v in latency.items()},
                    "accuracy_vs_float_jax": accuracy, "size_bytes": sizes,

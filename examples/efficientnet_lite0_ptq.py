@@ -44,10 +44,14 @@ def relu6_conv_paths(model: eff.EfficientNetLite) -> list[str]:
 
 
 def quantize_jaxquant(model: eff.EfficientNetLite, calib: np.ndarray, recipe: str,
-                      batch: int = 32, progress: bool = True) -> eff.EfficientNetLite:
+                      act_observer: str = "histogram", batch: int = 32,
+                      progress: bool = True) -> eff.EfficientNetLite:
     """Float model + calibration images (uint8 NHWC) -> converted int8 jaxquant model."""
     fused = jq.fuse_modules(model, eff.fusion_patterns(model))
     qconfig = jq.get_default_qconfig("x86")
+    if act_observer == "minmax":
+        qconfig = jq.QConfig(activation=jq.MinMaxObserver.with_args(reduce_range=True),
+                             weight=qconfig.weight)
     mapping = jq.QConfigMapping().set_global(qconfig)
     if recipe == "relu6-range":
         relu6 = jq.QConfig(
@@ -62,7 +66,8 @@ def quantize_jaxquant(model: eff.EfficientNetLite, calib: np.ndarray, recipe: st
     return jq.convert(observed)
 
 
-def quantize_torch(calib: np.ndarray, recipe: str, progress: bool = True):
+def quantize_torch(calib: np.ndarray, recipe: str, act_observer: str = "histogram",
+                   progress: bool = True):
     """The same recipe with torch.ao.quantization eager mode, x86 engine -> int8 torch model."""
     import torch
     tq = torch.ao.quantization
@@ -71,6 +76,9 @@ def quantize_torch(calib: np.ndarray, recipe: str, progress: bool = True):
     net = eff.torch_efficientnet_lite0(quantizable=True)
     net = tq.fuse_modules(net, eff.torch_fusion_patterns(net))
     qconfig = tq.get_default_qconfig("x86")
+    if act_observer == "minmax":
+        qconfig = tq.QConfig(activation=tq.MinMaxObserver.with_args(reduce_range=True),
+                             weight=qconfig.weight)
     net.qconfig = qconfig
     if recipe == "relu6-range":
         relu6 = tq.QConfig(
@@ -135,6 +143,8 @@ def main() -> None:
     p.add_argument("--n-eval", type=int, default=300)
     p.add_argument("--n-calib", type=int, default=64)
     p.add_argument("--recipe", choices=RECIPES, default="relu6-range")
+    p.add_argument("--act-observer", choices=("histogram", "minmax"), default="histogram",
+                   help="activation observer for both libraries (x86 default: histogram)")
     p.add_argument("--batch", type=int, default=8, help="batch size for the latency table")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
@@ -150,7 +160,7 @@ def main() -> None:
     float_fn = jax.jit(lambda x: model(x))
     ref = jax_logits(float_fn, evals, desc="float JAX")
 
-    qmodel = quantize_jaxquant(model, calib, args.recipe)
+    qmodel = quantize_jaxquant(model, calib, args.recipe, args.act_observer)
     int8_fn = jax.jit(lambda x: qmodel(x))
     rows = {"jaxquant int8": agreement(jax_logits(int8_fn, evals, desc="jaxquant int8"), ref)}
 
@@ -160,7 +170,7 @@ def main() -> None:
     if not args.no_torch:
         import torch
         tnet = eff.torch_efficientnet_lite0()
-        tq_net = quantize_torch(calib, args.recipe)
+        tq_net = quantize_torch(calib, args.recipe, args.act_observer)
         rows["PyTorch float"] = agreement(torch_logits(tnet, evals, desc="torch float"), ref)
         rows["PyTorch int8 x86"] = agreement(torch_logits(tq_net, evals, desc="torch int8"), ref)
         xt = to_nchw(evals[:args.batch])
@@ -175,8 +185,8 @@ def main() -> None:
         f()
     lat = median_latency_ms(fns, args.repeats, f"latency batch {args.batch}")
 
-    print(f"\nEfficientNet-Lite0, recipe '{args.recipe}', calibrated on {len(calib)} images, "
-          f"evaluated on {len(evals)} (agreement with float JAX)\n")
+    print(f"\nEfficientNet-Lite0, recipe '{args.recipe}', {args.act_observer} activation observers, "
+          f"calibrated on {len(calib)} images, evaluated on {len(evals)} (agreement with float JAX)\n")
     print(f"| model | top-1 agreement | int8 top-1 in float top-5 | latency batch {args.batch} (ms) |")
     print("|---|---|---|---|")
     print(f"| float JAX | 1.000 | 1.000 | {lat['float JAX']:.1f} |")

@@ -99,6 +99,7 @@ from jaxquant.qconfig import (
     get_default_qat_qconfig,
     get_default_qconfig,
     per_channel_dynamic_qconfig,
+    per_token_dynamic_qconfig,
     qconfig_equals,
 )
 from jaxquant.qconfig_mapping import (
@@ -109,7 +110,12 @@ from jaxquant.qconfig_mapping import (
 )
 from jaxquant.qtensor import QTensor, dequantize, quantize_per_channel, quantize_per_tensor
 from jaxquant.quantization_mappings import get_default_static_quant_module_mappings
+from jaxquant.export import export, load_exported
+from jaxquant.onnx_export import export_onnx
+from jaxquant.serialization import CheckpointError, converted_template, load, save
 from jaxquant.tools import model_size_bytes, save_arrays_npz
+from jaxquant.tools.numeric_debugger import compare, compute_sqnr, sensitivity_analysis
+from jaxquant.tools.summary import summary
 from jaxquant.transforms import (
     calibrate,
     check_observers,
@@ -133,6 +139,7 @@ from jaxquant.transforms.prepare_qat import (
     quantize_qat,
     update_bn_stats,
 )
+from jaxquant.transforms.stubs import add_quant_dequant
 from jaxquant.transforms.quantize_dynamic import get_default_dynamic_quant_module_mappings, quantize_dynamic
 
 __version__ = "0.1.0"

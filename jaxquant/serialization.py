@@ -298,29 +298,6 @@ def _assign_arrays(model: nnx.Module, arrays: dict[str, np.ndarray]) -> None:
     nnx.update(model, state)
 
 
-def _rebuild_linear(module):
-    from jaxquant.nn.quantized.linear import Linear
-
-    return Linear(module.weight(), module.bias.get_value(), module.out_scale.get_value(),
-                  module.out_zero_point.get_value(), module.out_dtype, relu=module.relu, name=module.name)
-
-
-def _rebuild_conv(module):
-    from jaxquant.nn.quantized.conv import Conv
-
-    p = module.params.get_value()
-    return Conv(module.weight(), module.bias.get_value(), module.out_scale.get_value(),
-                module.out_zero_point.get_value(), module.out_dtype, strides=p.strides, padding=p.padding,
-                dilation=p.dilation, groups=p.groups, relu=module.relu, name=module.name)
-
-
-def _rebuilders() -> dict[type, Callable[[nnx.Module], nnx.Module]]:
-    from jaxquant.nn.quantized.conv import Conv
-    from jaxquant.nn.quantized.linear import Linear
-
-    return {Linear: _rebuild_linear, Conv: _rebuild_conv}
-
-
 def _holds_cache(module: nnx.Module) -> bool:
     return any(isinstance(v, QuantCache) for v in vars(module).values())
 
@@ -329,18 +306,15 @@ def rebuild_cache(model: nnx.Module) -> nnx.Module:
     """Recompute every ``QuantCache`` (packed weights, column sums) of ``model`` from its
     ``QuantParams``, in place; returns ``model``.
 
-    Modules with a ``rebuild_cache()`` method returning the rebuilt module use it; the static int8
-    ``Linear`` and ``Conv`` are rebuilt through their constructors. Any other module holding a
-    ``QuantCache`` raises ``TypeError`` (the loaded arrays would otherwise disagree with the cache).
+    Every module class that holds a ``QuantCache`` has a ``rebuild_cache()`` method returning the
+    module rebuilt from its ``QuantParams``; a module holding one without that method raises
+    ``TypeError`` (the loaded arrays would otherwise disagree with the cache).
     """
-    rebuilders = _rebuilders()
     for path, module in sorted(named_modules(model), key=lambda item: -item[0].count(".")):
         if not _holds_cache(module):
             continue
         if hasattr(module, "rebuild_cache"):
             rebuilt = module.rebuild_cache()
-        elif type(module) in rebuilders:
-            rebuilt = rebuilders[type(module)](module)
         else:
             raise TypeError(f"'{path}': {type(module).__qualname__} holds a QuantCache but jaxquant does not "
                             "know how to rebuild it; give the class a rebuild_cache() method")

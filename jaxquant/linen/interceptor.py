@@ -143,9 +143,12 @@ class QuantInterceptor:
             return self._float(spec, module, next_fun, args, kwargs)
         if mode in ("dynamic", "convert_dynamic") and not spec.supports_dynamic:
             return self._float(spec, module, next_fun, args, kwargs)
-        if set(kwargs) - {"inputs"} or len(args) != 1:
+        if "inputs" in kwargs and not args:
+            args, kwargs = (kwargs["inputs"],), {k: v for k, v in kwargs.items() if k != "inputs"}
+        if kwargs or len(args) != 1:
             raise ValueError(f"'{display_path(path)}' ({type(module).__name__}): quantized layers take one input "
-                             f"array; got extra arguments {sorted(kwargs)} (set the module's attributes instead)")
+                             f"array; got extra arguments {sorted(kwargs) or len(args)} (set the module's attributes "
+                             "instead, or set this layer's qconfig to None)")
         x = args[0]
         what = type(module).__name__
         if mode == "observe":

@@ -8,12 +8,20 @@ update is traced once and reused for every batch.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
 from flax import nnx
 
 from jaxquant.nn.variables import QuantStats
+
+
+@partial(jax.jit, static_argnums=0)
+def _calculate_qparams(observer: Any, state: Any) -> tuple[jax.Array, jax.Array]:
+    # Compiled once per observer config (configs are hashable): the histogram search run eagerly
+    # dispatches thousands of small ops per layer.
+    return observer.calculate_qparams(state)
 
 
 class ObserverModule(nnx.Module):
@@ -29,7 +37,7 @@ class ObserverModule(nnx.Module):
 
     def calculate_qparams(self) -> tuple[jax.Array, jax.Array]:
         """``(scale float32, zero_point int32)`` from the statistics seen so far."""
-        return self.observer.calculate_qparams(self.stats.get_value())
+        return _calculate_qparams(self.observer, self.stats.get_value())
 
     @property
     def dtype(self):

@@ -3,3 +3,4 @@ from jaxquant.transforms.calibrate import calibrate, check_observers, make_calib
 from jaxquant.transforms.convert import convert, quantize
 from jaxquant.transforms.prepare import prepare
 from jaxquant.transforms.propagate import propagate_qconfig
+from jaxquant.transforms.stubs import add_quant_dequant

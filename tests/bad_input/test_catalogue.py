@@ -82,8 +82,9 @@ def test_P02_quantize_with_a_numpy_dtype_instead_of_a_qdtype():
         jq.quantize_per_tensor(X, 0.1, 0, jnp.int8)
 
 
-@pytest.mark.xfail(strict=True, reason="quantize_per_tensor accepts scale <= 0 or NaN and returns garbage integers")
-@pytest.mark.parametrize("scale", [0.0, -0.1, float("nan")])
+@pytest.mark.xfail(strict=True, reason="quantize_per_tensor accepts scale <= 0, NaN, or denormal (XLA:CPU flushes "
+                   "denormals to zero, so 1/scale is inf) and returns garbage integers")
+@pytest.mark.parametrize("scale", [0.0, -0.1, float("nan"), 7e-39])
 def test_P03_quantize_with_zero_negative_or_nan_scale(scale):
     with _raises(ValueError, "quantize_per_tensor", "scale"):
         jq.quantize_per_tensor(X, scale, 0, jq.quint8)
@@ -218,6 +219,16 @@ def test_O11_moving_average_constant_out_of_range():
         jq.MovingAverageMinMaxObserver(averaging_constant=1.5)
 
 
+@pytest.mark.xfail(strict=True, reason="a range wider than float32's max (max - min overflows) gives a NaN scale "
+                   "silently, in MinMaxObserver and choose_qparams alike (found by tests/fuzz)")
+def test_O12_range_wider_than_float32():
+    obs = jq.MinMaxObserver()
+    state = obs.update(obs.init(), jnp.asarray([-3e38, 3e38], jnp.float32))
+    with _raises(ValueError, "MinMaxObserver", "range"):
+        scale, _ = obs.calculate_qparams(state)
+        assert np.isfinite(float(scale))
+
+
 # --------------------------------------------------------------------------------- qconfig
 
 
@@ -312,7 +323,7 @@ def test_C02_nan_or_inf_in_calibration_data(bad):
     data = _data()
     data[1][3, 2] = bad
     copies = [d.copy() for d in data]
-    with _raises(NotCalibratedError, "quant.activation_post_process", "NaN/Inf", "clean the calibration data"):
+    with _raises(NotCalibratedError, r"\w+\.activation_post_process", "NaN/Inf", "clean the calibration data"):
         jq.calibrate(prepared, data, progress=False)
     for d, c in zip(data, copies):
         np.testing.assert_array_equal(d, c)
@@ -352,7 +363,7 @@ def test_C06_calibration_batch_of_wrong_width():
 def test_V01_convert_before_calibration():
     prepared = jq.prepare(Small(nnx.Rngs(0)), _qconfig())
     snap = _snapshot(prepared)
-    with _raises(NotCalibratedError, "activation_post_process", "representative data"):
+    with _raises(NotCalibratedError, "at fc1|at quant|at head", "representative data"):
         jq.convert(prepared, inplace=True)
     _assert_untouched(prepared, snap)
 
@@ -384,9 +395,13 @@ def test_V03_contraction_too_long_for_int32_accumulator():
 
 def test_V03b_contraction_limit_is_real():
     """Why V03 matters: at K = 65536 with the extreme operands the accumulator is at the edge."""
-    k = 65536
-    worst = 255 * 128 * k  # uint8 activation x int8 weight, all at their extremes
-    assert worst < 2**31 <= 255 * 128 * (k + 1) + 255 * 128 * 64  # one more chunk of 64 overflows
+    term = 255 * -128  # uint8 activation x int8 weight at their extremes, PERF_NOTES' u8 x s8 dot
+    safe = np.full(65536, term, np.int64).sum()
+    assert safe >= np.iinfo(np.int32).min
+    # a little past the limit the exact sum leaves int32, and an int32 accumulator wraps around
+    over = np.full(65794, term, np.int64).sum()
+    assert over < np.iinfo(np.int32).min
+    assert np.full(65794, term, np.int32).sum(dtype=np.int32) > 0  # wrapped: the sign flipped
 
 
 @pytest.mark.xfail(strict=True, reason="convert() of a model that was never prepared returns a float copy "

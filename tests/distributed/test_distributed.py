@@ -58,7 +58,7 @@ def test_multi_device_case(case, case_results):
     results, proc = case_results
     if case not in results:
         pytest.fail(f"{case} did not run in the subprocess (collection error?):\n{proc.stdout[-3000:]}")
-    failed = [(n, t) for n, t in results[case] if n.endswith("failed")]
+    failed = [(n, t) for n, t in results[case] if n.endswith(": failed")]
     assert not failed, "\n\n".join(f"{n}\n{t[-3000:]}" for n, t in failed)
-    if all(n.endswith("xfailed") for n, _ in results[case]):
+    if all(n.endswith(": xfailed") for n, _ in results[case]):
         pytest.xfail(results[case][0][1])

@@ -32,6 +32,7 @@ class NnxMLP(nnx.Module):
         return self.l1(self.g(jax.nn.relu(self.l0(x))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("per_token", [False, True])
 def test_dynamic_dense_equals_nnx_quantize_dynamic(per_token):
     x = batches((5, 7, 8), n=1)[0]
@@ -61,6 +62,7 @@ class Seq(nn.Module):
         return rnn(xs)
 
 
+@pytest.mark.slow
 def test_dynamic_lstm_cell_in_nn_rnn_equals_cell_equations_over_nnx_dynamic_linears():
     xs = batches((2, 4, 5), n=1)[0]  # (batch, time, features)
     v = Seq().init(jax.random.key(0), xs)
@@ -112,7 +114,23 @@ def test_quantize_dynamic_bad_spec_names_linen_paths():
     v = MLP().init(jax.random.key(0), x)
     with pytest.raises(KeyError, match="Dense_9.*Dense_0"):
         jql.quantize_dynamic(MLP(), v, x, qconfig_spec={"Dense_9": jq.default_dynamic_qconfig})
-    with pytest.raises(TypeError, match="Linen"):
+    with pytest.raises(TypeError, match="flax.linen"):
         jql.quantize_dynamic(MLP(), v, x, qconfig_spec={nnx.Linear: jq.default_dynamic_qconfig})
     with pytest.warns(UserWarning, match="no layer was quantized"):
         jql.quantize_dynamic(MLP(), v, x, qconfig_spec={nn.Conv: jq.default_dynamic_qconfig})
+
+
+@pytest.mark.slow
+def test_dynamic_gru_cell_equals_cell_equations_over_nnx_dynamic_linears():
+    x = batches((3, 5), n=1)[0]
+    h = batches((3, 4), n=1, seed=2)[0]
+    cell = nn.GRUCell(4)
+    v = cell.init(jax.random.key(0), h, x)
+    qm, qv = jql.quantize_dynamic(cell, v, h, x)
+    assert set(qv[jql.QUANT_PARAMS]) == {"ir", "iz", "in", "hr", "hz", "hn"} and "params" not in qv
+    new_h, _ = jax.jit(qm.apply)(qv, h, x)
+    d = {k: _nnx_dyn(p) for k, p in v["params"].items()}
+    r = jax.nn.sigmoid(d["ir"](x) + d["hr"](h))
+    z = jax.nn.sigmoid(d["iz"](x) + d["hz"](h))
+    n = jnp.tanh(d["in"](x) + r * d["hn"](h))
+    np.testing.assert_allclose(np.asarray(new_h), np.asarray((1.0 - z) * n + z * h), rtol=1e-6, atol=1e-6)

@@ -75,6 +75,7 @@ class ConvNet(nn.Module):
         return nn.Conv(4, (3, 3), feature_group_count=2, strides=2)(x)
 
 
+@pytest.mark.slow
 def test_qat_conv_training_reduces_loss_and_converts():
     data = batches((4, 6, 6, 2), n=1)
     x = data[0]

@@ -69,6 +69,7 @@ class NnxConvNet(nnx.Module):
         return self.fc(x.reshape(x.shape[0], -1))
 
 
+@pytest.mark.slow
 def test_static_conv_grouped_and_dense_equal_nnx_static_ptq_per_layer():
     """Equal, bit for bit: NNX's prepare/calibrate/convert of the same layers with a QuantStub before and
     a DeQuantStub after each one, on the same data, gives the same observers' qparams and the same int8
@@ -133,6 +134,7 @@ def _unrolled_params(p):
     return out
 
 
+@pytest.mark.slow
 def test_scan_remat_vmap_equal_unrolled_model():
     data = batches((5, 6), n=2)
     v, qm, qv = _linen_static(Lifted(), data)

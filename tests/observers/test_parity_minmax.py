@@ -24,7 +24,7 @@ PER_CHANNEL = [D.per_channel_affine, D.per_channel_symmetric, D.per_channel_affi
 RANGES = {D.qint8: [None, (-8, 7), (-127, 127), (-64, 63)], D.quint8: [None, (0, 15), (0, 127)]}
 
 
-# configs also checked under jit (one per qscheme family and dtype; the rest run eagerly)
+# configs run in the default (fast) suite; the full matrix is marked slow
 JIT_SUBSET = [dict(dtype=D.quint8, qscheme=s, reduce_range=False) for s in PER_TENSOR + PER_CHANNEL] + [
     dict(dtype=D.qint8, qscheme=s, reduce_range=True, quant_min=-8, quant_max=7) for s in PER_TENSOR + PER_CHANNEL]
 
@@ -37,14 +37,14 @@ def configs(qschemes):
             kw = dict(dtype=dtype, qscheme=qscheme, reduce_range=reduce_range)
             if qrange:
                 kw.update(quant_min=qrange[0], quant_max=qrange[1])
-            yield pytest.param(kw, id="-".join(f"{v}" for v in kw.values()).replace("jaxquant.", ""))
+            marks = () if kw in JIT_SUBSET else (pytest.mark.slow,)  # one compile per config: ~1-3 s each
+            yield pytest.param(kw, id="-".join(f"{v}" for v in kw.values()).replace("jaxquant.", ""), marks=marks)
 
 
-def run_parity(ours, theirs_factory, batches_list, shape_arg, jit=True):
-    # Eager runs op by op (each op compiled once for all configs); jit also checks that XLA's
-    # fusion (FMA contraction, reciprocal division) does not change a bit.
-    update = jax.jit(ours.update) if jit else ours.update
-    qparams = jax.jit(ours.calculate_qparams) if jit else ours.calculate_qparams
+def run_parity(ours, theirs_factory, batches_list, shape_arg):
+    # under jit, so XLA's fusion (FMA contraction, reciprocal division) is part of what is checked
+    update = jax.jit(ours.update)
+    qparams = jax.jit(ours.calculate_qparams)
     for batches in batches_list:
         theirs = theirs_factory()
         state = ours.init(shape_arg)
@@ -75,7 +75,7 @@ def batch_lists(rng):
 def test_per_tensor_parity(cls, tcls, kw):
     rng = np.random.default_rng(abs(hash(str(kw))) % 2**32)
     lists = batch_lists(rng) + [[np.array([2.5])], [np.array([-7.0]), np.array([1e-9])]]
-    run_parity(cls(**kw), lambda: tcls(**torch_kwargs(kw)), lists, None, jit=kw in JIT_SUBSET)
+    run_parity(cls(**kw), lambda: tcls(**torch_kwargs(kw)), lists, None)
 
 
 @pytest.mark.parametrize("kw", list(configs(PER_CHANNEL)))
@@ -85,7 +85,7 @@ def test_per_tensor_parity(cls, tcls, kw):
                          ids=["per_channel", "moving_avg_per_channel"])
 def test_per_channel_parity(cls, tcls, kw):
     rng = np.random.default_rng(abs(hash(str(kw))) % 2**32)
-    run_parity(cls(**kw), lambda: tcls(**torch_kwargs(kw)), batch_lists(rng), (4, 6), jit=kw in JIT_SUBSET)
+    run_parity(cls(**kw), lambda: tcls(**torch_kwargs(kw)), batch_lists(rng), (4, 6))
 
 
 @pytest.mark.parametrize("ch_axis", [0, 1, -1])

@@ -19,7 +19,7 @@ from flax import nnx
 from jaxquant.dtypes import bfloat16, float16, qint8
 from jaxquant.kernels.linear import dynamic_linear, prepack_dynamic_linear
 from jaxquant.nn.dynamic.weights import activation_per_token, quantize_float_weight, weight_dtype
-from jaxquant.nn.variables import QuantParams
+from jaxquant.nn.variables import QuantCache, QuantParams
 from jaxquant.qtensor import QTensor
 
 
@@ -58,7 +58,12 @@ class Linear(nnx.Module):
                             f"out_features), got {weight!r}")
         k, n = weight.shape
         self.in_features, self.out_features = int(k), int(n)
-        self.params = QuantParams(prepack_dynamic_linear(weight.int_data, weight.scale, weight.zero_point, bias))
+        self.weight_int8 = QuantParams(weight.int_data)
+        self.weight_scale = QuantParams(jnp.broadcast_to(weight.scale, (n,)).astype(jnp.float32))
+        self.weight_zero_point = QuantParams(jnp.broadcast_to(weight.zero_point, (n,)).astype(jnp.int32))
+        self.bias_float = QuantParams(None if bias is None else jnp.asarray(bias, jnp.float32))
+        # Both packed layouts, derived from the int8 weight (not part of the model's definition).
+        self.params = QuantCache(prepack_dynamic_linear(weight.int_data, weight.scale, weight.zero_point, bias))
         self.weight_qscheme = weight.qscheme
         self.reduce_range = bool(reduce_range)
         self.per_token = bool(per_token)
@@ -88,18 +93,21 @@ class Linear(nnx.Module):
             per_token = activation_per_token(qconfig)
         return cls(weight, bias, reduce_range=reduce_range, per_token=per_token, relu=relu, name=path)
 
+    def rebuild_cache(self) -> "Linear":
+        """A new module built from this one's defining arrays (recomputes both packed layouts)."""
+        return Linear(self.weight(), self.bias(), reduce_range=self.reduce_range, per_token=self.per_token,
+                      relu=self.relu, name=self.name)
+
     def weight(self) -> QTensor:
         """The int8 weight as a QTensor in flax layout ``(in_features, out_features)``."""
-        p = self.params.get_value()
-        pw = p.weight
-        w = pw.w_act_lhs.T if pw.w_act_lhs is not None else jax.lax.bitcast_convert_type(
-            pw.w_weight_lhs[:-1] ^ jnp.uint8(128), jnp.int8).T
+        w, scale = self.weight_int8.get_value(), self.weight_scale.get_value()
+        zero_point = self.weight_zero_point.get_value()
         if self.weight_qscheme.is_per_channel:
-            return QTensor(w, p.w_scale, pw.w_zero_point, qint8, self.weight_qscheme, 1)
-        return QTensor(w, p.w_scale[0], pw.w_zero_point[0], qint8, self.weight_qscheme, None)
+            return QTensor(w, scale, zero_point, qint8, self.weight_qscheme, 1)
+        return QTensor(w, scale[0], zero_point[0], qint8, self.weight_qscheme, None)
 
     def bias(self) -> Optional[jax.Array]:
-        return self.params.get_value().bias
+        return self.bias_float.get_value()
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """float ``(..., in_features)`` -> float32 ``(..., out_features)``."""

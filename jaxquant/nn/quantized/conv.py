@@ -91,6 +91,13 @@ class Conv(nnx.Module):
                    padding=conv_padding(conv, path), dilation=conv.kernel_dilation,
                    groups=conv.feature_group_count, relu=relu, name=path)
 
+    def rebuild_cache(self) -> "Conv":
+        """A new module built from this one's defining arrays (recomputes the packed kernel)."""
+        p = self.params.get_value()
+        return Conv(self.weight(), self.bias.get_value(), self.out_scale.get_value(),
+                    self.out_zero_point.get_value(), self.out_dtype, strides=p.strides, padding=p.padding,
+                    dilation=p.dilation, groups=p.groups, relu=self.relu, name=self.name)
+
     def weight(self) -> QTensor:
         """The int8 kernel as a QTensor in flax layout ``(k..., C_in/groups, C_out)``."""
         data, scale = self.weight_int8.get_value(), self.weight_scale.get_value()

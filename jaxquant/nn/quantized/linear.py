@@ -57,6 +57,11 @@ class Linear(nnx.Module):
         bias = None if linear.bias is None else linear.bias.get_value()
         return cls(weight, bias, out_scale, out_zp, out_dtype, relu=relu, name=path)
 
+    def rebuild_cache(self) -> "Linear":
+        """A new module built from this one's defining arrays (recomputes the packed weight)."""
+        return Linear(self.weight(), self.bias.get_value(), self.out_scale.get_value(),
+                      self.out_zero_point.get_value(), self.out_dtype, relu=self.relu, name=self.name)
+
     def weight(self) -> QTensor:
         """The int8 weight as a QTensor in flax layout ``(in_features, out_features)``."""
         data, scale = self.weight_int8.get_value(), self.weight_scale.get_value()

@@ -1,6 +1,7 @@
 """Quantizing a float weight with the qconfig's weight observer, as PyTorch's ``from_float`` does."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
@@ -18,6 +19,12 @@ def observer_quant_range(observer: Any) -> tuple[int, int]:
     qmin, qmax = getattr(observer, "quant_min", None), getattr(observer, "quant_max", None)
     custom = qmin is not None and qmax is not None
     return calculate_qmin_qmax(qmin, qmax, custom, observer.dtype, getattr(observer, "reduce_range", False))
+
+
+@partial(jax.jit, static_argnums=0)
+def _observe_weight(observer: Any, w: jax.Array):
+    state = observer.update(observer.init(w), w)
+    return state, observer.calculate_qparams(state)
 
 
 def quantize_weight(kernel: jax.Array, qconfig: Any, path: str) -> QTensor:
@@ -48,9 +55,8 @@ def quantize_weight(kernel: jax.Array, qconfig: Any, path: str) -> QTensor:
     if not bool(jnp.all(jnp.isfinite(kernel))):
         raise ValueError(f"'{path}': the weight contains NaN or Inf; fix the float model before quantizing")
     w_pt = jnp.moveaxis(kernel, -1, 0)
-    state = observer.update(observer.init(w_pt), w_pt)
+    state, (scale, zero_point) = _observe_weight(observer, w_pt)
     check_observer_state(observer, state, name=f"{path} (weight)")
-    scale, zero_point = observer.calculate_qparams(state)
     qmin, qmax = observer_quant_range(observer)
     if observer.qscheme.is_per_channel:
         if getattr(observer, "ch_axis", 0) not in (0, -w_pt.ndim):
