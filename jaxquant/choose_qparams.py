@@ -11,22 +11,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxquant import torch_numerics as tn
 from jaxquant.dtypes import QDType, quint8
 
 SMALL_SCALE_THRESHOLD = 6.1e-5
-
-
-def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    s = a + b
-    bb = s - a
-    return s, (a - (s - bb)) + (b - bb)
-
-
-def _split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # Veltkamp split of a float32 into two 12-bit halves, so products of halves are exact.
-    c = jnp.float32(4097.0) * a
-    hi = c - (c - a)
-    return hi, a - hi
 
 
 def _exact_difference_over(max_val: jax.Array, min_val: jax.Array, divisor: float) -> jax.Array:
@@ -36,16 +24,29 @@ def _exact_difference_over(max_val: jax.Array, min_val: jax.Array, divisor: floa
     for about one range in ten. Error-free transforms (TwoSum, Dekker's product) recover the exact
     difference and the residual of the first quotient, which is enough for a faithful result.
     """
-    hi, lo = _two_sum(max_val, -min_val)
+    hi, lo = tn.two_sum(max_val, -min_val)
     d = jnp.float32(divisor)
-    q1 = hi / d
-    # residual = hi - q1 * d, computed exactly with a split product
-    q_hi, q_lo = _split(q1)
-    d_hi, d_lo = _split(d)
-    p = q1 * d
-    p_err = ((q_hi * d_hi - p) + q_hi * d_lo + q_lo * d_hi) + q_lo * d_lo
+    q1 = tn.true_divide(hi, d)
+    p, p_err = tn.two_prod(q1, d)
     residual = ((hi - p) - p_err) + lo
-    return q1 + residual / d
+    return q1, tn.true_divide(residual, d)
+
+
+def _divide_by_double(a: jax.Array, s_hi: jax.Array, s_lo: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``a / (s_hi + s_lo)`` as a float32 pair ``(hi, lo)`` carrying about 46 bits."""
+    q = tn.true_divide(a, s_hi)
+    p, p_err = tn.two_prod(q, s_hi)
+    remainder = ((a - p) - p_err) - tn.rounded(q * s_lo)
+    return q, tn.true_divide(remainder, s_hi)
+
+
+def _round_pair_half_even(hi: jax.Array, lo: jax.Array) -> jax.Array:
+    """``nearbyint(hi + lo)`` of a float32 pair, ties to even, as C++ does on the double."""
+    n = jnp.round(hi)
+    frac = (hi - n) + lo  # hi - n is exact
+    up = (frac > 0.5) | ((frac == 0.5) & (jnp.mod(n, 2.0) == 1.0))
+    down = (frac < -0.5) | ((frac == -0.5) & (jnp.mod(n, 2.0) == 1.0))
+    return n + jnp.where(up, 1.0, 0.0) - jnp.where(down, 1.0, 0.0)
 
 
 def choose_qparams_from_min_max(
@@ -68,9 +69,14 @@ def choose_qparams_from_min_max(
     min_val = jnp.minimum(jnp.asarray(min_val, jnp.float32), 0.0)
     max_val = jnp.maximum(jnp.asarray(max_val, jnp.float32), 0.0)
     qrange = float(quant_max - quant_min)
-    scale = _exact_difference_over(max_val, min_val, qrange)
+    # PyTorch keeps the scale in double for the zero point and rounds it to float32 only for the
+    # result; (scale_hi, scale_lo) is that double as a float32 pair.
+    scale_hi, scale_lo = _exact_difference_over(max_val, min_val, qrange)
+    scale = scale_hi + scale_lo
     bad = (scale == 0.0) | jnp.isinf(jnp.float32(1.0) / scale)
     scale = jnp.where(bad, jnp.float32(0.1), scale)
+    scale_hi = jnp.where(bad, jnp.float32(0.1), scale_hi)
+    scale_lo = jnp.where(bad, jnp.float32(0.0), scale_lo)
 
     small = scale < SMALL_SCALE_THRESHOLD
     amplifier = jnp.float32(SMALL_SCALE_THRESHOLD) / jnp.where(small, scale, 1.0)
@@ -83,13 +89,24 @@ def choose_qparams_from_min_max(
     min_val = jnp.where(small, new_min, min_val)
     max_val = jnp.where(small, new_max, max_val)
     scale = jnp.where(small, jnp.float32(SMALL_SCALE_THRESHOLD), scale)
+    scale_hi = jnp.where(small, jnp.float32(SMALL_SCALE_THRESHOLD), scale_hi)
+    scale_lo = jnp.where(small, jnp.float32(0.0), scale_lo)
 
-    zp_from_min = quant_min - min_val / scale
-    zp_from_max = quant_max - max_val / scale
-    err_min = abs(quant_min) - jnp.abs(min_val / scale)
-    err_max = abs(quant_max) - jnp.abs(max_val / scale)
-    initial = jnp.where(err_min < err_max, zp_from_min, zp_from_max)
-    zero_point = jnp.clip(jnp.round(initial), quant_min, quant_max).astype(jnp.int32)
+    min_hi, min_lo = _divide_by_double(min_val, scale_hi, scale_lo)
+    max_hi, max_lo = _divide_by_double(max_val, scale_hi, scale_lo)
+    # zero point from whichever end rounds with the smaller error (quant_utils.h), kept as pairs
+    zp_min_hi, zp_min_err = tn.two_sum(jnp.float32(quant_min), -min_hi)
+    zp_max_hi, zp_max_err = tn.two_sum(jnp.float32(quant_max), -max_hi)
+    err_min = abs(quant_min) - jnp.abs(min_hi + min_lo)
+    err_max = abs(quant_max) - jnp.abs(max_hi + max_lo)
+    use_min = err_min < err_max
+    initial_hi = jnp.where(use_min, zp_min_hi, zp_max_hi)
+    initial_lo = jnp.where(use_min, zp_min_err - min_lo, zp_max_err - max_lo)
+    initial = initial_hi + initial_lo
+    nudged = jnp.where(initial < quant_min, jnp.float32(quant_min),
+                       jnp.where(initial > quant_max, jnp.float32(quant_max),
+                                 _round_pair_half_even(initial_hi, initial_lo)))
+    zero_point = jnp.clip(nudged, quant_min, quant_max).astype(jnp.int32)
     return scale, zero_point
 
 

@@ -32,7 +32,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxquant.observers import torch_numerics as tn
+from jaxquant import torch_numerics as tn
 from jaxquant.observers.base import ObserverBase, StatsState, as_float32, finite_min_max
 from jaxquant.observers.histogram import HistogramObserver, HistogramState
 from jaxquant.observers.minmax import MinMaxObserver

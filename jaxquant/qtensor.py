@@ -1,7 +1,8 @@
 """``QTensor``: integer data with its scale and zero point, as a pytree; quantize and dequantize.
 
-Numerics follow PyTorch's CPU kernels (fbgemm's ``Quantize``):
-``q = clamp(round_half_even(x * float32(1 / scale)) + zero_point, qmin, qmax)`` and
+Numerics follow PyTorch's x86 CPU kernels bit for bit: per tensor (fbgemm's ``Quantize``)
+``q = clamp(round_half_even(fma(x, float32(1 / scale), zero_point)), qmin, qmax)``, per channel
+``q = clamp(round_half_even(fl(x * float32(1 / scale)) + zero_point), qmin, qmax)``, and
 ``x = (q - zero_point) * scale``. For ``per_channel_affine_float_qparams`` (embedding weights) the
 zero point is a float added before rounding: ``q = clamp(round(x * (1 / scale) + zero_point))``.
 """
@@ -14,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant import torch_numerics as tn
 from jaxquant.dtypes import (
     QDType,
     QScheme,
@@ -124,10 +126,19 @@ def _check_float_input(x: jax.Array, where: str) -> jax.Array:
     return x.astype(jnp.float32)
 
 
-def _round_shift_clamp(x: jax.Array, scale: jax.Array, zero_point: jax.Array, qmin: int, qmax: int) -> jax.Array:
-    # Multiply by the float32 reciprocal (not divide): that is what fbgemm does, and it changes ties.
+def _fbgemm_codes(x: jax.Array, scale: jax.Array, zero_point: jax.Array, qmin: int, qmax: int) -> jax.Array:
+    # fbgemm's 8-bit per-tensor Quantize: one fused multiply-add x * (1/scale) + zero_point, rounded
+    # once to float32, then to the nearest integer (ties to even). Dividing, or rounding the product
+    # first, flips about one near-tie value in ten.
     inv_scale = jnp.float32(1.0) / scale
-    q = jnp.round(x * inv_scale) + zero_point.astype(jnp.float32)
+    q = jnp.round(tn.fma(x, inv_scale, zero_point.astype(jnp.float32)))
+    return jnp.clip(q, qmin, qmax)
+
+
+def _scalar_kernel_codes(x: jax.Array, scale: jax.Array, zero_point: jax.Array, qmin: int, qmax: int) -> jax.Array:
+    # PyTorch's quantize_val (per-channel, and qint32): the product rounds to float32 on its own.
+    inv_scale = jnp.float32(1.0) / scale
+    q = jnp.round(tn.rounded(x * inv_scale) + zero_point.astype(jnp.float32))
     return jnp.clip(q, qmin, qmax)
 
 
@@ -151,7 +162,8 @@ def quantize_per_tensor(
     x = _check_float_input(x, "quantize_per_tensor")
     scale = jnp.asarray(scale, jnp.float32).reshape(())
     zero_point = jnp.asarray(zero_point).astype(jnp.int32).reshape(())
-    q = _round_shift_clamp(x, scale, zero_point, dtype.min, dtype.max)
+    codes = _scalar_kernel_codes if dtype == qint32 else _fbgemm_codes
+    q = codes(x, scale, zero_point, dtype.min, dtype.max)
     return QTensor(q.astype(dtype.storage), scale, zero_point, dtype, per_tensor_affine, None)
 
 
@@ -202,7 +214,7 @@ def quantize_per_channel(
         q = jnp.clip(jnp.round(x * inv_scale + zp.reshape(bshape)), dtype.min, dtype.max)
         return QTensor(q.astype(dtype.storage), scales, zp, dtype, per_channel_affine_float_qparams, axis)
     zp = zero_points.astype(jnp.int32).reshape(-1)
-    q = _round_shift_clamp(x, s, zp.reshape(bshape), dtype.min, dtype.max)
+    q = _scalar_kernel_codes(x, s, zp.reshape(bshape), dtype.min, dtype.max)
     return QTensor(q.astype(dtype.storage), scales, zp, dtype, per_channel_affine, axis)
 
 

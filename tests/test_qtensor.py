@@ -13,9 +13,6 @@ torch = pytest.importorskip("torch")
 TQ = {D.qint8: torch.qint8, D.quint8: torch.quint8, D.qint32: torch.qint32}
 
 
-@pytest.mark.xfail(strict=False, reason="near-ties differ from fbgemm by one step in ~1% of values "
-                   "(likely fbgemm fuses x * inv_scale + zero_point into one FMA before rounding); "
-                   "jaxquant/qtensor.py is the lead's, reported")
 @pytest.mark.parametrize("dtype,zp", [(D.quint8, 128), (D.quint8, 0), (D.qint8, 0), (D.qint8, -5), (D.qint32, 7)])
 @pytest.mark.parametrize("scale", [0.1, 1 / 3, 2.0**-7, 0.0173])
 def test_per_tensor_matches_torch_including_ties(dtype, zp, scale):

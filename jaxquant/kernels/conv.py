@@ -247,7 +247,10 @@ def _conv_acc(x_pad: jax.Array, zx: jax.Array, offset: jax.Array, p: StaticConvP
 
 
 def _batch_tile(n: int, bytes_per_image: int) -> int:
-    """Largest divisor of n whose tile stays within IM2COL_TILE_BYTES (at least 1)."""
+    """Largest divisor of n whose tile stays within IM2COL_TILE_BYTES (at least 1); a symbolic batch
+    (jax.export) is not tiled."""
+    if not isinstance(n, (int, np.integer)):
+        return n
     best = 1
     for c in range(1, n + 1):
         if n % c == 0 and c * bytes_per_image <= IM2COL_TILE_BYTES:
@@ -299,7 +302,7 @@ def static_conv(x_q: jax.Array, params: StaticConvParams) -> jax.Array:
         per_image = int(np.prod(out_sp)) * int(np.prod(p.kernel_size)) * (p.in_channels // p.groups) * (
             p.groups if p.kind == "grouped" else 1)
         tile = _batch_tile(n, per_image)
-        if tile < n:
+        if tile is not n and tile < n:
             xt = x_u8.reshape(n // tile, tile, *x_u8.shape[1:])
             y = lax.map(body, xt)
             return y.reshape(n, *y.shape[2:])

@@ -78,6 +78,8 @@ class PackedWeight:
                 return "weight_lhs"
             if self.w_weight_lhs is None:
                 return "act_lhs"
+            if not isinstance(m, (int, np.integer)):
+                return "act_lhs"  # symbolic row count (jax.export): assume a batch
             return "weight_lhs" if m <= WEIGHT_LHS_MAX_M else "act_lhs"
         if layout == "weight_lhs" and self.w_weight_lhs is None or (
                 layout == "act_lhs" and self.w_act_lhs is None):

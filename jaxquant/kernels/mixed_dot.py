@@ -113,6 +113,13 @@ mlir.register_lowering(dot_general_u8s8_p, mlir.lower_fun(_reference_impl, multi
 mlir.register_lowering(dot_general_u8s8_p, _cpu_lowering, platform="cpu")
 
 
+def _is_one(sizes) -> bool:
+    """Whether the free sizes multiply to exactly 1; a symbolic size (jax.export) is never known to be 1."""
+    if not all(isinstance(d, (int, np.integer)) for d in sizes):
+        return False
+    return int(np.prod(sizes, dtype=np.int64)) == 1
+
+
 def _pad_free_to_two(x: jax.Array, contracting, batch):
     """Make x's free size 2 by padding (or inserting) a free dim.
 
@@ -151,13 +158,13 @@ def dot_general_u8s8(lhs_u8: jax.Array, rhs_s8: jax.Array, dimension_numbers) ->
     nb = len(lb)
     n_lhs_free0 = len(_free_dims(lhs_u8.ndim, lc, lb))
     slices = []
-    if int(np.prod([lhs_u8.shape[d] for d in _free_dims(lhs_u8.ndim, lc, lb)], dtype=np.int64)) == 1:
+    if _is_one([lhs_u8.shape[d] for d in _free_dims(lhs_u8.ndim, lc, lb)]):
         had_free = n_lhs_free0 > 0
         lhs_u8, lc, lb, _ = _pad_free_to_two(lhs_u8, lc, lb)
         slices.append(("lhs", had_free))
     n_lhs_free = len(_free_dims(lhs_u8.ndim, lc, lb))
     n_rhs_free0 = len(_free_dims(rhs_s8.ndim, rc, rb))
-    if int(np.prod([rhs_s8.shape[d] for d in _free_dims(rhs_s8.ndim, rc, rb)], dtype=np.int64)) == 1:
+    if _is_one([rhs_s8.shape[d] for d in _free_dims(rhs_s8.ndim, rc, rb)]):
         had_free = n_rhs_free0 > 0
         rhs_s8, rc, rb, _ = _pad_free_to_two(rhs_s8, rc, rb)
         slices.append(("rhs", had_free))

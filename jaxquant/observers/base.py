@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.observers.torch_numerics import true_divide
+from jaxquant.torch_numerics import true_divide
 from jaxquant.dtypes import (
     QDType,
     QScheme,

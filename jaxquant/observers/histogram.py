@@ -5,7 +5,7 @@ upsampling the old histogram 16x and re-binning its mid points, caffe2's non-lin
 search), rewritten with static shapes so that ``update`` and ``calculate_qparams`` both run under
 ``jax.jit``/``vmap``: the search is a ``lax.while_loop`` whose per-step bin moves are vectorised
 counts over the cumulative histogram. Every float op rounds as PyTorch's CPU kernels do (see
-:mod:`jaxquant.observers.torch_numerics`), including the Python-double bookkeeping of the search,
+:mod:`jaxquant.torch_numerics`), including the Python-double bookkeeping of the search,
 so the qparams equal PyTorch's bit for bit.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.dtypes import qint32
-from jaxquant.observers import torch_numerics as tn
+from jaxquant import torch_numerics as tn
 from jaxquant.observers.base import UniformQuantizationObserverBase, as_float32, finite_min_max
 
 

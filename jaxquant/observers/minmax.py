@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxquant.observers.torch_numerics import rounded
+from jaxquant.torch_numerics import rounded
 from jaxquant.observers.base import (
     StatsState,
     UniformQuantizationObserverBase,

@@ -63,7 +63,7 @@ def test_mlp_matches_torch(qconfig_name):
         jw = jq.layers[i].weight()
         if qconfig_name.startswith("per_channel"):
             # PerChannelMinMaxObserver's symmetric scale is still 1 ulp off PyTorch's for some channels
-            # (XLA rewrites x / 127.5 into x * (1 / 127.5); observers/torch_numerics.true_divide is the
+            # (XLA rewrites x / 127.5 into x * (1 / 127.5); jaxquant/torch_numerics.true_divide is the
             # fix), which can move a rounding tie by one integer step.
             np.testing.assert_allclose(np.asarray(jw.q_per_channel_scales()),
                                        tw.q_per_channel_scales().numpy().astype(np.float32), rtol=2e-7)

@@ -30,10 +30,6 @@ def _check_symbolic(int8_model):
         np.testing.assert_array_equal(np.asarray(exported.call(x)), np.asarray(jax.jit(int8_model)(x)))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the int8 kernels decide from concrete shapes: kernels/conv.py _batch_tile (range(n)), "
-    "kernels/mixed_dot.py dot_general_u8s8 (int(prod(free dims)) == 1) and PackedWeight.choose_layout(m); "
-    "each needs a symbolic-size branch. Remove this mark once they have it."))
 def test_exported_int8_model_symbolic_batch(cnn_models):
     _, _, int8_model = cnn_models
     exported = jax.export.deserialize(bytearray(export(int8_model, images(2))))
