@@ -148,7 +148,6 @@ def main(argv=None):
     print(f"\nsize: float {sizes['float_bytes'] / 1024:.0f} KB, int8 {sizes['int8_bytes'] / 1024:.0f} KB "
           f"({sizes['int8_bytes'] / sizes['float_bytes']:.3f}x); top-1 agreement float vs int8 on 1000 test "
           f"images: {100 * agreement:.1f}%")
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     write_json(args.json, {"rows": rows, "sizes": sizes, "top1_agreement": agreement,
                            "raw_seconds": {str(k): v for k, v in raw.items()}})
 

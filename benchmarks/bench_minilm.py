@@ -8,7 +8,7 @@ per-tensor activations), jax_int8_pc_pt (per-channel weights, per-token activati
 torch_f32, torch_int8. Also reports weight size and embedding agreement (cosine to the
 float model of the same framework) on 256 sentences.
 
-    python benchmarks/bench_minilm.py [--repeats 20] [--json benchmarks/bench_minilm.json]
+    python benchmarks/bench_minilm.py [--repeats 20] [--json benchmarks/results/minilm.json]
 
 PyTorch: the package's own Hugging Face BertModel (sentence-transformers) with
 ``torch.ao.quantization.quantize_dynamic`` ({nn.Linear}, qint8), 2 threads, engine 'x86'.
@@ -96,7 +96,7 @@ def embed_all(run, tokenizer, sentences, batch_size=32):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_minilm.json"))
+    ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "minilm.json"))
     args = ap.parse_args()
 
     model, tokenizer = minilm.load_minilm()

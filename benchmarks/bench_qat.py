@@ -1,6 +1,6 @@
 """QAT train step vs float train step (JAX) vs PyTorch eager QAT step, FashionCNN, batch 128.
 
-Medians over interleaved repeats in one process; prints a markdown table and writes bench_qat.json.
+Medians over interleaved repeats in one process; prints a markdown table and writes results/qat.json.
 
     python benchmarks/bench_qat.py [--repeats 20] [--batch 128]
 """
@@ -78,7 +78,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "bench_qat.json"))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "qat.json"))
     args = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(args.batch, 28, 28, 1)), jnp.float32)
@@ -107,6 +107,7 @@ def main(argv=None):
     print("| step | median ms | vs JAX float |\n|---|---|---|")
     for k, v in med.items():
         print(f"| {k} | {v:.1f} | {v / base:.2f}x |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"batch": args.batch, "repeats": args.repeats, "median_ms": med,
                                           "jax_backend": jax.default_backend()}, indent=2))
     return med

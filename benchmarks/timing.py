@@ -139,6 +139,7 @@ def environment() -> dict[str, Any]:
 
 
 def write_json(path: str, results: Any, **extra: Any) -> None:
-    """Write ``{"environment": ..., "results": results, **extra}`` to ``path``."""
+    """Write ``{"environment": ..., "results": results, **extra}`` to ``path`` (folders created)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"environment": environment(), "results": results, **extra}, f, indent=2)

@@ -17,7 +17,6 @@ import numpy as np
 import optax
 from sklearn.datasets import load_digits
 
-import jaxquant as jq
 import jaxquant.linen as jql
 
 

@@ -131,14 +131,21 @@ def _fbgemm_codes(x: jax.Array, scale: jax.Array, zero_point: jax.Array, qmin: i
     # once to float32, then to the nearest integer (ties to even). Dividing, or rounding the product
     # first, flips about one near-tie value in ten.
     inv_scale = jnp.float32(1.0) / scale
-    q = jnp.round(tn.fma(x, inv_scale, zero_point.astype(jnp.float32)))
+    product = x * inv_scale
+    fused = tn.fma(x, inv_scale, zero_point.astype(jnp.float32))
+    # The FMA emulation splits its operands, which overflows for |operands| above ~8e34; there the
+    # product alone (two roundings) decides, which only differs from the FMA at exact ties.
+    fallback = jnp.round(product) + zero_point.astype(jnp.float32)
+    q = jnp.where(jnp.isfinite(fused), jnp.round(fused), fallback)
     return jnp.clip(q, qmin, qmax)
 
 
 def _scalar_kernel_codes(x: jax.Array, scale: jax.Array, zero_point: jax.Array, qmin: int, qmax: int) -> jax.Array:
     # PyTorch's quantize_val (per-channel, and qint32): the product rounds to float32 on its own.
     inv_scale = jnp.float32(1.0) / scale
-    q = jnp.round(tn.rounded(x * inv_scale) + zero_point.astype(jnp.float32))
+    product = x * inv_scale
+    pinned = tn.rounded(product)  # NaN when the product is +-inf; the product then clamps as is
+    q = jnp.round(jnp.where(jnp.isfinite(pinned), pinned, product) + zero_point.astype(jnp.float32))
     return jnp.clip(q, qmin, qmax)
 
 
@@ -222,6 +229,11 @@ def dequantize(q: QTensor) -> jax.Array:
     """float32 ``(int_data - zero_point) * scale``, broadcast along ``q.axis`` when per channel."""
     if not isinstance(q, QTensor):
         raise TypeError(f"dequantize expects a QTensor, got {type(q).__name__}")
+    if q.dtype == qint32:
+        # q - zero_point can leave int32 at the range ends; float32 is what the result is anyway.
+        bshape = () if q.axis is None else _channel_shape(q.int_data.ndim, q.axis)
+        zp = q.zero_point.astype(jnp.float32).reshape(bshape)
+        return (q.int_data.astype(jnp.float32) - zp) * q.scale.reshape(bshape)
     if q.axis is None:
         return (q.int_data.astype(jnp.int32) - q.zero_point).astype(jnp.float32) * q.scale
     bshape = _channel_shape(q.int_data.ndim, q.axis)

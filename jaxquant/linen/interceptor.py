@@ -213,7 +213,6 @@ class QuantInterceptor:
                          "its qconfig to None")
 
     def _weight_qparams(self, spec: Any, module: Any, path: str, qconfig: Any) -> dict:
-        kernel = spec.stored_kernel(module, module.get_variable("params", spec.kernel_name))
         self.record.checks.append(("weight", tuple(module.path), spec.kernel_name, None))
         fq_state = _get(module, QUANT_STATS, "weight_fake_quant")
         if fq_state is not None:

@@ -59,7 +59,11 @@ def fake_quant(module: Any, name: str, config: Any, x: jax.Array, example_or_sha
 
 def activation_qparams(config: Any, state: Any) -> tuple[jax.Array, jax.Array]:
     """Per-tensor ``(scale float32 (), zero_point int32 ())`` from an observer or fake-quant state."""
-    scale, zero_point = config.calculate_qparams(state)
+    return finish_qparams(*config.calculate_qparams(state))
+
+
+def finish_qparams(scale: jax.Array, zero_point: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-tensor qparams as stored: float32 ``()`` scale, int32 ``()`` zero point."""
     return (jnp.asarray(scale, jnp.float32).reshape(()),
             jnp.round(jnp.asarray(zero_point)).astype(jnp.int32).reshape(()))
 

@@ -182,11 +182,13 @@ def _run_convert(model: QuantizedModel, mode: str, variables: Any, args: tuple, 
 
 
 def _recompute_qparams(record: Record, variables: Mapping, quant_params: dict) -> dict:
-    """The quant_params again, computed outside the traced pass, one small op at a time as NNX's
-    ``convert`` and PyTorch compute them: inside one compiled program XLA may reassociate the float32
-    arithmetic of ``calculate_qparams`` and move a scale by an ulp. Layers stacked by ``nn.scan`` /
+    """The quant_params again, computed outside the traced pass the way NNX's ``convert`` computes
+    them (observer qparams by the same standalone compiled ``calculate_qparams``, fake-quant qparams and
+    weights op by op): fused into one big program XLA may round the float32 arithmetic of
+    ``calculate_qparams`` differently and move a scale by an ulp. Layers stacked by ``nn.scan`` /
     ``nn.vmap`` are recomputed with ``jax.vmap`` over their leading axes."""
-    from jaxquant.linen.quant_state import activation_qparams
+    from jaxquant.linen.quant_state import activation_qparams, finish_qparams
+    from jaxquant.nn.observer_module import _calculate_qparams
 
     quant_params = jax.tree_util.tree_map(lambda x: x, quant_params)  # fresh dicts
     stats, params = variables.get(QUANT_STATS, {}), variables.get("params", {})
@@ -196,7 +198,10 @@ def _recompute_qparams(record: Record, variables: Mapping, quant_params: dict) -
         if kind == "act":
             _, _, stats_name, config, prefix = entry
             n_lead = np.ndim(target[f"{prefix}_scale"])
-            fn = lambda state, config=config: activation_qparams(config, state)  # noqa: E731
+            if stats_name.endswith("_observer"):
+                fn = lambda state, config=config: finish_qparams(*_calculate_qparams(config, state))  # noqa: E731
+            else:
+                fn = lambda state, config=config: activation_qparams(config, state)  # noqa: E731
             for _ in range(n_lead):
                 fn = jax.vmap(fn)
             target[f"{prefix}_scale"], target[f"{prefix}_zero_point"] = fn(_subtree(stats, scope)[stats_name])

@@ -34,18 +34,31 @@ def convert(
     """
     mapping = get_default_static_quant_module_mappings() if mapping is None else mapping
     result = copy_model(model)
+    converted = 0
     for path, module in named_modules(result):
-        if isinstance(module, Observed):
-            float_type = type(module.module)
-            quantized_type = mapping.get(float_type)
-            if quantized_type is None:
-                raise ValueError(f"'{path}': no quantized module is mapped for {float_type.__qualname__}")
-            set_submodule(result, path, quantized_type.from_observed(module, path))
-        elif isinstance(module, FloatFunctional) and module.activation_post_process is not None:
-            set_submodule(result, path, QFunctional.from_float_functional(module, path))
-        elif hasattr(module, "to_quantized"):
-            # QAT modules know how to become their int8 version.
-            set_submodule(result, path, module.to_quantized(path))
+        try:
+            if isinstance(module, Observed):
+                float_type = type(module.module)
+                quantized_type = mapping.get(float_type)
+                if quantized_type is None:
+                    raise ValueError(f"no quantized module is mapped for {float_type.__qualname__}")
+                set_submodule(result, path, quantized_type.from_observed(module, path))
+            elif isinstance(module, FloatFunctional) and module.activation_post_process is not None:
+                set_submodule(result, path, QFunctional.from_float_functional(module, path))
+            elif hasattr(module, "to_quantized"):
+                # QAT modules know how to become their int8 version.
+                set_submodule(result, path, module.to_quantized(path))
+            else:
+                continue
+        except (ValueError, TypeError) as error:
+            if f"'{path}'" in str(error):
+                raise
+            # Kernel-level errors don't know where they are: say which layer failed.
+            raise type(error)(f"convert: '{path}': {error}") from error
+        converted += 1
+    if converted == 0:
+        raise ValueError("convert: the model has no observed or QAT modules, so there is nothing to convert; "
+                         "call prepare(model, qconfig) (or prepare_qat) and calibrate/train it first")
     if inplace:
         replace_contents(model, result)
         return model

@@ -379,8 +379,6 @@ def test_V02_non_finite_weights(bad):
     _assert_untouched(prepared, snap)
 
 
-@pytest.mark.xfail(strict=True, reason="convert does raise for in_features > 65536 (int32 accumulator overflow "
-                   "risk) and says to split the contraction, but the message does not name the layer")
 def test_V03_contraction_too_long_for_int32_accumulator():
     k = 65537
     prepared = jq.prepare(Small(nnx.Rngs(0), k=k), _qconfig())
@@ -404,8 +402,6 @@ def test_V03b_contraction_limit_is_real():
     assert np.full(65794, term, np.int32).sum(dtype=np.int32) > 0  # wrapped: the sign flipped
 
 
-@pytest.mark.xfail(strict=True, reason="convert() of a model that was never prepared returns a float copy "
-                   "silently (PyTorch does the same)")
 def test_V04_convert_a_float_model():
     with _raises(ValueError, "convert", "prepare"):
         jq.convert(Small(nnx.Rngs(0)))

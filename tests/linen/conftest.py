@@ -1,6 +1,5 @@
 """Shared builders for the Linen tests: small Linen models and NNX models built to quantize the same
 way (a QuantStub before and a DeQuantStub after every quantized layer = Linen's per-layer scheme)."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
