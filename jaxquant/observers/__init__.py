@@ -14,6 +14,8 @@ from jaxquant.observers.base import (
 )
 from jaxquant.observers.histogram import HistogramObserver, HistogramState
 from jaxquant.observers.minmax import MinMaxObserver, MovingAverageMinMaxObserver
+from jaxquant.observers.mse import MSEObserver, MSEState
+from jaxquant.observers.percentile import PercentileObserver
 from jaxquant.observers.per_channel import MovingAveragePerChannelMinMaxObserver, PerChannelMinMaxObserver
 from jaxquant.observers.presets import *  # noqa: F401,F403
 from jaxquant.observers.presets import __all__ as _presets_all
