@@ -53,10 +53,11 @@ class PercentileObserver(HistogramObserver):
         """The ``(lower, upper)`` percentile values, float32 scalars (``(inf, -inf)`` if empty).
 
         Each is where the histogram's CDF, taken as linear inside every bin, reaches
-        ``q / 100 * total``. If all the mass of a bin sat at one end of it the true sample
-        percentile could be anywhere in that bin, so the result is within one bin width
-        ``(max_val - min_val) / bins`` of ``np.percentile`` of the data on a single batch (range
-        growth re-bins old counts by their sub-bin mid points, adding up to one more bin width).
+        ``q / 100 * total``. The sample with that rank lies in the same bin, so on a single batch
+        the result is within one bin width ``(max_val - min_val) / bins`` of the order statistics
+        next to that rank, hence of ``np.percentile`` of the data up to their spacing (tiny in a
+        dense tail, large in a sparse one). Range growth re-bins old counts by their sub-bin mid
+        points, adding up to one more bin width.
         """
         bins = self.bins
         hist = state.histogram

@@ -6,7 +6,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxquant.dtypes import calculate_qmin_qmax, qint8
 from jaxquant.qtensor import QTensor, quantize_per_channel, quantize_per_tensor
@@ -27,8 +26,18 @@ def _observe_weight(observer: Any, w: jax.Array):
     return state, observer.calculate_qparams(state)
 
 
-def quantize_weight(kernel: jax.Array, qconfig: Any, path: str) -> QTensor:
-    """int8 QTensor of a flax kernel whose output channels are the last axis.
+def weight_observer(qconfig: Any, path: str) -> Any:
+    """The observer instance of ``qconfig.weight`` (a FakeQuantize config gives its observer)."""
+    if qconfig is None or getattr(qconfig, "weight", None) is None:
+        raise ValueError(f"'{path}': its qconfig has no weight observer; use a qconfig with one, such as "
+                         "get_default_qconfig('x86') or default_dynamic_qconfig")
+    observer = qconfig.weight()
+    # A FakeQuantize config carries its observer as ``activation_post_process`` (PyTorch's name).
+    return getattr(observer, "activation_post_process", observer)
+
+
+def quantize_weight(kernel: jax.Array, qconfig: Any, path: str, dtypes: tuple = (qint8,)) -> QTensor:
+    """Quantize a flax kernel whose output channels are the last axis, with the qconfig's weight observer.
 
     The observer sees the weight in PyTorch's layout (output channel first), so per-channel
     observers keep PyTorch's ``ch_axis=0`` default; the result is in the flax layout with
@@ -37,20 +46,19 @@ def quantize_weight(kernel: jax.Array, qconfig: Any, path: str) -> QTensor:
 
     Args:
       kernel: float32 ``(..., C_out)``.
-      qconfig: a QConfig whose ``weight`` is an observer (or fake-quant) factory with dtype qint8.
+      qconfig: a QConfig whose ``weight`` is an observer (or fake-quant) factory.
       path: the module path, for error messages.
+      dtypes: the weight dtypes the caller's kernels accept (qint8; dynamic embeddings also take
+        quint8 rows with float qparams).
+    Returns:
+      A QTensor (int8 data for qint8; uint8 with float zero points for float-qparams observers).
     """
     from jaxquant.observers import check_observer_state
 
-    if qconfig is None or qconfig.weight is None:
-        raise ValueError(f"'{path}': its qconfig has no weight observer; use a static qconfig such as "
-                         "get_default_qconfig('x86')")
-    observer = qconfig.weight()
-    # A FakeQuantize config carries its observer as ``activation_post_process`` (PyTorch's name).
-    observer = getattr(observer, "activation_post_process", observer)
-    if observer.dtype != qint8:
-        raise ValueError(f"'{path}': int8 kernels need qint8 weights, the weight observer {observer!r} "
-                         f"uses {observer.dtype!r}")
+    observer = weight_observer(qconfig, path)
+    if observer.dtype not in dtypes:
+        raise ValueError(f"'{path}': the weight observer {observer!r} targets {observer.dtype!r}; these kernels "
+                         f"need {' or '.join(map(repr, dtypes))} weights")
     kernel = jnp.asarray(kernel, jnp.float32)
     if not bool(jnp.all(jnp.isfinite(kernel))):
         raise ValueError(f"'{path}': the weight contains NaN or Inf; fix the float model before quantizing")
@@ -62,8 +70,12 @@ def quantize_weight(kernel: jax.Array, qconfig: Any, path: str) -> QTensor:
         if getattr(observer, "ch_axis", 0) not in (0, -w_pt.ndim):
             raise ValueError(f"'{path}': weight observers see (out_channels, ...) weights; use ch_axis=0, got "
                              f"{observer.ch_axis}")
-        q = quantize_per_channel(kernel, scale, jnp.asarray(zero_point).astype(jnp.int32), kernel.ndim - 1, qint8)
+        zero_point = jnp.asarray(zero_point)
+        if not jnp.issubdtype(zero_point.dtype, jnp.floating):
+            zero_point = zero_point.astype(jnp.int32)
+        q = quantize_per_channel(kernel, scale, zero_point, kernel.ndim - 1, observer.dtype)
     else:
-        q = quantize_per_tensor(kernel, jnp.reshape(scale, ()), jnp.reshape(zero_point, ()), qint8)
-    data = jnp.clip(q.int_data, qmin, qmax).astype(np.int8)
+        q = quantize_per_tensor(kernel, jnp.reshape(scale, ()), jnp.reshape(zero_point, ()).astype(jnp.int32),
+                                observer.dtype)
+    data = jnp.clip(q.int_data, qmin, qmax).astype(observer.dtype.storage)
     return QTensor(data, q.scale, q.zero_point, q.dtype, q.qscheme, q.axis)
