@@ -1,2 +1,2 @@
-"""Tools for quantized models: size accounting and array export."""
-from jaxquant.tools.size import model_arrays, model_size_bytes, save_arrays_npz
+"""Tools for quantized models: size accounting, numeric debugging, summaries."""
+from jaxquant.tools.size import model_arrays, model_size_bytes

@@ -1,11 +1,9 @@
-"""How big a model is: the arrays that define it, and their size when written to disk.
+"""How big a model is: the arrays that define it (what `jaxquant.save` writes) and their bytes.
 
 Derived caches (``QuantCache``: packed weight layouts kept for speed) are not counted: they are
 rebuilt from the int8 weights and are not part of the model's definition.
 """
 from __future__ import annotations
-
-import os
 
 import numpy as np
 from flax import nnx
@@ -36,10 +34,3 @@ def _leaves(value):
 def model_size_bytes(model: nnx.Module) -> int:
     """Bytes held by the arrays that define ``model`` (int8 weights count 1 byte each)."""
     return int(sum(a.nbytes for a in model_arrays(model).values()))
-
-
-def save_arrays_npz(path: str | os.PathLike, model: nnx.Module) -> int:
-    """Write the defining arrays to an uncompressed ``.npz`` file; returns its size in bytes."""
-    np.savez(path, **model_arrays(model))
-    path = str(path)
-    return os.path.getsize(path if path.endswith(".npz") else path + ".npz")
