@@ -292,6 +292,10 @@ class UniformQuantizationObserverBase(ObserverBase):
             zero_point = jnp.clip(qmin - jnp.round(true_divide(min_neg, scale)), qmin, qmax)
         scale = jnp.where(valid, scale, jnp.float32(1.0))
         zero_point = jnp.where(valid, zero_point, 0.0)
+        if not _is_traced(scale) and not bool(jnp.all(jnp.isfinite(scale))):
+            raise ValueError(f"{self!r}: the observed range [{float(jnp.min(min_val))}, {float(jnp.max(max_val))}] "
+                             "is too wide for float32 (max - min overflows), so no finite scale exists; "
+                             "clip or rescale the data before observing it")
         if float_zp:
             return scale, zero_point.astype(jnp.float32)
         return scale, zero_point.astype(jnp.int32)
