@@ -6,8 +6,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxquant.dtypes import QDType, qint8, quint8
+from jaxquant.nn.variables import QuantParams
 from jaxquant.qtensor import QTensor
 
 
@@ -38,3 +40,31 @@ def observed_qparams(observer_module: Any, path: str) -> tuple[jax.Array, jax.Ar
     if not np.isfinite(float(scale)) or float(scale) <= 0:
         raise ValueError(f"'{path}': {observer_module!r} produced an invalid scale {float(scale)}")
     return scale, zero_point, dtype
+
+
+class Int8WeightLayer(nnx.Module):
+    """What the static int8 Linear and Conv hold alike: the int8 weight (flax layout, output channels
+    last) with per-output-channel scales and zero points, a float32 bias, and the output's qparams.
+    Subclasses add their packed kernel (a ``QuantCache``) and the call."""
+
+    def _set_weight_and_output(self, weight: QTensor, bias, out_scale, out_zero_point, out_dtype: QDType,
+                               relu: bool, name: str) -> None:
+        out_channels = weight.shape[-1]
+        self.weight_int8 = QuantParams(weight.int_data)
+        self.weight_scale = QuantParams(jnp.broadcast_to(weight.scale, (out_channels,)).astype(jnp.float32))
+        self.weight_zero_point = QuantParams(jnp.broadcast_to(weight.zero_point, (out_channels,)).astype(jnp.int32))
+        self.weight_qscheme = weight.qscheme
+        self.bias = QuantParams(None if bias is None else jnp.asarray(bias, jnp.float32))
+        self.out_scale = QuantParams(jnp.asarray(out_scale, jnp.float32))
+        self.out_zero_point = QuantParams(jnp.asarray(out_zero_point, jnp.int32))
+        self.out_dtype = out_dtype
+        self.relu = bool(relu)
+        self.name = name
+
+    def weight(self) -> QTensor:
+        """The int8 weight as a QTensor in flax layout (output channels last)."""
+        data, scale = self.weight_int8.get_value(), self.weight_scale.get_value()
+        zero_point = self.weight_zero_point.get_value()
+        if self.weight_qscheme.is_per_channel:
+            return QTensor(data, scale, zero_point, qint8, self.weight_qscheme, data.ndim - 1)
+        return QTensor(data, scale[0], zero_point[0], qint8, self.weight_qscheme, None)

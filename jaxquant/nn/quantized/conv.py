@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxquant.dtypes import QDType, qint8
+from jaxquant.dtypes import QDType
 from jaxquant.kernels.conv import StaticConvParams, prepack_static_conv, static_conv
 from jaxquant.kernels.requantize import output_multiplier
-from jaxquant.nn.quantized.common import observed_qparams, require_qtensor
+from jaxquant.nn.quantized.common import Int8WeightLayer, observed_qparams, require_qtensor
 from jaxquant.nn.quantized.weights import quantize_weight
-from jaxquant.nn.variables import QuantCache, QuantParams
+from jaxquant.nn.variables import QuantCache
 from jaxquant.qtensor import QTensor
 
 
@@ -48,7 +48,7 @@ def _spatial_tuple(value, nd: int) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-class Conv(nnx.Module):
+class Conv(Int8WeightLayer):
     """Quantized ``nnx.Conv``: NHWC QTensor ``(N, *spatial, C_in)`` -> QTensor ``(N, *out_spatial, C_out)``."""
 
     def __init__(self, weight: QTensor, bias: Optional[jax.Array], out_scale: jax.Array,
@@ -62,16 +62,7 @@ class Conv(nnx.Module):
             weight.int_data, w_scale, weight.zero_point, bias, 1.0, 0, out_scale, out_zero_point,
             strides=_spatial_tuple(strides, nd), padding=padding, dilation=_spatial_tuple(dilation, nd),
             groups=groups, relu=relu, out_dtype=out_dtype.storage))
-        self.weight_int8 = QuantParams(weight.int_data)
-        self.weight_zero_point = QuantParams(jnp.broadcast_to(weight.zero_point, (out_channels,)).astype(jnp.int32))
-        self.weight_scale = QuantParams(w_scale)
-        self.weight_qscheme = weight.qscheme
-        self.bias = QuantParams(None if bias is None else jnp.asarray(bias, jnp.float32))
-        self.out_scale = QuantParams(jnp.asarray(out_scale, jnp.float32))
-        self.out_zero_point = QuantParams(jnp.asarray(out_zero_point, jnp.int32))
-        self.out_dtype = out_dtype
-        self.relu = bool(relu)
-        self.name = name
+        self._set_weight_and_output(weight, bias, out_scale, out_zero_point, out_dtype, relu, name)
 
     @classmethod
     def from_observed(cls, observed, path: str) -> "Conv":
@@ -97,14 +88,6 @@ class Conv(nnx.Module):
         return Conv(self.weight(), self.bias.get_value(), self.out_scale.get_value(),
                     self.out_zero_point.get_value(), self.out_dtype, strides=p.strides, padding=p.padding,
                     dilation=p.dilation, groups=p.groups, relu=self.relu, name=self.name)
-
-    def weight(self) -> QTensor:
-        """The int8 kernel as a QTensor in flax layout ``(k..., C_in/groups, C_out)``."""
-        data, scale = self.weight_int8.get_value(), self.weight_scale.get_value()
-        zero_point = self.weight_zero_point.get_value()
-        if self.weight_qscheme.is_per_channel:
-            return QTensor(data, scale, zero_point, qint8, self.weight_qscheme, data.ndim - 1)
-        return QTensor(data, scale[0], zero_point[0], qint8, self.weight_qscheme, None)
 
     def _with_input_qparams(self, p: StaticConvParams, x: QTensor) -> StaticConvParams:
         zx = x.zero_point.astype(jnp.int32)

@@ -9,19 +9,17 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
-from jaxquant.dtypes import QDType, qint8
+from jaxquant.dtypes import QDType
 from jaxquant.kernels.linear import int8_matmul_acc, pack_weight, to_uint8_activation
 from jaxquant.kernels.requantize import output_multiplier, requantize
-from jaxquant.nn.quantized.common import observed_qparams, require_qtensor
+from jaxquant.nn.quantized.common import Int8WeightLayer, observed_qparams, require_qtensor
 from jaxquant.nn.quantized.weights import quantize_weight
-from jaxquant.nn.variables import QuantCache, QuantParams
+from jaxquant.nn.variables import QuantCache
 from jaxquant.qtensor import QTensor
 
 
-class Linear(nnx.Module):
+class Linear(Int8WeightLayer):
     """Quantized ``nnx.Linear``: ``(..., in_features)`` QTensor -> ``(..., out_features)`` QTensor.
 
     Holds the int8 weight packed for the dot kernels, float32 weight scales ``(out_features,)``, an
@@ -33,17 +31,8 @@ class Linear(nnx.Module):
                  out_zero_point: jax.Array, out_dtype: QDType, relu: bool = False, name: str = ""):
         k, n = weight.shape
         self.in_features, self.out_features = int(k), int(n)
-        self.weight_int8 = QuantParams(weight.int_data)
-        self.weight_zero_point = QuantParams(jnp.broadcast_to(weight.zero_point, (n,)).astype(jnp.int32))
+        self._set_weight_and_output(weight, bias, out_scale, out_zero_point, out_dtype, relu, name)
         self.packed = QuantCache(pack_weight(weight.int_data, weight.zero_point, "both"))
-        self.weight_scale = QuantParams(jnp.broadcast_to(weight.scale, (n,)).astype(jnp.float32))
-        self.weight_qscheme = weight.qscheme
-        self.bias = QuantParams(None if bias is None else jnp.asarray(bias, jnp.float32))
-        self.out_scale = QuantParams(jnp.asarray(out_scale, jnp.float32))
-        self.out_zero_point = QuantParams(jnp.asarray(out_zero_point, jnp.int32))
-        self.out_dtype = out_dtype
-        self.relu = bool(relu)
-        self.name = name
 
     @classmethod
     def from_observed(cls, observed, path: str) -> "Linear":
@@ -61,14 +50,6 @@ class Linear(nnx.Module):
         """A new module built from this one's defining arrays (recomputes the packed weight)."""
         return Linear(self.weight(), self.bias.get_value(), self.out_scale.get_value(),
                       self.out_zero_point.get_value(), self.out_dtype, relu=self.relu, name=self.name)
-
-    def weight(self) -> QTensor:
-        """The int8 weight as a QTensor in flax layout ``(in_features, out_features)``."""
-        data, scale = self.weight_int8.get_value(), self.weight_scale.get_value()
-        zero_point = self.weight_zero_point.get_value()
-        if self.weight_qscheme.is_per_channel:
-            return QTensor(data, scale, zero_point, qint8, self.weight_qscheme, 1)
-        return QTensor(data, scale[0], zero_point[0], qint8, self.weight_qscheme, None)
 
     def __call__(self, x) -> QTensor:
         x = require_qtensor(x, self.name, "quantized Linear")
