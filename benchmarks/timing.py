@@ -5,6 +5,12 @@ process, interleaving the candidates round by round, and reported as medians and
 *paired* ratios (the ratio is taken within each round, then the median over rounds), which
 cancels most of the slow drift of a shared machine.
 
+Each timed sample is preceded by one untimed call of the same candidate. Without it, a
+candidate would always start with the caches its neighbour left behind: a 64 MB float32
+4096x4096 weight evicts the 16 MB int8 one from the 32 MB L3, and the int8 dot then streams
+from DRAM (about 2x slower) although a layer served back to back keeps its weight in cache.
+``warm_sample=False`` measures that cold case.
+
 Typical use::
 
     from timing import time_interleaved, median_ms, paired_ratio, markdown_table, write_json
@@ -52,13 +58,15 @@ def time_interleaved(
     repeats: int = 15,
     warmup: int = 2,
     min_sample_s: float = 0.002,
+    warm_sample: bool = True,
 ) -> dict[str, list[float]]:
     """Time several zero-argument callables interleaved in one process.
 
     Each callable is warmed up (compiled) ``warmup`` times, then ``repeats`` rounds are run;
     within a round every callable is timed once, in an order rotated each round so none
     always runs right after the same neighbour. A sample is the mean over enough back-to-back
-    calls to last ``min_sample_s`` (so microsecond kernels are not dominated by timer noise).
+    calls to last ``min_sample_s`` (so microsecond kernels are not dominated by timer noise),
+    after one untimed call when ``warm_sample`` (see the module docstring).
 
     Returns:
       ``{name: [seconds per call, one per round]}``.
@@ -73,6 +81,8 @@ def time_interleaved(
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             fn, n = fns[name], inner[name]
+            if warm_sample:
+                block(fn())
             t0 = time.perf_counter()
             for _ in range(n):
                 out = fn()
