@@ -79,6 +79,46 @@ def torch_twin(model: FashionCNN):
     return Net().eval()
 
 
+def build_models(images: np.ndarray, with_torch: bool = True):
+    """(float model, jaxquant int8 model, torch float twin, torch int8 twin) with the same weights,
+    calibrated on the same 500 test images (x86 default qconfig in both); torch entries are None
+    when ``with_torch`` is false."""
+    model = FashionCNN(rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    for block in (model.block1, model.block2):
+        c = block.bn.mean.get_value().shape[0]
+        block.bn.mean.set_value(jnp.asarray(rng.normal(0, 0.1, c), jnp.float32))
+        block.bn.var.set_value(jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32))
+    model.eval()
+
+    calibration = [jnp.asarray(images[i:i + 100]) for i in range(0, 500, 100)]
+    prepared = jq.prepare(jq.fuse_modules(model, fusion_patterns(model)), jq.get_default_qconfig("x86"))
+    jq.calibrate(prepared, calibration, progress=False)
+    int8_model = jq.convert(prepared)
+    if not with_torch:
+        return model, int8_model, None, None
+
+    import torch
+
+    tmodel = torch_twin(model)
+    tmodel.qconfig = torch.ao.quantization.get_default_qconfig("x86")
+    tfused = torch.ao.quantization.fuse_modules(
+        tmodel, [["block1.conv", "block1.bn", "block1.relu"], ["block2.conv", "block2.bn", "block2.relu"],
+                 ["fc1", "relu"]])
+    tprep = torch.ao.quantization.prepare(tfused)
+    with torch.no_grad():
+        for c in calibration:
+            tprep(torch.tensor(np.asarray(c)).permute(0, 3, 1, 2))
+    return model, int8_model, tmodel, torch.ao.quantization.convert(tprep)
+
+
+def jitted(m):
+    """``x -> m(x)`` compiled once over the split state (what a server would run)."""
+    graphdef, state = nnx.split(m)
+    f = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    return lambda x: f(state, x)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -92,38 +132,11 @@ def main(argv=None):
 
     images, _ = load_fashion_mnist("test")
     images = to_float_nhwc(images[:1000])
-    model = FashionCNN(rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(0)
-    for block in (model.block1, model.block2):
-        c = block.bn.mean.get_value().shape[0]
-        block.bn.mean.set_value(jnp.asarray(rng.normal(0, 0.1, c), jnp.float32))
-        block.bn.var.set_value(jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32))
-    model.eval()
-
-    calibration = [jnp.asarray(images[i:i + 100]) for i in range(0, 500, 100)]
-    prepared = jq.prepare(jq.fuse_modules(model, fusion_patterns(model)), jq.get_default_qconfig("x86"))
-    jq.calibrate(prepared, calibration, progress=False)
-    int8_model = jq.convert(prepared)
-
-    tmodel = torch_twin(model)
-    tmodel.qconfig = torch.ao.quantization.get_default_qconfig("x86")
-    tfused = torch.ao.quantization.fuse_modules(
-        tmodel, [["block1.conv", "block1.bn", "block1.relu"], ["block2.conv", "block2.bn", "block2.relu"],
-                 ["fc1", "relu"]])
-    tprep = torch.ao.quantization.prepare(tfused)
-    with torch.no_grad():
-        for c in calibration:
-            tprep(torch.tensor(np.asarray(c)).permute(0, 3, 1, 2))
-    tint8 = torch.ao.quantization.convert(tprep)
-
-    def jitted(m):
-        graphdef, state = nnx.split(m)
-        f = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
-        return lambda x: f(state, x)
+    model, int8_model, tmodel, tint8 = build_models(images)
 
     run_float, run_int8 = jitted(model), jitted(int8_model)
     rows, raw = [], {}
-    for batch in (1, 64):
+    for batch in ((1, 64) if args.quick else (1, 64, 256)):
         x = jnp.asarray(images[:batch])
         xt = torch.tensor(images[:batch]).permute(0, 3, 1, 2).contiguous()
         with torch.no_grad():

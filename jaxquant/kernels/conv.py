@@ -10,10 +10,6 @@ needed (PERF_NOTES). So the formulation is chosen by shape at prepack time:
   im2col temporary stays around ``IM2COL_TILE_BYTES``.
 * ``"depthwise"``: ``groups == cin`` and one input channel per group: a taps-long
   shift-multiply-add loop in int32 that XLA fuses into one elementwise loop.
-* ``"direct"``: ``groups == 1`` with at most ``DIRECT_MAX_IN_CHANNELS`` input channels (a
-  grayscale stem): the same fused tap loop over ``taps * cin`` products. im2col there would
-  feed the dot a contraction of only ``taps`` and write a large int32 accumulator that a
-  separate epilogue reads back; the loop fuses quantize, taps and requantize into one pass.
 * ``"grouped"``: any other ``groups``: im2col per group and a batched u8 x s8 dot.
 
 Padding is done with the *input zero point* (the quantized value of real 0), so padded taps
@@ -38,22 +34,13 @@ from jaxquant.kernels.mixed_dot import dot_general_u8s8
 from jaxquant.kernels.requantize import output_multiplier, quant_range, requantize
 
 __all__ = ["StaticConvParams", "prepack_static_conv", "refold_input_qparams", "static_conv",
-           "prepack_static_conv_transpose", "static_conv_transpose", "IM2COL_TILE_BYTES",
-           "DIRECT_MAX_IN_CHANNELS"]
+           "prepack_static_conv_transpose", "static_conv_transpose", "IM2COL_TILE_BYTES"]
 
 Padding = Union[str, Sequence[tuple[int, int]]]
 
 # Target size of one im2col tile (uint8 bytes). Large temporaries page-fault on every call
 # under glibc malloc; a few MB stay in cache and in the allocator's free lists.
 IM2COL_TILE_BYTES = 4 << 20
-
-# Up to this many input channels a non-grouped conv runs as a fused tap loop ("direct") instead of
-# im2col + dot. Measured on one core: 3x3, 1 -> 32 channels at 28x28, batch 64: 0.82 ms direct vs
-# 1.00 ms im2col; the RGB stem (3 -> 32, stride 2, 224x224) is faster as im2col (2.8 vs 3.3 ms).
-DIRECT_MAX_IN_CHANNELS = 1
-
-# Kinds whose weight is kept as int32 taps ``w - zw`` of shape (taps * cin/groups, cout).
-_TAP_LOOP_KINDS = ("depthwise", "direct")
 
 
 def _field(static: bool = False):
@@ -76,7 +63,7 @@ class StaticConvParams:
 
     Leaves: ``weight`` (a :class:`PackedWeight` of the ``(taps*cin, cout)`` matrix for
     "dot"/"im2col"), ``w_grouped`` (int8 ``(G, cout/G, taps*cin/G)`` for "grouped"),
-    ``w_taps`` (int32 ``(taps * cin/groups, cout)`` = ``w - zw`` for "depthwise"/"direct"), ``offset`` int32
+    ``w_taps`` (int32 ``(taps, cout)`` = ``w - zw`` for "depthwise"), ``offset`` int32
     ``(cout,)``, ``bias_over_scale`` float32 ``(cout,)`` or None, ``multiplier`` float32
     ``(cout,)``, ``x_zero_point`` / ``out_zero_point`` int32 ``()``, ``colsum`` / ``w_zero_point``
     int32 ``(cout,)``. Everything else is static metadata.
@@ -175,11 +162,7 @@ def prepack_static_conv(
     weight = w_grouped = w_taps = None
     pointwise = all(k == 1 for k in ks) and all(s == 1 for s in strides_t) and (
         padding_t in ("VALID", "SAME") or all(p == (0, 0) for p in padding_t))
-    if groups == 1 and not pointwise and cin <= DIRECT_MAX_IN_CHANNELS:
-        kind = "direct"
-        w_taps = w32 - zw  # (taps * cin, cout)
-        offset = -zx * jnp.sum(w_taps, axis=0)
-    elif groups == 1:
+    if groups == 1:
         kind = "dot" if pointwise else "im2col"
         weight = pack_weight(w.reshape(taps * cin_g, cout), zw, layouts="act_lhs")
     elif cin_g == 1 and groups == cin:
@@ -219,7 +202,7 @@ def refold_input_qparams(p: StaticConvParams, x_scale: jax.Array, x_zero_point: 
     ``out_scale`` float32 ``()``, ``bias`` float32 ``(cout,)`` or None.
     """
     zx = jnp.asarray(x_zero_point).astype(jnp.int32)
-    if p.kind in _TAP_LOOP_KINDS:
+    if p.kind == "depthwise":
         offset = -zx * jnp.sum(p.w_taps, axis=0)
     else:
         k_red = int(np.prod(p.kernel_size)) * (p.in_channels // p.groups)
@@ -262,14 +245,6 @@ def _conv_acc(x_pad: jax.Array, zx: jax.Array, offset: jax.Array, p: StaticConvP
                 xs = jnp.repeat(xs, mult, axis=-1)
             term = xs * p.w_taps[t]
             acc = term if acc is None else acc + term
-        return acc + offset
-    if p.kind == "direct":
-        acc = None
-        for t, xs in enumerate(_taps(x_pad, p, out_sp)):
-            xs = xs.astype(jnp.int32)
-            for c in range(p.in_channels):
-                term = xs[..., c:c + 1] * p.w_taps[t * p.in_channels + c]
-                acc = term if acc is None else acc + term
         return acc + offset
     if p.kind == "dot":
         cols = x_pad.reshape(pixels, p.in_channels)
@@ -322,7 +297,7 @@ def static_conv(x_q: jax.Array, params: StaticConvParams) -> jax.Array:
     offset = p.offset
     if x_q.dtype == jnp.int8:
         k_red = int(np.prod(p.kernel_size)) * (p.in_channels // p.groups)
-        if p.kind in _TAP_LOOP_KINDS:
+        if p.kind == "depthwise":
             offset = offset - 128 * jnp.sum(p.w_taps, axis=0)
         else:
             offset = offset + 128 * (k_red * p.w_zero_point - p.colsum)

@@ -36,7 +36,7 @@ CASES = [  # N, spatial, cin, cout, kernel, strides, padding, dilation, groups -
     (2, (7, 7), 8, 16, (3, 3), (2, 2), "SAME", (1, 1), 8),
     (2, (7, 7), 8, 12, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 4),
     (1, (5, 6, 7), 4, 6, (3, 2, 3), (1, 2, 1), "SAME", (1, 1, 2), 2),
-    (2, (9, 11), 1, 5, (3, 3), (1, 1), "SAME", (1, 1), 1),  # one input channel: "direct"
+    (2, (9, 11), 1, 5, (3, 3), (1, 1), "SAME", (1, 1), 1),  # one input channel (K = taps)
     (3, (8, 7), 1, 6, (3, 3), (2, 2), ((1, 2), (0, 1)), (2, 1), 1),
     (2, (9,), 1, 4, (5,), (1,), "VALID", (1,), 1),
 ]
@@ -66,7 +66,6 @@ def test_kinds(rng):
     kind = lambda wt, **kw: prepack_static_conv(wt, 1.0, 0, None, 1.0, 0, 1.0, 0, **kw).kind
     assert kind(w(1, 1, 8, 4)) == "dot"
     assert kind(w(3, 3, 8, 4), padding="SAME") == "im2col"
-    assert kind(w(3, 3, 1, 8), padding="SAME") == "direct"
     assert kind(w(1, 1, 1, 8)) == "dot"
     assert kind(w(3, 3, 1, 8), groups=8) == "depthwise"
     assert kind(w(3, 3, 2, 8), groups=4) == "grouped"
