@@ -2,7 +2,10 @@
 
 Trains ``Embed -> nnx.RNN(LSTMCell) -> Linear`` with optax for a fixed step budget (about a minute
 on 2 cores), then compares float vs dynamic int8 (and per-token int8) on held-out text: perplexity
-and latency of one jitted forward pass. Saves the training-loss curve to
+and latency of one jitted forward pass. The int8 model is then shipped: saved with ``jaxquant.save``
+(sizes of the float and int8 checkpoints printed), loaded back into a freshly quantized template
+(bit-exact outputs checked), and exported with ``jaxquant.export`` (symbolic batch; the artifact runs
+with plain ``jax.export.deserialize``, outputs checked identical). Saves the training-loss curve to
 examples/outputs/char_lstm_loss.png.
 
     python examples/char_lstm_dynamic.py [--steps 600]
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 
 import jax
@@ -20,7 +24,13 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+import jaxquant as jq
 from jaxquant.transforms.quantize_dynamic import quantize_dynamic
+
+# Linear and LSTM projections -> int8 weights, dynamic int8 activations; the embedding -> uint8 rows
+# with a float scale/offset each (weight only, PyTorch's float_qparams_weight_only_qconfig).
+INT8_SPEC = {nnx.Linear: jq.default_dynamic_qconfig, nnx.LSTMCell: jq.default_dynamic_qconfig,
+             nnx.Embed: jq.float_qparams_weight_only_qconfig}
 
 
 def load_text() -> str:
@@ -53,6 +63,27 @@ def batches(data: np.ndarray, batch: int, seq: int, rng: np.random.Generator):
 def nll(model, x, y):
     logits = model(x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def ship(model: CharLSTM, int8_model: nnx.Module, vocab: int, hidden: int, held_x: np.ndarray) -> dict:
+    """Save float and int8 checkpoints, reload the int8 one into a template, export it; print sizes."""
+    fwd = nnx.jit(lambda m, x: m(x))
+    probe = jnp.asarray(held_x[:16])
+    with tempfile.TemporaryDirectory() as tmp:
+        float_bytes = jq.save(os.path.join(tmp, "float.jq"), model)
+        int8_bytes = jq.save(os.path.join(tmp, "int8.jq"), int8_model, qconfig=INT8_SPEC)
+        # The template: the same architecture (any weights) through the same quantize_dynamic call.
+        template = quantize_dynamic(CharLSTM(vocab, 64, hidden, nnx.Rngs(1)), INT8_SPEC)
+        reloaded = jq.load(os.path.join(tmp, "int8.jq"), template)
+        assert np.array_equal(np.asarray(fwd(reloaded, probe)), np.asarray(fwd(int8_model, probe))), \
+            "load is not bit-exact"
+        artifact = jq.export(int8_model, probe[:1])  # symbolic batch: any batch size runs
+        exported = jax.export.deserialize(bytearray(artifact))
+        assert np.array_equal(np.asarray(exported.call(probe[:5])), np.asarray(fwd(int8_model, probe[:5])))
+    print(f"\nsaved: float {float_bytes / 1024:.0f} KB, int8 {int8_bytes / 1024:.0f} KB "
+          f"({int8_bytes / float_bytes:.3f}x); reloaded bit-exact; jax.export artifact {len(artifact) / 1024:.0f} KB, "
+          "outputs identical")
+    return {"float_bytes": float_bytes, "int8_bytes": int8_bytes, "export_bytes": len(artifact)}
 
 
 def main() -> None:
@@ -93,8 +124,8 @@ def main() -> None:
     hy = held[1: n * args.seq + 1].reshape(n, args.seq)
     variants = {
         "float32": model,
-        "dynamic int8 (per tensor)": quantize_dynamic(model, {nnx.Linear, nnx.LSTMCell}),
-        "dynamic int8 (per token)": quantize_dynamic(model, {nnx.Linear, nnx.LSTMCell}, per_token=True),
+        "dynamic int8 (per tensor)": quantize_dynamic(model, INT8_SPEC),
+        "dynamic int8 (per token)": quantize_dynamic(model, INT8_SPEC, per_token=True),
     }
     eval_nll = nnx.jit(nll)
     fwd = nnx.jit(lambda m, x: m(x))
@@ -121,6 +152,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, ppl, ms in rows:
         print(f"| {name} | {ppl:.4f} | {100 * (ppl / base - 1):+.2f} % | {ms:.2f} |")
+
+    ship(model, variants["dynamic int8 (per tensor)"], len(chars), args.hidden, hx)
 
     import matplotlib
     matplotlib.use("Agg")

@@ -7,9 +7,14 @@
 3. ``jaxquant.quantize_dynamic(model)``: every ``nnx.Linear`` becomes an int8 dynamic Linear
    (int8 weights; activations quantized per call), as PyTorch does by default; then with
    per-channel weights, and with per-channel weights + per-token activation scales.
+   Then also the three embedding tables as uint8 rows with a float scale/offset each
+   (``float_qparams_weight_only_qconfig``): half the float model's bytes are the word embeddings.
 4. Compare the embeddings (cosine to float, nearest-neighbour agreement) and the latency for
    1 and 32 sentences against float JAX and against PyTorch's ``quantize_dynamic`` of the
    same model (when torch + sentence-transformers are installed).
+5. Ship: ``jaxquant.save`` the float and int8 models (sizes printed), load the int8 checkpoint
+   into a freshly quantized template (bit-exact outputs checked) and ``jaxquant.export`` it with
+   a symbolic batch (the artifact runs with plain ``jax.export.deserialize``; outputs checked).
 
 Nothing is downloaded. Latency is the model forward on pre-tokenized, padded batches.
 """
@@ -22,6 +27,7 @@ import functools
 import os
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 
@@ -38,7 +44,12 @@ from tqdm.auto import tqdm
 import jaxquant
 from jaxquant.datasets.pydoc_text import pydoc_sentences
 from jaxquant.models import minilm
-from jaxquant.qconfig import per_channel_dynamic_qconfig
+from jaxquant.tools.size import model_arrays
+from jaxquant.qconfig import (default_dynamic_qconfig, float_qparams_weight_only_qconfig,
+                              per_channel_dynamic_qconfig)
+
+# Every Linear -> int8 (PyTorch's default), every Embed -> uint8 rows with per-row float qparams.
+SHIP_SPEC = {nnx.Linear: default_dynamic_qconfig, nnx.Embed: float_qparams_weight_only_qconfig}
 
 
 def torch_pipelines() -> dict:
@@ -121,6 +132,36 @@ def latency_ms(fns: dict, repeats: int) -> dict[str, float]:
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
+def ship(model: minilm.MiniLM, int8_models: dict, tokenizer, sentences) -> dict:
+    """Save the float and int8 models, reload ``SHIP_SPEC``'s into a template, export it; print sizes."""
+    tok, mask = (jnp.asarray(a) for a in minilm.pad_batch(minilm.tokenize(tokenizer, sentences[:8])))
+    sizes = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        sizes["float32"] = jaxquant.save(os.path.join(tmp, "float.jq"), model)
+        for name, (spec, m) in int8_models.items():
+            sizes[name] = jaxquant.save(os.path.join(tmp, "int8.jq"), m, qconfig=spec)
+        shipped = int8_models["int8 Linear + uint8 Embed"][1]
+        # The template: the same architecture with any weights, through the same quantize_dynamic.
+        template = jaxquant.quantize_dynamic(minilm.MiniLM(model.config, rngs=nnx.Rngs(0)), SHIP_SPEC)
+        reloaded = jaxquant.load(os.path.join(tmp, "int8.jq"), template)
+        expected = np.asarray(minilm.jit_forward(shipped)(tok, mask))
+        assert np.array_equal(np.asarray(minilm.jit_forward(reloaded)(tok, mask)), expected), "load is not bit-exact"
+        artifact = jaxquant.export(shipped, tok, mask)  # symbolic batch, sequence length fixed
+        exported = jax.export.deserialize(bytearray(artifact))
+        assert np.array_equal(np.asarray(exported.call(tok, mask)), expected), "exported outputs differ"
+        assert np.array_equal(np.asarray(exported.call(tok[:3], mask[:3])),
+                              np.asarray(minilm.jit_forward(shipped)(tok[:3], mask[:3])))
+    print("\n| checkpoint | size on disk (MB) | vs float32 |")
+    print("|---|---|---|")
+    for name, n in sizes.items():
+        print(f"| {name} | {n / 2**20:.1f} | {n / sizes['float32']:.3f}x |")
+    emb = sum(a.nbytes for k, a in model_arrays(model).items() if k.startswith("embeddings.") and k.endswith(".embedding"))
+    print(f"float word/position/type embeddings: {emb / 2**20:.1f} MB of the float model's "
+          f"{jaxquant.model_size_bytes(model) / 2**20:.1f} MB; int8 checkpoint reloaded bit-exact; "
+          f"jax.export artifact {len(artifact) / 2**20:.1f} MB (batch symbolic, {tok.shape[1]} tokens), outputs identical")
+    return {"sizes": sizes, "export_bytes": len(artifact)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sentences", type=int, default=256, help="how many pydoc sentences to embed")
@@ -136,7 +177,10 @@ def main():
     print(f"{len(sentences)} pydoc sentences, e.g. {sentences[0]!r}")
 
     forwards = {"jax f32": minilm.jit_forward(model)}
-    forwards["jax int8"] = minilm.jit_forward(quantize_dynamic(model))
+    int8_models = {"int8 Linear": (None, quantize_dynamic(model)),
+                   "int8 Linear + uint8 Embed": (SHIP_SPEC, quantize_dynamic(model, SHIP_SPEC))}
+    forwards["jax int8"] = minilm.jit_forward(int8_models["int8 Linear"][1])
+    forwards["jax int8 + u8 embeddings"] = minilm.jit_forward(int8_models["int8 Linear + uint8 Embed"][1])
     forwards["jax int8 per-channel"] = minilm.jit_forward(
         quantize_dynamic(model, {nnx.Linear: per_channel_dynamic_qconfig})
     )
@@ -170,6 +214,8 @@ def main():
         }
         ms = latency_ms(fns, args.repeats)
         print(f"| {label} | {tok.shape[0]}x{tok.shape[1]} | " + " | ".join(f"{ms[k]:.1f} ms" for k in forwards) + " |")
+
+    ship(model, int8_models, tokenizer, sentences)
 
 
 if __name__ == "__main__":

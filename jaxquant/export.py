@@ -18,31 +18,45 @@ from jaxquant.module_paths import copy_model
 from jaxquant.qtensor import QTensor
 
 
-def _input_spec(example_input: Any, batch_dim: Union[int, None], batch_name: str):
-    x = jnp.asarray(example_input)
+def _input_specs(inputs: Sequence[Any], batch_dim: Union[int, None], batch_name: str) -> list:
+    arrays = [jnp.asarray(x) for x in inputs]
     if batch_dim is None:
-        return jax.ShapeDtypeStruct(x.shape, x.dtype)
-    dims = [str(d) for d in x.shape]
-    dims[batch_dim] = batch_name
-    return jax.ShapeDtypeStruct(jax.export.symbolic_shape(", ".join(dims)), x.dtype)
+        return [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays]
+    dims_per_input = []
+    for i, x in enumerate(arrays):
+        if not -x.ndim <= batch_dim < x.ndim:
+            raise ValueError(f"export: batch_dim={batch_dim} is out of range for input {i} of shape {x.shape}; "
+                             "give batch_dim=None to export fixed shapes")
+        dims = [str(d) for d in x.shape]
+        dims[batch_dim] = batch_name
+        dims_per_input.append(dims)
+    # Parse all shapes in one call so the inputs' ``b`` is the same symbol.
+    flat = jax.export.symbolic_shape(", ".join(d for dims in dims_per_input for d in dims))
+    specs, start = [], 0
+    for x, dims in zip(arrays, dims_per_input):
+        specs.append(jax.ShapeDtypeStruct(tuple(flat[start:start + len(dims)]), x.dtype))
+        start += len(dims)
+    return specs
 
 
-def export(model: nnx.Module, example_input: Any, *, batch_dim: Union[int, None] = 0,
+def export(model: nnx.Module, example_input: Any, *more_inputs: Any, batch_dim: Union[int, None] = 0,
            platforms: Sequence[str] = ("cpu",), eval_mode: bool = True) -> bytes:
-    """Serialize ``model``'s forward on inputs shaped like ``example_input``.
+    """Serialize ``model``'s forward on inputs shaped like ``example_input`` (and ``more_inputs``).
 
     Args:
-      model: any NNX model called as ``model(x)`` with one array; an int8 model from ``convert``
-        usually. It is not modified (a copy is traced).
+      model: any NNX model called as ``model(x)`` (or ``model(x, *more)``) with arrays; an int8
+        model from ``convert`` or ``quantize_dynamic`` usually. It is not modified (a copy is traced).
       example_input: an array (or ``jax.ShapeDtypeStruct``) giving the input's shape and dtype,
-        e.g. float32 ``(N, 28, 28, 1)``.
+        e.g. float32 ``(N, 28, 28, 1)``; int32 token ids ``(N, T)`` for a language model.
+      more_inputs: further positional inputs, e.g. MiniLM's int32 ``attention_mask (N, T)``; they
+        share the batch axis ``batch_dim`` and its symbolic size with ``example_input``.
       batch_dim: the axis exported as a symbolic size ``b`` (any batch size runs), or ``None`` for
-        the exact shape of ``example_input``.
+        the exact shapes of the example inputs.
       platforms: lowering platforms (``("cpu",)``; add ``"cuda"`` etc. to run elsewhere).
       eval_mode: trace the model in eval mode (dropout off, BatchNorm running statistics).
     Returns:
       ``bytes`` from ``jax.export.Exported.serialize()``; run with
-      ``jax.export.deserialize(blob).call(x)`` or :func:`load_exported`.
+      ``jax.export.deserialize(blob).call(x, *more)`` or :func:`load_exported`.
     Raises:
       TypeError: the model's output is not an array (e.g. a QTensor: end the model with a DeQuantStub).
     """
@@ -51,18 +65,23 @@ def export(model: nnx.Module, example_input: Any, *, batch_dim: Union[int, None]
         traced.eval()
     graphdef, state = nnx.split(traced)
 
-    def forward(x):
-        out = nnx.merge(graphdef, state)(x)
+    def forward(*xs):
+        # Rebuild the Variables inside the trace: merging the closed-over ones would let modules that
+        # mutate state while running (nnx.RNN advances its carry RngStream) touch Variables created
+        # outside this trace, which flax refuses (TraceContextError).
+        fresh = jax.tree_util.tree_map(lambda a: a, state)
+        out = nnx.merge(graphdef, fresh)(*xs)
         for leaf in jax.tree_util.tree_leaves(out, is_leaf=lambda v: isinstance(v, QTensor)):
             if isinstance(leaf, QTensor):
                 raise TypeError(f"export: the model returns a quantized tensor ({leaf!r}); jax.export artifacts "
                                 "carry plain arrays: end the model with a DeQuantStub, or return .int_repr()")
         return out
 
-    if isinstance(example_input, jax.ShapeDtypeStruct):
-        example_input = jnp.zeros(example_input.shape, example_input.dtype)
-    spec = _input_spec(example_input, batch_dim, "b")
-    exported = jax.export.export(jax.jit(forward), platforms=tuple(platforms))(spec)
+    inputs = [jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x
+              for x in (example_input, *more_inputs)]
+    # One symbolic scope for all inputs, so they share the batch size ``b``.
+    specs = _input_specs(inputs, batch_dim, "b")
+    exported = jax.export.export(jax.jit(forward), platforms=tuple(platforms))(*specs)
     return bytes(exported.serialize())
 
 

@@ -37,7 +37,7 @@ def _row_bias(qp: dict) -> jax.Array:
 
 def embed_lookup(qp: dict, inputs: jax.Array, path: str) -> jax.Array:
     """int indices ``(...)`` -> float32 ``(..., D)``."""
-    from jaxquant.nn.dynamic.embedding import _fma_u8
+    from jaxquant.nn.dynamic.embedding import fma_u8
 
     inputs = jnp.asarray(inputs)
     if not jnp.issubdtype(inputs.dtype, jnp.integer):
@@ -45,12 +45,12 @@ def embed_lookup(qp: dict, inputs: jax.Array, path: str) -> jax.Array:
     q = jnp.take(qp["weight_int"], inputs, axis=0).astype(jnp.float32)
     scale = jnp.take(qp["weight_scale"], inputs, axis=0)[..., None]
     bias = jnp.take(_row_bias(qp), inputs, axis=0)[..., None]
-    return _fma_u8(q, scale, bias)
+    return fma_u8(q, scale, bias)
 
 
 def embed_attend(qp: dict, query: jax.Array) -> jax.Array:
     """``query (..., D) @ table.T`` with the dequantized table -> float32 ``(..., V)``."""
-    from jaxquant.nn.dynamic.embedding import _fma_u8
+    from jaxquant.nn.dynamic.embedding import fma_u8
 
-    table = _fma_u8(qp["weight_int"].astype(jnp.float32), qp["weight_scale"][:, None], _row_bias(qp)[:, None])
+    table = fma_u8(qp["weight_int"].astype(jnp.float32), qp["weight_scale"][:, None], _row_bias(qp)[:, None])
     return jnp.asarray(query, jnp.float32) @ table.T

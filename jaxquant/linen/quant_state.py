@@ -11,10 +11,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxquant.dtypes import per_channel_affine_float_qparams
 from jaxquant.linen.names import QUANT_STATS, display_path, module_path
-from jaxquant.nn.quantized.weights import observer_quant_range
-from jaxquant.qtensor import quantize_per_channel, quantize_per_tensor
+from jaxquant.nn.quantized.weights import quantize_weight_traceable, quantize_with_qparams
+from jaxquant.qtensor import QTensor
 
 
 def _stats_variable(module: Any, name: str, init_fn, *init_args):
@@ -68,40 +67,25 @@ def finish_qparams(scale: jax.Array, zero_point: jax.Array) -> tuple[jax.Array, 
             jnp.round(jnp.asarray(zero_point)).astype(jnp.int32).reshape(()))
 
 
-def _quantize_with_qparams(kernel: jax.Array, scale, zero_point, observer_like: Any, qrange) -> dict:
-    dtype = observer_like.dtype
-    c = kernel.shape[-1]
-    if observer_like.qscheme.is_per_channel:
-        if observer_like.qscheme == per_channel_affine_float_qparams:
-            zero_point = jnp.asarray(zero_point, jnp.float32)
-        else:
-            zero_point = jnp.round(jnp.asarray(zero_point)).astype(jnp.int32)
-        q = quantize_per_channel(kernel, scale, zero_point, kernel.ndim - 1, dtype)
-    else:
-        q = quantize_per_tensor(kernel, jnp.reshape(scale, ()), jnp.reshape(jnp.round(jnp.asarray(zero_point)), ()),
-                                dtype)
-    qmin, qmax = qrange
-    zp_dtype = jnp.float32 if observer_like.qscheme == per_channel_affine_float_qparams else jnp.int32
+def _as_params(q: QTensor) -> dict:
+    """A quantized kernel as the Linen ``quant_params`` entries (per-channel shapes even per tensor)."""
+    c = q.shape[-1]
     return {
-        "weight_int": jnp.clip(q.int_data, qmin, qmax).astype(dtype.storage),
+        "weight_int": q.int_data,
         "weight_scale": jnp.broadcast_to(jnp.asarray(q.scale, jnp.float32), (c,)),
-        "weight_zero_point": jnp.broadcast_to(jnp.asarray(q.zero_point).astype(zp_dtype), (c,)),
+        "weight_zero_point": jnp.broadcast_to(jnp.asarray(q.zero_point), (c,)),
     }
 
 
 def quantize_kernel(kernel: jax.Array, observer: Any) -> dict:
-    """Quantize a float kernel ``(..., C_out)`` with a weight observer, as
-    :func:`jaxquant.nn.quantized.weights.quantize_weight` does (observer sees PyTorch's
-    out-channel-first layout; integers clamped to the observer's range) but traceable.
+    """Quantize a float kernel ``(..., C_out)`` with a weight observer: the traceable core of NNX's
+    :func:`jaxquant.nn.quantized.weights.quantize_weight` (observer sees PyTorch's out-channel-first
+    layout; integers clamped to the observer's range), without its host-side checks.
 
     Returns ``{"weight_int": int (..., C_out) in the observer dtype's storage, "weight_scale": float32 (C_out,),
     "weight_zero_point": int32 (or float32 for float qparams) (C_out,)}``.
     """
-    kernel = jnp.asarray(kernel, jnp.float32)
-    w_pt = jnp.moveaxis(kernel, -1, 0)
-    state = observer.update(observer.init(w_pt), w_pt)
-    scale, zero_point = observer.calculate_qparams(state)
-    return _quantize_with_qparams(kernel, scale, zero_point, observer, observer_quant_range(observer))
+    return _as_params(quantize_weight_traceable(kernel, observer))
 
 
 def quantize_kernel_with_fake_quant(kernel: jax.Array, config: Any, state: Any) -> dict:
@@ -114,4 +98,5 @@ def quantize_kernel_with_fake_quant(kernel: jax.Array, config: Any, state: Any) 
     scale, zero_point = config.calculate_qparams(state)
     qrange = tuple(config.quant_range) if hasattr(config, "quant_range") else (int(config.quant_min),
                                                                                 int(config.quant_max))
-    return _quantize_with_qparams(kernel, jnp.asarray(scale, jnp.float32), zero_point, config, qrange)
+    return _as_params(quantize_with_qparams(kernel, jnp.asarray(scale, jnp.float32), zero_point, config.dtype,
+                                            config.qscheme, qrange))

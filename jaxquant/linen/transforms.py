@@ -188,7 +188,7 @@ def _recompute_qparams(record: Record, variables: Mapping, quant_params: dict) -
     ``calculate_qparams`` differently and move a scale by an ulp. Layers stacked by ``nn.scan`` /
     ``nn.vmap`` are recomputed with ``jax.vmap`` over their leading axes."""
     from jaxquant.linen.quant_state import activation_qparams, finish_qparams
-    from jaxquant.nn.observer_module import _calculate_qparams
+    from jaxquant.nn.observer_module import calculate_qparams
 
     quant_params = jax.tree_util.tree_map(lambda x: x, quant_params)  # fresh dicts
     stats, params = variables.get(QUANT_STATS, {}), variables.get("params", {})
@@ -199,7 +199,7 @@ def _recompute_qparams(record: Record, variables: Mapping, quant_params: dict) -
             _, _, stats_name, config, prefix = entry
             n_lead = np.ndim(target[f"{prefix}_scale"])
             if stats_name.endswith("_observer"):
-                fn = lambda state, config=config: finish_qparams(*_calculate_qparams(config, state))  # noqa: E731
+                fn = lambda state, config=config: finish_qparams(*calculate_qparams(config, state))  # noqa: E731
             else:
                 fn = lambda state, config=config: activation_qparams(config, state)  # noqa: E731
             for _ in range(n_lead):
@@ -271,10 +271,10 @@ def convert(model: QuantizedModel, variables: Any, *example_args: Any, **example
 def _dynamic_mapping(qconfig_spec: Any, dtype: Any):
     from jaxquant.qconfig import QConfig
     from jaxquant.qconfig_mapping import QConfigMapping
-    from jaxquant.transforms.quantize_dynamic import _default_qconfig
+    from jaxquant.transforms.quantize_dynamic import default_dynamic_qconfig_for
 
     if qconfig_spec is None:
-        qconfig = _default_qconfig(dtype)
+        qconfig = default_dynamic_qconfig_for(dtype)
         if dtype == qint8:
             types = (nn.Dense, nn.DenseGeneral, nn.LSTMCell, nn.GRUCell)
         elif dtype == quint8:
@@ -284,7 +284,7 @@ def _dynamic_mapping(qconfig_spec: Any, dtype: Any):
                              f"GRUCell) or quint8 (Embed), got {dtype!r}")
         qconfig_spec = {t: qconfig for t in types}
     elif isinstance(qconfig_spec, (set, frozenset, list, tuple)):
-        qconfig = _default_qconfig(dtype)
+        qconfig = default_dynamic_qconfig_for(dtype)
         qconfig_spec = {k: qconfig for k in qconfig_spec}
     elif not isinstance(qconfig_spec, Mapping):
         raise TypeError(f"quantize_dynamic: qconfig_spec must be None, a set of Linen module types, or a dict from "

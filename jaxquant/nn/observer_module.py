@@ -18,7 +18,10 @@ from jaxquant.nn.variables import QuantStats
 
 
 @partial(jax.jit, static_argnums=0)
-def _calculate_qparams(observer: Any, state: Any) -> tuple[jax.Array, jax.Array]:
+def calculate_qparams(observer: Any, state: Any) -> tuple[jax.Array, jax.Array]:
+    """``observer.calculate_qparams(state)`` compiled on its own: ``(scale float32, zero_point int32)``,
+    per tensor ``()`` or per channel ``(C,)``. ``convert`` (NNX and Linen) computes activation qparams
+    with it, so both give the same bits (inlined into a bigger program XLA may round differently)."""
     # Compiled once per observer config (configs are hashable): the histogram search run eagerly
     # dispatches thousands of small ops per layer.
     return observer.calculate_qparams(state)
@@ -37,7 +40,7 @@ class ObserverModule(nnx.Module):
 
     def calculate_qparams(self) -> tuple[jax.Array, jax.Array]:
         """``(scale float32, zero_point int32)`` from the statistics seen so far."""
-        return _calculate_qparams(self.observer, self.stats.get_value())
+        return calculate_qparams(self.observer, self.stats.get_value())
 
     @property
     def dtype(self):

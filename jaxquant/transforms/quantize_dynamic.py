@@ -58,7 +58,10 @@ def DYNAMIC_DEFAULT_TYPES(dtype: Any) -> frozenset:  # noqa: N802 - reads like P
                      "qint8, float16, bfloat16 or quint8, or give a full qconfig_spec")
 
 
-def _default_qconfig(dtype: Any):
+def default_dynamic_qconfig_for(dtype: Any) -> Any:
+    """The QConfig ``quantize_dynamic`` uses for ``dtype`` when the spec gives none: ``qint8`` ->
+    ``default_dynamic_qconfig``, ``float16``/``bfloat16`` -> the half-precision weight qconfigs, ``quint8``
+    (``quint4``) -> ``float_qparams_weight_only_qconfig`` (``_4bit``). Shared with ``jaxquant.linen``."""
     from jaxquant import qconfig as qc
 
     table = {qint8: qc.default_dynamic_qconfig, float16: qc.float16_dynamic_qconfig,
@@ -85,10 +88,10 @@ def _normalise_spec(model: nnx.Module, qconfig_spec: QConfigSpec, dtype: Any):
     from jaxquant.qconfig_mapping import QConfigMapping
 
     if qconfig_spec is None:
-        qconfig = _default_qconfig(dtype)
+        qconfig = default_dynamic_qconfig_for(dtype)
         qconfig_spec = {t: qconfig for t in DYNAMIC_DEFAULT_TYPES(dtype)}
     elif isinstance(qconfig_spec, (set, frozenset, list, tuple)):
-        qconfig = _default_qconfig(dtype)
+        qconfig = default_dynamic_qconfig_for(dtype)
         qconfig_spec = {k: qconfig for k in qconfig_spec}
     elif not isinstance(qconfig_spec, Mapping):
         raise TypeError(f"quantize_dynamic: qconfig_spec must be None, a set of module types, or a dict from "

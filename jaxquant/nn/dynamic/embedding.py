@@ -21,7 +21,7 @@ from jaxquant.nn.variables import QuantParams
 from jaxquant.qtensor import QTensor
 
 
-def _fma_u8(q: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+def fma_u8(q: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
     """``round_f32(q * scale + bias)`` with one rounding, for ``q`` integers in [0, 255].
 
     ``scale`` is split into two 12-bit halves (Veltkamp), so both partial products with an 8-bit
@@ -87,10 +87,10 @@ class Embedding(nnx.Module):
         q = jnp.take(self.int_data.get_value(), inputs, axis=0).astype(jnp.float32)
         scale = jnp.take(self.scale.get_value(), inputs, axis=0)[..., None]
         bias = jnp.take(self.bias.get_value(), inputs, axis=0)[..., None]
-        return _fma_u8(q, scale, bias)
+        return fma_u8(q, scale, bias)
 
     def attend(self, query: jax.Array) -> jax.Array:
         """``query (..., features) @ table.T`` with the dequantized table -> float32 ``(..., num_embeddings)``."""
-        table = _fma_u8(self.int_data.get_value().astype(jnp.float32), self.scale.get_value()[:, None],
+        table = fma_u8(self.int_data.get_value().astype(jnp.float32), self.scale.get_value()[:, None],
                         self.bias.get_value()[:, None])
         return jnp.asarray(query, jnp.float32) @ table.T

@@ -1,13 +1,18 @@
-"""Quantizing a float weight with the qconfig's weight observer, as PyTorch's ``from_float`` does."""
+"""Quantizing a float weight with the qconfig's weight observer, as PyTorch's ``from_float`` does.
+
+Two layers: a traceable core (:func:`observe_weight`, :func:`quantize_with_qparams`,
+:func:`quantize_weight_traceable`; pure jnp) and :func:`quantize_weight`, the host-side entry point
+used at conversion, which also checks what needs concrete values (finite weights, an observer that
+saw data, the observer's dtype and channel axis) and names the layer when something is wrong.
+"""
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxquant.dtypes import calculate_qmin_qmax, qint8
+from jaxquant.dtypes import calculate_qmin_qmax, per_channel_affine_float_qparams, qint8
 from jaxquant.qtensor import QTensor, quantize_per_channel, quantize_per_tensor
 
 
@@ -20,10 +25,60 @@ def observer_quant_range(observer: Any) -> tuple[int, int]:
     return calculate_qmin_qmax(qmin, qmax, custom, observer.dtype, getattr(observer, "reduce_range", False))
 
 
-@partial(jax.jit, static_argnums=0)
-def _observe_weight(observer: Any, w: jax.Array):
-    state = observer.update(observer.init(w), w)
+# ----------------------------------------------------------------------------------------------
+# Traceable core: pure jnp, runs under jax.jit, nn.scan, vmap (jaxquant.linen quantizes kernels
+# inside traced passes). No checks that need values here.
+
+
+def observe_weight(observer: Any, w_pt: jax.Array) -> tuple[Any, tuple[jax.Array, jax.Array]]:
+    """One observer pass over a weight in PyTorch's layout (output channel first).
+
+    Returns ``(observer state, (scale float32 (C,) or (), zero_point (C,) or ()))``.
+    """
+    state = observer.update(observer.init(w_pt), w_pt)
     return state, observer.calculate_qparams(state)
+
+
+def quantize_with_qparams(kernel: jax.Array, scale: jax.Array, zero_point: jax.Array, dtype: Any, qscheme: Any,
+                          quant_range: tuple[int, int]) -> QTensor:
+    """Quantize a float32 flax kernel ``(..., C_out)`` with given qparams; integers clamped to ``quant_range``.
+
+    ``scale``/``zero_point`` are ``(C_out,)`` for a per-channel ``qscheme`` (channel axis last; float
+    zero points for ``per_channel_affine_float_qparams``, integers otherwise) or scalars per tensor.
+    Returns a QTensor whose ``int_data`` is in ``dtype``'s storage type.
+    """
+    if qscheme.is_per_channel:
+        if qscheme == per_channel_affine_float_qparams:
+            zero_point = jnp.asarray(zero_point, jnp.float32)
+        else:
+            zero_point = jnp.round(jnp.asarray(zero_point)).astype(jnp.int32)
+        q = quantize_per_channel(kernel, scale, zero_point, kernel.ndim - 1, dtype)
+    else:
+        q = quantize_per_tensor(kernel, jnp.reshape(scale, ()),
+                                jnp.reshape(jnp.round(jnp.asarray(zero_point)), ()).astype(jnp.int32), dtype)
+    qmin, qmax = quant_range
+    data = jnp.clip(q.int_data, qmin, qmax).astype(dtype.storage)
+    return QTensor(data, q.scale, q.zero_point, q.dtype, q.qscheme, q.axis)
+
+
+def quantize_weight_traceable(kernel: jax.Array, observer: Any) -> QTensor:
+    """:func:`quantize_weight`'s arithmetic without its checks: traceable, takes the observer itself.
+
+    ``kernel``: float ``(..., C_out)``; returns the QTensor (flax layout, ``axis = kernel.ndim - 1``
+    when per channel).
+    """
+    kernel = jnp.asarray(kernel, jnp.float32)
+    _, (scale, zero_point) = observe_weight(observer, jnp.moveaxis(kernel, -1, 0))
+    return quantize_with_qparams(kernel, scale, zero_point, observer.dtype, observer.qscheme,
+                                 observer_quant_range(observer))
+
+
+# Compiled once per observer config (configs are hashable): eager, the observer's ops dispatch one by one.
+_observe_weight_jit = jax.jit(observe_weight, static_argnums=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host-side entry point: resolves the qconfig, checks values, then runs the core.
 
 
 def weight_observer(qconfig: Any, path: str) -> Any:
@@ -62,20 +117,10 @@ def quantize_weight(kernel: jax.Array, qconfig: Any, path: str, dtypes: tuple = 
     kernel = jnp.asarray(kernel, jnp.float32)
     if not bool(jnp.all(jnp.isfinite(kernel))):
         raise ValueError(f"'{path}': the weight contains NaN or Inf; fix the float model before quantizing")
-    w_pt = jnp.moveaxis(kernel, -1, 0)
-    state, (scale, zero_point) = _observe_weight(observer, w_pt)
+    if observer.qscheme.is_per_channel and getattr(observer, "ch_axis", 0) not in (0, -kernel.ndim):
+        raise ValueError(f"'{path}': weight observers see (out_channels, ...) weights; use ch_axis=0, got "
+                         f"{observer.ch_axis}")
+    state, (scale, zero_point) = _observe_weight_jit(observer, jnp.moveaxis(kernel, -1, 0))
     check_observer_state(observer, state, name=f"{path} (weight)")
-    qmin, qmax = observer_quant_range(observer)
-    if observer.qscheme.is_per_channel:
-        if getattr(observer, "ch_axis", 0) not in (0, -w_pt.ndim):
-            raise ValueError(f"'{path}': weight observers see (out_channels, ...) weights; use ch_axis=0, got "
-                             f"{observer.ch_axis}")
-        zero_point = jnp.asarray(zero_point)
-        if not jnp.issubdtype(zero_point.dtype, jnp.floating):
-            zero_point = zero_point.astype(jnp.int32)
-        q = quantize_per_channel(kernel, scale, zero_point, kernel.ndim - 1, observer.dtype)
-    else:
-        q = quantize_per_tensor(kernel, jnp.reshape(scale, ()), jnp.reshape(zero_point, ()).astype(jnp.int32),
-                                observer.dtype)
-    data = jnp.clip(q.int_data, qmin, qmax).astype(observer.dtype.storage)
-    return QTensor(data, q.scale, q.zero_point, q.dtype, q.qscheme, q.axis)
+    return quantize_with_qparams(kernel, scale, zero_point, observer.dtype, observer.qscheme,
+                                 observer_quant_range(observer))
