@@ -15,6 +15,9 @@ import argparse
 import importlib.util
 import json
 import os
+
+# PyTorch's OpenMP threads spin after each op and starve XLA's when both run in one process.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import platform
 import time
 import warnings
@@ -43,7 +46,7 @@ def main() -> None:
     p.add_argument("--n-calib", type=int, default=64)
     p.add_argument("--recipe", default="relu6-range")
     p.add_argument("--act-observer", choices=("histogram", "minmax"), default="histogram")
-    p.add_argument("--json", default="bench_efficientnet.json")
+    p.add_argument("--json", default="benchmarks/results/efficientnet.json")
     args = p.parse_args()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning)

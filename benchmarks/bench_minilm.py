@@ -21,6 +21,9 @@ import copy
 import functools
 import io
 import os
+
+# PyTorch's OpenMP threads spin after each op and starve XLA's when both run in one process.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import sys
 import warnings
 

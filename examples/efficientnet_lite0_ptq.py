@@ -20,6 +20,11 @@ Two recipes, applied identically to jaxquant and to PyTorch (x86 backend, eager 
 
 from __future__ import annotations
 
+import os
+
+# PyTorch's OpenMP threads spin after each op and starve XLA's when both run in one process.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import time
 import warnings

@@ -25,6 +25,9 @@ import argparse
 import copy
 import functools
 import os
+
+# PyTorch's OpenMP threads spin after each op and starve XLA's when both run in one process.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import statistics
 import sys
 import tempfile
