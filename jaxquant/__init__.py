@@ -114,7 +114,7 @@ from jaxquant.qtensor import QTensor, dequantize, quantize_per_channel, quantize
 from jaxquant.quantization_mappings import get_default_static_quant_module_mappings
 from jaxquant.export import export, load_exported
 from jaxquant.onnx_export import export_onnx
-from jaxquant.serialization import CheckpointError, converted_template, load, save
+from jaxquant.serialization import CheckpointError, converted_template, load, rebuild_cache, save
 from jaxquant.tools import model_size_bytes
 from jaxquant.tools.numeric_debugger import compare, compute_sqnr, sensitivity_analysis
 from jaxquant.tools.summary import summary

@@ -73,6 +73,17 @@ def choose_qparams_from_min_max(
     # result; (scale_hi, scale_lo) is that double as a float32 pair.
     scale_hi, scale_lo = _exact_difference_over(max_val, min_val, qrange)
     scale = scale_hi + scale_lo
+    # Near float32's max the error-free transforms overflow (a range wider than the max makes the
+    # difference inf, Dekker's split of a quotient above ~8e34 makes inf - inf); PyTorch's double
+    # does not. The same transforms on the ends scaled by 2**-8 (exact) stay in range; scaling the
+    # quotient back is exact too, so the scale is still PyTorch's double rounded once.
+    wide = ~jnp.isfinite(scale) & jnp.isfinite(max_val) & jnp.isfinite(min_val)
+    down = jnp.float32(2.0**-8)
+    w_hi, w_lo = _exact_difference_over(max_val * down, min_val * down, qrange)
+    wide_scale = (w_hi + w_lo) * jnp.float32(2.0**8)
+    scale = jnp.where(wide, wide_scale, scale)
+    scale_hi = jnp.where(wide, wide_scale, scale_hi)
+    scale_lo = jnp.where(wide, jnp.float32(0.0), scale_lo)
     bad = (scale == 0.0) | jnp.isinf(jnp.float32(1.0) / scale)
     scale = jnp.where(bad, jnp.float32(0.1), scale)
     scale_hi = jnp.where(bad, jnp.float32(0.1), scale_hi)
@@ -94,6 +105,12 @@ def choose_qparams_from_min_max(
 
     min_hi, min_lo = _divide_by_double(min_val, scale_hi, scale_lo)
     max_hi, max_lo = _divide_by_double(max_val, scale_hi, scale_lo)
+    # Dekker's product overflows for scales above ~8e34 (ranges near float32's max): there the
+    # plain float32 quotient decides (the zero point then is at worst one step off PyTorch's)
+    min_ok = jnp.isfinite(min_hi) & jnp.isfinite(min_lo)
+    max_ok = jnp.isfinite(max_hi) & jnp.isfinite(max_lo)
+    min_hi, min_lo = jnp.where(min_ok, min_hi, min_val / scale), jnp.where(min_ok, min_lo, 0.0)
+    max_hi, max_lo = jnp.where(max_ok, max_hi, max_val / scale), jnp.where(max_ok, max_lo, 0.0)
     # zero point from whichever end rounds with the smaller error (quant_utils.h), kept as pairs
     zp_min_hi, zp_min_err = tn.two_sum(jnp.float32(quant_min), -min_hi)
     zp_max_hi, zp_max_err = tn.two_sum(jnp.float32(quant_max), -max_hi)
@@ -119,7 +136,8 @@ def choose_qparams(
     """Dynamic qparams of ``x`` (``torch._choose_qparams_per_tensor`` when ``axis`` is None).
 
     Args:
-      x: float array of any shape. Must be finite (NaN/Inf give meaningless qparams, as in PyTorch).
+      x: float array of any shape, not empty. Must be finite: an eager call raises ``ValueError`` on
+        NaN/Inf; under ``jit`` (no check) they give a NaN scale, as in PyTorch.
       dtype: ``quint8`` (range [0, 255]) or ``qint8`` ([-128, 127]).
       reduce_range: use 7 bits (what PyTorch's x86/fbgemm dynamic ops do to avoid overflow).
       axis: ``None`` for one scale per tensor; an int to reduce over every other axis
@@ -128,6 +146,13 @@ def choose_qparams(
       ``(scale float32, zero_point int32)``, shape ``()`` or ``(x.shape[axis],)``.
     """
     x = jnp.asarray(x, jnp.float32)
+    if x.size == 0:
+        raise ValueError(f"choose_qparams: the input is empty (shape {x.shape}); there is no range to "
+                         "quantize. Skip empty batches, or pass the qparams explicitly")
+    if not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
+        # eager only: under jit the host cannot read x, and NaN/Inf give a NaN scale as in PyTorch
+        raise ValueError("choose_qparams: the input contains NaN or Inf; qparams need a finite range. "
+                         "Clean the data (jnp.nan_to_num) or find where the non-finite values come from")
     if axis is None:
         lo, hi = jnp.min(x), jnp.max(x)
     else:

@@ -32,9 +32,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxquant import torch_numerics as tn
 from jaxquant.observers.base import ObserverBase, StatsState, as_float32, finite_min_max
-from jaxquant.observers.histogram import HistogramObserver, HistogramState
+from jaxquant.observers.histogram import HistogramObserver, HistogramState, histogram_update
 from jaxquant.observers.minmax import MinMaxObserver
 from jaxquant.observers.per_channel import PerChannelMinMaxObserver
 from jaxquant.observers.simple import CountState
@@ -110,7 +109,7 @@ def sharded_update(observer: ObserverBase, state: Any, x: jax.Array, axis_name: 
     """
     observer = _unwrap(observer)
     if isinstance(observer, HistogramObserver):
-        return _histogram_sharded_update(observer, state, x, axis_name)
+        return histogram_update(observer, state, x, axis_name)
     if isinstance(state, CountState):
         new = observer.update(state, x)
         return new._replace(nonfinite=state.nonfinite | _por(new.nonfinite, axis_name))
@@ -134,40 +133,6 @@ def sharded_update(observer: ObserverBase, state: Any, x: jax.Array, axis_name: 
     new = observer.update(state, _min_max_proxy(observer, lo, hi, x.ndim))
     # the proxy of a channel that saw no finite value holds +-inf and would be flagged by update
     return new._replace(nonfinite=state.nonfinite | _por(bad, axis_name))
-
-
-def _histogram_sharded_update(observer: HistogramObserver, state: HistogramState, x: jax.Array,
-                              axis_name: AxisName) -> HistogramState:
-    # HistogramObserver.update with the batch statistics reduced over the axis; kept line for line
-    # with it so that the two stay bit-identical (tests/distributed checks this).
-    x = as_float32(x, type(observer).__name__)
-    if x.size == 0:
-        return state
-    x_min, x_max, bad = finite_min_max(x)
-    x_min, x_max = lax.pmin(x_min, axis_name), lax.pmax(x_max, axis_name)
-    bad = _por(bad, axis_name)
-    has_data = x_min <= x_max
-    cur_min, cur_max = state.min_val, state.max_val
-    first = (cur_min == jnp.inf) | (cur_max == -jnp.inf)
-    new_min = jnp.where(first, x_min, jnp.minimum(cur_min, x_min))
-    new_max = jnp.where(first, x_max, jnp.maximum(cur_max, x_max))
-    safe_min = jnp.where(has_data, new_min, 0.0)
-    safe_max = jnp.where(has_data, new_max, 0.0)
-    # bin counts are integers far below 2**24, so the float32 psum is exact
-    upd = lax.psum(tn.histc(x, observer.bins, safe_min, safe_max, valid=jnp.isfinite(x)), axis_name)
-    same = (new_min == cur_min) & (new_max == cur_max)
-
-    def grow(_: Any) -> jax.Array:
-        return observer._combine_histograms(state.histogram, cur_min, cur_max, upd, safe_min, safe_max)
-
-    combined = lax.cond(first | same, lambda _: upd + jnp.where(first, 0.0, state.histogram), grow, None)
-    return HistogramState(
-        histogram=jnp.where(has_data, combined, state.histogram),
-        min_val=jnp.where(has_data, new_min, cur_min),
-        max_val=jnp.where(has_data, new_max, cur_max),
-        num_batches=state.num_batches + 1,
-        nonfinite=state.nonfinite | bad,
-    )
 
 
 def sync_observer_state(observer: ObserverBase, state: Any, axis_name: AxisName) -> Any:

@@ -5,6 +5,12 @@ Numerics follow PyTorch's x86 CPU kernels bit for bit: per tensor (fbgemm's ``Qu
 ``q = clamp(round_half_even(fl(x * float32(1 / scale)) + zero_point), qmin, qmax)``, and
 ``x = (q - zero_point) * scale``. For ``per_channel_affine_float_qparams`` (embedding weights) the
 zero point is a float added before rounding: ``q = clamp(round(x * (1 / scale) + zero_point))``.
+
+Argument checks that need values (scale > 0 and normal, zero point inside the dtype's range, no
+NaN/Inf in the input) run only on concrete arrays, i.e. in eager calls. Under ``jax.jit``/``vmap``/
+``grad`` the values are tracers the host cannot read, and a device-side check would cost every call
+of the hot path; there bad values give meaningless integers, as in PyTorch. Debug by calling eagerly
+(outside ``jit``) once, or with ``jax.disable_jit()``.
 """
 from __future__ import annotations
 
@@ -126,6 +132,60 @@ def _check_float_input(x: jax.Array, where: str) -> jax.Array:
     return x.astype(jnp.float32)
 
 
+def _is_concrete(value: object) -> bool:
+    """True unless ``value`` is being traced (jit/vmap/grad): only then can the host read it."""
+    return not isinstance(value, jax.core.Tracer)
+
+
+# XLA:CPU flushes denormal float32 to zero, so a denormal scale behaves as 0 (1/scale = inf).
+_SMALLEST_NORMAL = float(np.finfo(np.float32).tiny)
+
+
+def _check_scale(scale: object, where: str, allow_zero: bool = False) -> None:
+    """Eager check that every scale is a finite, positive, normal float32 (or 0 when ``allow_zero``)."""
+    if not _is_concrete(scale):
+        return
+    s = np.asarray(scale, np.float32).reshape(-1)
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(s) & ((s >= _SMALLEST_NORMAL) | ((s == 0) if allow_zero else False))
+    if not ok.all():
+        i = int(np.argmin(ok))
+        which = "scale" if s.size == 1 else f"scale of channel {i}"
+        raise ValueError(
+            f"{where}: {which} is {float(s[i])!r}; it must be finite and {'>= 0' if allow_zero else '> 0'}, and "
+            f"a non-zero scale at least {_SMALLEST_NORMAL:.4g} (float32's smallest normal: XLA:CPU flushes "
+            "smaller ones to zero). Compute it with an observer or choose_qparams"
+        )
+
+
+def _check_zero_point(zero_point: object, dtype: QDType, where: str) -> None:
+    """Eager check that integer zero points lie in ``[dtype.min, dtype.max]``."""
+    if not _is_concrete(zero_point):
+        return
+    zp = np.asarray(zero_point).reshape(-1)
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(zp) & (zp >= dtype.min) & (zp <= dtype.max) if zp.dtype.kind == "f" else \
+            (zp >= dtype.min) & (zp <= dtype.max)
+    if not ok.all():
+        i = int(np.argmin(ok))
+        which = "zero_point" if zp.size == 1 else f"zero_point of channel {i}"
+        raise ValueError(f"{where}: {which} is {zp[i].item()!r}, outside {dtype!r}'s range "
+                         f"[{dtype.min}, {dtype.max}]; every value would clamp to one end")
+
+
+def _check_finite_input(x: jax.Array, where: str) -> None:
+    """Eager check for NaN/Inf in a concrete input (a traced one cannot be read on the host)."""
+    if not _is_concrete(x) or x.size == 0:
+        return
+    if not bool(jnp.all(jnp.isfinite(x))):
+        n = int(jnp.sum(~jnp.isfinite(x)))
+        raise ValueError(
+            f"{where}: the input contains NaN or Inf ({n} of {x.size} values, after conversion to float32); "
+            "they would become arbitrary integers silently. Find where they come from, or replace them "
+            "first (jnp.nan_to_num)"
+        )
+
+
 def _fbgemm_codes(x: jax.Array, scale: jax.Array, zero_point: jax.Array, qmin: int, qmax: int) -> jax.Array:
     # fbgemm's 8-bit per-tensor Quantize: one fused multiply-add x * (1/scale) + zero_point, rounded
     # once to float32, then to the nearest integer (ties to even). Dividing, or rounding the product
@@ -164,9 +224,15 @@ def quantize_per_tensor(
       dtype: ``quint8``, ``qint8`` or ``qint32``; values are clamped to its full range.
     Returns:
       A per-tensor affine :class:`QTensor` with ``int_data`` of ``x.shape`` in the storage dtype.
+    Raises:
+      ValueError (eager calls only, see the module docstring): ``scale`` not finite, ``<= 0`` or
+      denormal; ``zero_point`` outside the dtype's range; NaN/Inf in ``x``.
     """
     _check_dtype(dtype, "quantize_per_tensor")
     x = _check_float_input(x, "quantize_per_tensor")
+    _check_scale(scale, "quantize_per_tensor")
+    _check_zero_point(zero_point, dtype, "quantize_per_tensor")
+    _check_finite_input(x, "quantize_per_tensor")
     scale = jnp.asarray(scale, jnp.float32).reshape(())
     zero_point = jnp.asarray(zero_point).astype(jnp.int32).reshape(())
     codes = _scalar_kernel_codes if dtype == qint32 else _fbgemm_codes
@@ -198,6 +264,9 @@ def quantize_per_channel(
       dtype: the quantized dtype.
     Returns:
       A per-channel :class:`QTensor`.
+    Raises:
+      ValueError (eager calls only): as :func:`quantize_per_tensor`, per channel (zero scales are
+      allowed with float zero points).
     """
     _check_dtype(dtype, "quantize_per_channel")
     x = _check_float_input(x, "quantize_per_channel")
@@ -212,9 +281,15 @@ def quantize_per_channel(
             f"quantize_per_channel: expected {channels} scales and zero points for axis {axis} of an input of "
             f"shape {x.shape}, got {scales.shape[0]} and {zero_points.reshape(-1).shape[0]}"
         )
+    float_qparams = jnp.issubdtype(zero_points.dtype, jnp.floating)
+    # PyTorch treats a zero scale as 1 with float zero points (constant embedding rows)
+    _check_scale(scales, "quantize_per_channel", allow_zero=float_qparams)
+    if not float_qparams:
+        _check_zero_point(zero_points, dtype, "quantize_per_channel")
+    _check_finite_input(x, "quantize_per_channel")
     bshape = _channel_shape(x.ndim, axis)
     s = scales.reshape(bshape)
-    if jnp.issubdtype(zero_points.dtype, jnp.floating):
+    if float_qparams:
         zp = zero_points.astype(jnp.float32).reshape(-1)
         # PyTorch treats a zero scale as 1 here (embedding rows that are constant).
         inv_scale = jnp.where(s == 0, jnp.float32(1.0), jnp.float32(1.0) / s)

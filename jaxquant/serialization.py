@@ -330,8 +330,9 @@ def load(path: PathLike, model_or_template: nnx.Module, *, inplace: bool = True)
 
     Args:
       path: the checkpoint file.
-      model_or_template: a model built the same way as the saved one (for an int8 model: the float
-        model after the same fusion, ``prepare`` and ``convert``; see :func:`converted_template`).
+      model_or_template: a model built the same way as the saved one (for a static int8 model: the
+        float model after the same fusion, ``prepare`` and ``convert``, see :func:`converted_template`;
+        for a dynamic one: the float architecture, any weights, through the same ``quantize_dynamic``).
       inplace: put the arrays into ``model_or_template`` itself (default) or into a copy.
     Returns:
       The model holding the checkpoint's arrays (bit-exact), with its ``QuantCache`` rebuilt.

@@ -112,7 +112,9 @@ def _sequential_rows(rows: jax.Array) -> jax.Array:
     def add(acc: jax.Array, row: jax.Array) -> tuple[jax.Array, None]:
         return acc + row, None
 
-    return jax.lax.scan(add, jnp.zeros(rows.shape[1:], jnp.float32), rows)[0]
+    # zeros_like, not zeros: inside shard_map the carry must be as device-varying as the rows
+    init = jnp.zeros_like(rows[0]) if rows.shape[0] else jnp.zeros(rows.shape[1:], jnp.float32)
+    return jax.lax.scan(add, init, rows)[0]
 
 
 def _multi_row_sum(rows: jax.Array) -> jax.Array:
@@ -188,7 +190,7 @@ def cumsum_via_double(x: jax.Array) -> jax.Array:
         hi, lo = two_sum(s, e + acc[1])
         return (hi, lo), hi
 
-    zero = jnp.zeros((), jnp.float32)
+    zero = jnp.zeros_like(x[0]) if x.size else jnp.zeros((), jnp.float32)  # varying like x in shard_map
     return jax.lax.scan(add, (zero, zero), x)[1]
 
 
@@ -212,4 +214,9 @@ def histc(x: jax.Array, bins: int, lo: jax.Array, hi: jax.Array, valid: jax.Arra
     xs = jnp.where(inside, x, left)
     pos = true_divide((xs - left) * jnp.float32(bins), right - left)
     pos = jnp.clip(pos.astype(jnp.int32), 0, bins - 1)  # truncation; the right edge goes to the last bin
-    return jnp.zeros((bins,), jnp.float32).at[pos].add(inside.astype(jnp.float32))
+    # With x sharded over an Explicit-axis mesh (jax.make_mesh) the scatter's output sharding is
+    # ambiguous; the counts are wanted replicated (XLA adds the cross-device sum). Other meshes and
+    # no mesh need nothing, and there a PartitionSpec would be an error.
+    mesh = getattr(jax.typeof(x).sharding, "mesh", None)
+    explicit = {"out_sharding": jax.sharding.PartitionSpec()} if getattr(mesh, "explicit_axes", ()) else {}
+    return jnp.zeros((bins,), jnp.float32).at[pos].add(inside.astype(jnp.float32), **explicit)

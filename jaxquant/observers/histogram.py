@@ -141,31 +141,7 @@ class HistogramObserver(UniformQuantizationObserverBase):
         NaN/Inf entries are left out and flagged (PyTorch drops +-Inf with a warning and fails on
         NaN); a batch with no finite value leaves the histogram unchanged.
         """
-        x = as_float32(x, type(self).__name__)
-        if x.size == 0:
-            return state
-        x_min, x_max, bad = finite_min_max(x)
-        has_data = x_min <= x_max
-        cur_min, cur_max = state.min_val, state.max_val
-        first = (cur_min == jnp.inf) | (cur_max == -jnp.inf)
-        new_min = jnp.where(first, x_min, jnp.minimum(cur_min, x_min))
-        new_max = jnp.where(first, x_max, jnp.maximum(cur_max, x_max))
-        safe_min = jnp.where(has_data, new_min, 0.0)
-        safe_max = jnp.where(has_data, new_max, 0.0)
-        upd = tn.histc(x, self.bins, safe_min, safe_max, valid=jnp.isfinite(x))
-        same = (new_min == cur_min) & (new_max == cur_max)
-
-        def grow(_: Any) -> jax.Array:
-            return self._combine_histograms(state.histogram, cur_min, cur_max, upd, safe_min, safe_max)
-
-        combined = jax.lax.cond(first | same, lambda _: upd + jnp.where(first, 0.0, state.histogram), grow, None)
-        return HistogramState(
-            histogram=jnp.where(has_data, combined, state.histogram),
-            min_val=jnp.where(has_data, new_min, cur_min),
-            max_val=jnp.where(has_data, new_max, cur_max),
-            num_batches=state.num_batches + 1,
-            nonfinite=state.nonfinite | bad,
-        )
+        return histogram_update(self, state, x)
 
     def _combine_histograms(self, orig_hist: jax.Array, orig_min: jax.Array, orig_max: jax.Array,
                             update_hist: jax.Array, update_min: jax.Array, update_max: jax.Array) -> jax.Array:
@@ -207,8 +183,10 @@ class HistogramObserver(UniformQuantizationObserverBase):
             idx = jnp.minimum(start + t, n_sub - 1)
             return t + 1, acc + jnp.where(t < length, sub[idx], 0.0)
 
-        _, out = jax.lax.while_loop(lambda c: c[0] < jnp.max(length), body,
-                                    (jnp.zeros((), jnp.int32), jnp.zeros((bins,), jnp.float32)))
+        # The carry starts from zeros_like of the traced operands, not jnp.zeros: inside shard_map
+        # it must have the same varying-manual-axes type as what the body adds to it.
+        acc0 = jnp.zeros_like(edges[:-1]) + jnp.zeros_like(histogram)
+        _, out = jax.lax.while_loop(lambda c: c[0] < jnp.max(length), body, (jnp.zeros_like(length[0]), acc0))
         return out
 
     # -- qparams -----------------------------------------------------------------------------
@@ -306,3 +284,45 @@ class HistogramObserver(UniformQuantizationObserverBase):
 
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
+
+
+def histogram_update(observer: HistogramObserver, state: HistogramState, x: jax.Array,
+                     axis_name: Any = None) -> HistogramState:
+    """``observer.update(state, x)``; with ``axis_name`` (inside ``shard_map``/``pmap``), ``x`` is this
+    device's shard and the update is the one of the whole batch split over that axis.
+
+    The one place the update rule lives (``jaxquant.distributed.sharded_update`` calls it): the batch
+    range and NaN flag are reduced over the axis before anything depends on them, and the bin counts
+    of the shards are summed (``psum``; exact, they are small integers in float32), so every device
+    computes the single-device result.
+    """
+    x = as_float32(x, type(observer).__name__)
+    if x.size == 0:
+        return state
+    x_min, x_max, bad = finite_min_max(x)
+    if axis_name is not None:
+        x_min, x_max = jax.lax.pmin(x_min, axis_name), jax.lax.pmax(x_max, axis_name)
+        bad = jax.lax.pmax(bad.astype(jnp.int32), axis_name) > 0  # an or; bool collectives are not portable
+    has_data = x_min <= x_max
+    cur_min, cur_max = state.min_val, state.max_val
+    first = (cur_min == jnp.inf) | (cur_max == -jnp.inf)
+    new_min = jnp.where(first, x_min, jnp.minimum(cur_min, x_min))
+    new_max = jnp.where(first, x_max, jnp.maximum(cur_max, x_max))
+    safe_min = jnp.where(has_data, new_min, 0.0)
+    safe_max = jnp.where(has_data, new_max, 0.0)
+    upd = tn.histc(x, observer.bins, safe_min, safe_max, valid=jnp.isfinite(x))
+    if axis_name is not None:
+        upd = jax.lax.psum(upd, axis_name)
+    same = (new_min == cur_min) & (new_max == cur_max)
+
+    def grow(_: Any) -> jax.Array:
+        return observer._combine_histograms(state.histogram, cur_min, cur_max, upd, safe_min, safe_max)
+
+    combined = jax.lax.cond(first | same, lambda _: upd + jnp.where(first, 0.0, state.histogram), grow, None)
+    return HistogramState(
+        histogram=jnp.where(has_data, combined, state.histogram),
+        min_val=jnp.where(has_data, new_min, cur_min),
+        max_val=jnp.where(has_data, new_max, cur_max),
+        num_batches=state.num_batches + 1,
+        nonfinite=state.nonfinite | bad,
+    )

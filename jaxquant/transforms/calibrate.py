@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Optional
 
+import os
+
 import jax
+import numpy as np
 from flax import nnx
 
 from jaxquant.module_paths import named_modules
@@ -28,6 +31,55 @@ def check_observers(model: nnx.Module) -> None:
         check_observer_state(module.observer, module.stats.get_value(), name=path)
 
 
+class CalibrationShapeError(ValueError, TypeError):
+    """A calibration batch does not fit a layer of the model (raised while tracing the step).
+
+    Subclasses both ``ValueError`` and ``TypeError``: JAX reports operand shape mismatches as
+    ``TypeError``, and code catching that keeps working."""
+
+
+_JAXQUANT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _shape_of(value: Any) -> Any:
+    shapes = jax.tree.map(lambda a: tuple(np.shape(a)), value)
+    return shapes[0] if isinstance(shapes, tuple) and len(shapes) == 1 else shapes
+
+
+def _failing_layer_error(model: nnx.Module, batch: Any, error: Exception) -> Optional[CalibrationShapeError]:
+    """If ``error`` was raised by JAX/flax inside one of ``model``'s modules (e.g. a dot_general
+    of mismatched shapes), a ``CalibrationShapeError`` naming that module's path, its input and
+    weight shapes; ``None`` for errors jaxquant raised itself (they already say where)."""
+    frames = []
+    tb = error.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    if not frames or os.path.abspath(frames[-1].f_code.co_filename).startswith(_JAXQUANT_DIR):
+        return None
+    paths = {id(m): p for p, m in named_modules(model)}
+    hits = [f for f in frames if id(f.f_locals.get("self")) in paths]
+    if not hits:
+        return None
+    frame = hits[-1]  # innermost module on the stack: the one whose op failed
+    module = frame.f_locals["self"]
+    code = frame.f_code
+    detail = []
+    if code.co_argcount > 1 and hasattr(frame.f_locals.get(code.co_varnames[1]), "shape"):
+        detail.append(f"its input has shape {tuple(frame.f_locals[code.co_varnames[1]].shape)}")
+    for name in ("kernel", "embedding", "scale"):
+        variable = getattr(module, name, None)
+        if isinstance(variable, nnx.Variable) and hasattr(variable.get_value(), "shape"):
+            detail.append(f"its {name} has shape {tuple(variable.get_value().shape)}")
+            break
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return CalibrationShapeError(
+        f"the batch (shape {_shape_of(batch)}) does not fit layer '{paths[id(module)] or '<model>'}' "
+        f"({type(module).__name__}){': ' + ', '.join(detail) if detail else ''}. Calibration batches must "
+        f"have the shapes the model takes at inference. ({type(error).__name__}: {first_line})"
+    )
+
+
 def make_calibration_step(model: nnx.Module, forward: Callable[[nnx.Module, Any], Any] = _default_forward):
     """A jitted pure step ``(stats, batch) -> stats`` over the model's split state.
 
@@ -47,7 +99,14 @@ def make_calibration_step(model: nnx.Module, forward: Callable[[nnx.Module, Any]
     @jax.jit
     def step(stats, batch):
         m = nnx.merge(graphdef, stats, rest)
-        forward(m, batch)
+        try:
+            forward(m, batch)
+        except (TypeError, ValueError) as e:
+            # at trace time only: name the layer a shape error came from (no cost per batch)
+            layer_error = _failing_layer_error(m, batch, e)
+            if layer_error is None:
+                raise
+            raise layer_error from e
         return nnx.state(m, QuantStats)
 
     return step
@@ -77,6 +136,8 @@ def calibrate(
     Raises:
       ValueError naming the observer's module path if the data held NaN/Inf, or if an observer saw
       nothing (e.g. an empty iterable, or a branch the data never reached).
+      CalibrationShapeError (a ValueError and TypeError) naming the batch and the layer whose op
+      failed when a batch does not fit the model (e.g. the wrong number of features).
     """
     if not observer_modules(model):
         raise ValueError("calibrate: the model has no observers; call prepare(model, qconfig) first")
@@ -91,7 +152,10 @@ def calibrate(
     for i, batch in enumerate(iterator):
         if num_batches is not None and i >= num_batches:
             break
-        stats = step(stats, batch)
+        try:
+            stats = step(stats, batch)
+        except CalibrationShapeError as e:
+            raise CalibrationShapeError(f"calibrate: batch {i}: {e}") from e.__cause__
     nnx.update(model, stats)
     check_observers(model)
     return model

@@ -156,10 +156,8 @@ def test_sync_observer_state_histogram_exact_when_ranges_agree_and_mass_kept_oth
     rng = np.random.default_rng(5)
     x = rng.uniform(-1, 1, size=(N_DEV, 10)).astype(np.float32)
     x[:, 0], x[:, 1] = -1.0, 1.0  # every shard holds the global extremes: same range everywhere
-    # check_vma=False: HistogramObserver.update itself does not type-check on a per-device shard
-    # (see test_histogram_local_update_inside_shard_map below); sync's result is replicated anyway
     f = jax.shard_map(lambda s, x: jd.sync_observer_state(obs, obs.update(s, x), "data"), mesh=mesh,
-                      in_specs=(P(), P("data")), out_specs=P(), check_vma=False)
+                      in_specs=(P(), P("data")), out_specs=P())
     got = f(obs.init(), _put(jnp.asarray(x), mesh, P("data")))
     _assert_tree_equal(obs.update(obs.init(), jnp.asarray(x)), got)
     # different ranges per shard: the merge re-bins (approximate) but keeps range and total mass
@@ -176,9 +174,6 @@ def test_sync_observer_state_refuses_moving_average():
         f(obs.init())
 
 
-@pytest.mark.xfail(strict=True, reason="HistogramObserver.update (torch_numerics.histc scatter-add) cannot "
-                   "resolve the output sharding of a batch sharded over a jax.make_mesh (Explicit axes) mesh; "
-                   "Auto-axis meshes work")
 def test_histogram_under_jit_with_explicit_mesh():
     mesh = jax.make_mesh((N_DEV,), ("data",))
     obs = jq.HistogramObserver(bins=64)
@@ -188,16 +183,21 @@ def test_histogram_under_jit_with_explicit_mesh():
     _assert_tree_equal(obs.update(obs.init(), x), got)
 
 
-@pytest.mark.xfail(strict=True, reason="HistogramObserver._upscale_histogram starts its while_loop carry from "
-                   "jnp.zeros (device-invariant) while the body is per-device varying: fails shard_map's "
-                   "check_vma; fix: build the initial carry with jnp.zeros_like(histogram)")
 def test_histogram_local_update_inside_shard_map():
     obs = jq.HistogramObserver(bins=64)
     mesh = _mesh()
-    x = _batches()[0]
-    f = jax.shard_map(lambda s, x: jd.sync_observer_state(obs, obs.update(s, x), "data"), mesh=mesh,
-                      in_specs=(P(), P("data")), out_specs=P())
-    f(obs.init(), _put(x, mesh, P("data")))
+    a, b = _batches()[:2]  # b's range is wider: each device re-bins (while_loop) its local histogram
+
+    def local_then_sync(s, a, b):
+        return jd.sync_observer_state(obs, obs.update(obs.update(s, a), b), "data")
+
+    # check_vma is on: the local update type-checks per device
+    f = jax.shard_map(local_then_sync, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P())
+    state = f(obs.init(), _put(a, mesh, P("data")), _put(b, mesh, P("data")))
+    both = np.concatenate([np.asarray(a).ravel(), np.asarray(b).ravel()])
+    assert float(state.min_val) == both.min() and float(state.max_val) == both.max()
+    np.testing.assert_allclose(float(jnp.sum(state.histogram)), both.size, rtol=1e-6)
+    assert int(state.num_batches) == 2
 
 
 # ---------------------------------------------------------------------------------- models

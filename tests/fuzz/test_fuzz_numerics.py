@@ -25,7 +25,8 @@ def f32(v):
 
 DTYPES = [jq.quint8, jq.qint8, jq.qint32]
 # Normal float32 scales, from the smallest normal up to 1e30. Denormal scales are flushed to zero
-# by XLA:CPU (1/scale becomes inf, 0 * inf NaN): catalogue entry P03 documents that gap.
+# by XLA:CPU (1/scale becomes inf): eager calls refuse them (catalogue P03), see
+# test_denormal_or_nonpositive_scales_are_refused.
 # Below ~1.2e-35 (1/scale > 8e34) the per-tensor fused multiply-add path breaks down: see
 # test_quantize_product_overflow, which pins those cases.
 scales = st.one_of(
@@ -121,6 +122,47 @@ def test_quantize_per_channel_matches_numpy(data, scale_lo):
         deq, (ref.astype(np.int32) - zps.reshape(shape)).astype(np.float32) * s.reshape(shape))
 
 
+bad_scales = st.one_of(
+    st.floats(f32(1e-45), f32(1.1754942e-38), width=32),  # denormal (XLA:CPU flushes them to zero)
+    st.floats(f32(-1e30), f32(0.0), width=32),             # zero and negative
+    st.sampled_from([float("nan"), float("inf")]),
+)
+
+
+@FAST
+@given(data=st.data(), dtype=st.sampled_from(DTYPES), scale=bad_scales, per_channel=st.booleans())
+def test_denormal_or_nonpositive_scales_are_refused(data, dtype, scale, per_channel):
+    """Eager calls refuse every scale XLA:CPU cannot invert; a valid scale next to it is accepted."""
+    x = data.draw(hnp.arrays(np.float32, (3, 2), elements=finite32))
+    if per_channel:
+        scales = np.asarray([0.5, scale], np.float32)
+        with pytest.raises(ValueError, match=r"quantize_per_channel: scale of channel 1 is"):
+            jq.quantize_per_channel(x, scales, np.zeros(2, np.int32), 1, dtype)
+        jq.quantize_per_channel(x, np.asarray([0.5, 0.25], np.float32), np.zeros(2, np.int32), 1, dtype)
+    else:
+        with pytest.raises(ValueError, match=r"quantize_per_tensor: scale is"):
+            jq.quantize_per_tensor(x, scale, 0, dtype)
+
+
+@FAST
+@given(dtype=st.sampled_from([jq.quint8, jq.qint8]), zp=st.one_of(st.integers(-2**31, -129), st.integers(256, 2**31 - 1)))
+def test_zero_points_outside_the_dtype_are_refused(dtype, zp):
+    with pytest.raises(ValueError, match=rf"zero_point is {zp}, outside .*\[{dtype.min}, {dtype.max}\]"):
+        jq.quantize_per_tensor(np.ones(3, np.float32), 0.1, zp, dtype)
+
+
+def test_value_checks_do_not_run_under_jit():
+    """Under jit nothing is read on the host: a NaN input quantizes as PyTorch's kernel does (no error)."""
+    import jax
+
+    x = jnp.asarray([np.nan, 1.0], jnp.float32)
+    f = lambda x: jq.quantize_per_tensor(x, 0.1, 3, jq.quint8).int_repr()  # noqa: E731
+    q = jax.jit(f)(x)
+    assert int(q[1]) == 13  # round(1.0 / 0.1) + 3
+    # and the traced program holds no check: no reduction over x (the eager check is an all-reduce)
+    assert "reduce" not in str(jax.make_jaxpr(f)(x))
+
+
 def _choose_qparams_ref(lo, hi, qmin, qmax):
     """PyTorch's ChooseQuantizationParams (quant_utils.h), in double as PyTorch computes it."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
@@ -156,6 +198,21 @@ def test_choose_qparams_matches_pytorch_formula(x, dtype, reduce_range):
     np.testing.assert_allclose(float(scale), ref_scale, rtol=2.5e-7)  # within one float32 ulp
     assert abs(int(zp) - ref_zp) <= 1  # documented: float32 vs double ties
     assert qmin <= int(zp) <= qmax
+
+
+@FAST
+@given(lo=st.floats(f32(-3.4e38), f32(0.0), width=32), hi=st.floats(f32(0.0), f32(3.4e38), width=32),
+       reduce_range=st.booleans())
+def test_choose_qparams_ranges_near_float32_max_match_pytorch(lo, hi, reduce_range):
+    """Found by fuzzing: ranges wider than ~2e37 made choose_qparams' error-free transforms overflow
+    (NaN scale); PyTorch computes in double and gets a finite scale."""
+    torch = pytest.importorskip("torch")
+    x = np.asarray([lo, hi, 0.5 * lo], np.float32)
+    scale, zp = jq.choose_qparams(jnp.asarray(x), jq.quint8, reduce_range)
+    tscale, tzp = torch._choose_qparams_per_tensor(torch.from_numpy(x), reduce_range)
+    assert np.isfinite(float(scale))
+    assert np.float32(scale) == np.float32(tscale)
+    assert abs(int(zp) - int(tzp)) <= 1  # documented: float32 vs double ties
 
 
 def _minmax_qparams_ref(lo, hi, qmin, qmax, symmetric, dtype):

@@ -19,7 +19,7 @@ from flax import nnx
 from jaxquant.dtypes import bfloat16, float16, qint8
 from jaxquant.kernels.linear import dynamic_linear, prepack_dynamic_linear
 from jaxquant.nn.dynamic.weights import activation_per_token, quantize_float_weight, weight_dtype
-from jaxquant.nn.variables import QuantCache, QuantParams
+from jaxquant.nn.variables import QuantCache, QuantParams, refresh_cache, seal_cache
 from jaxquant.qtensor import QTensor
 
 
@@ -69,6 +69,7 @@ class Linear(nnx.Module):
         self.per_token = bool(per_token)
         self.relu = bool(relu)
         self.name = name
+        seal_cache(self)
 
     @classmethod
     def from_float(cls, module: nnx.Module, qconfig: Any, path: str = "", *,
@@ -117,6 +118,7 @@ class Linear(nnx.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"dynamic Linear '{self.name}': input has {x.shape[-1]} features, expected "
                              f"{self.in_features}")
+        refresh_cache(self, self.name)  # loaded QuantParams (nnx.update): repack, or say why not
         return dynamic_linear(x, self.params.get_value(), reduce_range=self.reduce_range,
                               per_token=self.per_token, relu=self.relu)
 

@@ -6,20 +6,17 @@ per-channel terms that depend on the input's qparams are refolded per call (O(ou
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxquant.dtypes import QDType
-from jaxquant.kernels.conv import StaticConvParams, prepack_static_conv, static_conv
-from jaxquant.kernels.requantize import output_multiplier
+from jaxquant.kernels.conv import prepack_static_conv, refold_input_qparams, static_conv
 from jaxquant.nn.quantized.common import Int8WeightLayer, observed_qparams, require_qtensor
 from jaxquant.nn.quantized.weights import quantize_weight
-from jaxquant.nn.variables import QuantCache
+from jaxquant.nn.variables import QuantCache, refresh_cache, seal_cache
 from jaxquant.qtensor import QTensor
 
 
@@ -63,6 +60,7 @@ class Conv(Int8WeightLayer):
             strides=_spatial_tuple(strides, nd), padding=padding, dilation=_spatial_tuple(dilation, nd),
             groups=groups, relu=relu, out_dtype=out_dtype.storage))
         self._set_weight_and_output(weight, bias, out_scale, out_zero_point, out_dtype, relu, name)
+        seal_cache(self)
 
     @classmethod
     def from_observed(cls, observed, path: str) -> "Conv":
@@ -89,22 +87,10 @@ class Conv(Int8WeightLayer):
                     self.out_zero_point.get_value(), self.out_dtype, strides=p.strides, padding=p.padding,
                     dilation=p.dilation, groups=p.groups, relu=self.relu, name=self.name)
 
-    def _with_input_qparams(self, p: StaticConvParams, x: QTensor) -> StaticConvParams:
-        zx = x.zero_point.astype(jnp.int32)
-        if p.kind == "depthwise":
-            offset = -zx * jnp.sum(p.w_taps, axis=0)
-        else:
-            k_red = int(np.prod(p.kernel_size)) * (p.in_channels // p.groups)
-            offset = k_red * zx * p.w_zero_point - zx * p.colsum
-        act_times_w, multiplier = output_multiplier(x.scale, self.weight_scale.get_value(),
-                                                    self.out_scale.get_value())
-        bias = self.bias.get_value()
-        return dataclasses.replace(
-            p, offset=offset, multiplier=multiplier, x_zero_point=zx,
-            bias_over_scale=None if bias is None else bias / act_times_w)
-
     def __call__(self, x) -> QTensor:
         x = require_qtensor(x, self.name, "quantized Conv")
-        p = self._with_input_qparams(self.params.get_value(), x)
+        refresh_cache(self, self.name)  # loaded QuantParams (nnx.update): repack, or say why not
+        p = refold_input_qparams(self.params.get_value(), x.scale, x.zero_point, self.weight_scale.get_value(),
+                                 self.out_scale.get_value(), self.bias.get_value())
         y = static_conv(x.int_data, p)
         return QTensor(y, self.out_scale.get_value(), self.out_zero_point.get_value(), self.out_dtype)

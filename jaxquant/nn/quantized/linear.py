@@ -15,7 +15,7 @@ from jaxquant.kernels.linear import int8_matmul_acc, pack_weight, to_uint8_activ
 from jaxquant.kernels.requantize import output_multiplier, requantize
 from jaxquant.nn.quantized.common import Int8WeightLayer, observed_qparams, require_qtensor
 from jaxquant.nn.quantized.weights import quantize_weight
-from jaxquant.nn.variables import QuantCache
+from jaxquant.nn.variables import QuantCache, refresh_cache, seal_cache
 from jaxquant.qtensor import QTensor
 
 
@@ -33,6 +33,7 @@ class Linear(Int8WeightLayer):
         self.in_features, self.out_features = int(k), int(n)
         self._set_weight_and_output(weight, bias, out_scale, out_zero_point, out_dtype, relu, name)
         self.packed = QuantCache(pack_weight(weight.int_data, weight.zero_point, "both"))
+        seal_cache(self)
 
     @classmethod
     def from_observed(cls, observed, path: str) -> "Linear":
@@ -53,6 +54,7 @@ class Linear(Int8WeightLayer):
 
     def __call__(self, x) -> QTensor:
         x = require_qtensor(x, self.name, "quantized Linear")
+        refresh_cache(self, self.name)  # loaded QuantParams (nnx.update): repack, or say why not
         pw = self.packed.get_value()
         if x.shape[-1] != self.in_features:
             raise ValueError(f"quantized Linear '{self.name}': input has {x.shape[-1]} features, "

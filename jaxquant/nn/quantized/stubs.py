@@ -12,7 +12,11 @@ from jaxquant.qtensor import QTensor, dequantize, quantize_per_tensor
 
 
 class Quantize(nnx.Module):
-    """float array (any shape) -> per-tensor QTensor with the calibrated scale and zero point."""
+    """float array (any shape) -> per-tensor QTensor with the calibrated scale and zero point.
+
+    Called eagerly with a concrete input holding NaN/Inf it raises ``ValueError`` naming this module
+    (PyTorch quantizes them silently); under ``jit`` there is no check and no cost.
+    """
 
     def __init__(self, scale: jax.Array, zero_point: jax.Array, dtype: QDType, name: str = ""):
         self.scale = QuantParams(jnp.asarray(scale, jnp.float32))
@@ -28,7 +32,10 @@ class Quantize(nnx.Module):
     def __call__(self, x) -> QTensor:
         if isinstance(x, QTensor):
             return x  # already quantized upstream, as PyTorch's Quantize of a quantized tensor
-        return quantize_per_tensor(x, self.scale.get_value(), self.zero_point.get_value(), self.dtype)
+        try:
+            return quantize_per_tensor(x, self.scale.get_value(), self.zero_point.get_value(), self.dtype)
+        except ValueError as e:  # eager-only value checks (NaN/Inf input, bad loaded qparams)
+            raise ValueError(f"Quantize '{self.name}': {e}") from None
 
 
 class DeQuantize(nnx.Module):
