@@ -1,116 +1,155 @@
-"""QAT train step vs float train step (JAX) vs PyTorch eager QAT step, FashionCNN, batch 128.
+"""QAT training step cost: jaxquant QAT vs JAX float, and vs PyTorch eager QAT on the same model.
 
-Medians over interleaved repeats in one process; prints a markdown table and writes results/qat.json.
+FashionCNN (Conv-BN-ReLU-pool x2, Linear-ReLU, Dropout, Linear) and its PyTorch twin, one AdamW step on
+the same batch (cross-entropy). QAT = fuse Conv-BN-ReLU keeping BatchNorm in the loop, then
+``prepare_qat`` with the x86 QAT qconfig (per-channel weight fake quant, 7-bit-range activations), in
+both libraries. The four steps are timed interleaved in one process (medians over rounds, paired
+ratios per round, see timing.py); prints a markdown table and writes JSON.
 
-    python benchmarks/bench_qat.py [--repeats 20] [--batch 128]
+    python benchmarks/bench_qat.py [--quick] [--batch 128] [--json results/bench_qat.json]
 """
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from pathlib import Path
+import os
+import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxquant.fusion import fuse_modules_qat
-from jaxquant.models.fashion_cnn import FashionCNN, fusion_patterns
-from jaxquant.qconfig import get_default_qat_qconfig
-from jaxquant.transforms.prepare_qat import prepare_qat
+# PyTorch's OpenMP threads spin-wait between calls by default, stealing the two cores from XLA's
+# threads when the two libraries are interleaved; passive waiting keeps both honest.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from jaxquant.fusion import fuse_modules_qat  # noqa: E402
+from jaxquant.models.fashion_cnn import FashionCNN, fusion_patterns  # noqa: E402
+from jaxquant.qconfig import get_default_qat_qconfig  # noqa: E402
+from jaxquant.transforms.prepare_qat import prepare_qat  # noqa: E402
+from timing import markdown_table, median_ms, paired_ratio, time_interleaved, write_json  # noqa: E402
+
+try:
+    import torch
+    torch.set_num_threads(2)
+    torch.backends.quantized.engine = "x86"
+except ImportError:  # torch columns become n/a
+    torch = None
+
+LR = 1e-4
 
 
-def jax_step_fn(model):
-    opt = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
+def jax_step(model: nnx.Module, x: jax.Array, y: jax.Array):
+    """A zero-argument callable running one jitted AdamW step of ``model`` on ``(x, y)``; returns the loss."""
+    model.train()
+    opt = nnx.Optimizer(model, optax.adamw(LR), wrt=nnx.Param)
 
     @nnx.jit
     def step(model, opt, x, y):
-        loss, grads = nnx.value_and_grad(
-            lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean())(model)
+        def loss_fn(m):
+            return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
         opt.update(model, grads)
         return loss
 
-    def run(x, y):
-        step(model, opt, x, y).block_until_ready()
-    return run
+    return lambda: step(model, opt, x, y)
 
 
-def torch_step_fn(batch, width=32):
-    import torch
-    tq = torch.ao.quantization
-    torch.set_num_threads(2)
+def torch_net(width: int = 32):
+    """PyTorch twin of FashionCNN (NCHW), with stubs so eager-mode QAT applies."""
+    nn, tq = torch.nn, torch.ao.quantization
 
-    class Net(torch.nn.Module):
-        def __init__(self):
+    class Block(nn.Module):
+        def __init__(self, cin, cout):
             super().__init__()
-            nn = torch.nn
-            self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
-            self.c1, self.b1, self.r1 = nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
-            self.c2, self.b2, self.r2 = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU()
-            self.pool = nn.MaxPool2d(2)
-            self.fc1, self.r3, self.fc2 = nn.Linear(7 * 7 * 2 * width, 128), nn.ReLU(), nn.Linear(128, 10)
+            self.conv, self.bn = nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)
+            self.relu, self.pool = nn.ReLU(), nn.MaxPool2d(2)
 
         def forward(self, x):
-            x = self.quant(x)
-            x = self.pool(self.r1(self.b1(self.c1(x))))
-            x = self.pool(self.r2(self.b2(self.c2(x))))
-            return self.dequant(self.fc2(self.r3(self.fc1(torch.flatten(x, 1)))))
+            return self.pool(self.relu(self.bn(self.conv(x))))
 
-    net = Net().train()
-    net.qconfig = tq.get_default_qat_qconfig("x86")
-    net = tq.fuse_modules_qat(net, [["c1", "b1", "r1"], ["c2", "b2", "r2"], ["fc1", "r3"]])
-    tq.prepare_qat(net, inplace=True)
-    opt = torch.optim.AdamW(net.parameters(), 1e-4)
-    x = torch.randn(batch, 1, 28, 28)
-    y = torch.randint(0, 10, (batch,))
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+            self.block1, self.block2 = Block(1, width), Block(width, 2 * width)
+            self.fc1, self.relu = nn.Linear(7 * 7 * 2 * width, 128), nn.ReLU()
+            self.dropout, self.fc2 = nn.Dropout(0.2), nn.Linear(128, 10)
 
-    def run(*_):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(x), y).backward()
+        def forward(self, x):
+            x = self.block2(self.block1(self.quant(x)))
+            x = self.dropout(self.relu(self.fc1(torch.flatten(x, 1))))
+            return self.dequant(self.fc2(x))
+
+    return Net()
+
+
+def torch_step(net, x, y):
+    """A zero-argument callable running one eager AdamW step of ``net`` on ``(x, y)``."""
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), LR)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
         opt.step()
+        return loss
     return run
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=20)
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="few rounds (smoke run)")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "qat.json"))
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 21, quick 5)")
+    ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                   "bench_qat.json"))
     args = ap.parse_args(argv)
+    repeats = args.repeats or (5 if args.quick else 21)
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(args.batch, 28, 28, 1)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, 10, args.batch))
+    x_np = rng.normal(size=(args.batch, 28, 28, 1)).astype(np.float32)
+    y_np = rng.integers(0, 10, args.batch)
+    x, y = jnp.asarray(x_np), jnp.asarray(y_np, jnp.int32)
+
+    qconfig = get_default_qat_qconfig("x86")
     float_model = FashionCNN(rngs=nnx.Rngs(0))
-    float_model.train()
     qat_model = fuse_modules_qat(FashionCNN(rngs=nnx.Rngs(0)), fusion_patterns(float_model))
     qat_model.train()
-    qat_model = prepare_qat(qat_model, get_default_qat_qconfig("x86"))
-    runs = {"JAX float": jax_step_fn(float_model), "JAX QAT": jax_step_fn(qat_model)}
-    try:
-        runs["PyTorch QAT (eager)"] = torch_step_fn(args.batch)
-    except ImportError:
-        pass
-    for fn in runs.values():  # compile / warm up
-        fn(x, y), fn(x, y)
-    times = {k: [] for k in runs}
-    for _ in range(args.repeats):  # interleaved
-        for k, fn in runs.items():
-            t = time.perf_counter()
-            fn(x, y)
-            times[k].append(time.perf_counter() - t)
-    med = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
-    base = med["JAX float"]
-    print(f"\nFashionCNN train step, batch {args.batch}, median of {args.repeats} (ms)\n")
-    print("| step | median ms | vs JAX float |\n|---|---|---|")
-    for k, v in med.items():
-        print(f"| {k} | {v:.1f} | {v / base:.2f}x |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"batch": args.batch, "repeats": args.repeats, "median_ms": med,
-                                          "jax_backend": jax.default_backend()}, indent=2))
-    return med
+    qat_model = prepare_qat(qat_model, qconfig)
+    fns = {"jax_float": jax_step(float_model, x, y), "jaxquant_qat": jax_step(qat_model, x, y)}
+    if torch is not None:
+        tq = torch.ao.quantization
+        torch.manual_seed(0)
+        xt, yt = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y_np)
+        tqat = torch_net().train()
+        tqat.qconfig = tq.get_default_qat_qconfig("x86")
+        tqat = tq.fuse_modules_qat(tqat, [["block1.conv", "block1.bn", "block1.relu"],
+                                          ["block2.conv", "block2.bn", "block2.relu"], ["fc1", "relu"]])
+        tq.prepare_qat(tqat, inplace=True)
+        fns["torch_float"] = torch_step(torch_net(), xt, yt)
+        fns["torch_qat"] = torch_step(tqat, xt, yt)
+    times = time_interleaved(fns, repeats=repeats, warmup=3)
+
+    nan = float("nan")
+    has_torch = "torch_qat" in times
+    row = {
+        "batch": args.batch,
+        **{f"{k} ms": median_ms(v) for k, v in times.items()},
+        "jaxquant QAT / JAX float": paired_ratio(times, "jaxquant_qat", "jax_float"),
+        "torch QAT / torch float": paired_ratio(times, "torch_qat", "torch_float") if has_torch else nan,
+        "jaxquant QAT / torch QAT": paired_ratio(times, "jaxquant_qat", "torch_qat") if has_torch else nan,
+    }
+    print(f"\nFashionCNN training step (forward, backward, AdamW), batch {args.batch}, median of {repeats} "
+          f"interleaved rounds, ms; ratios are per-round time ratios (lower is faster for the numerator)\n")
+    print(markdown_table([row]))
+    write_json(args.json, [row], raw_seconds=times, load_average=os.getloadavg(),
+               jax_backend=jax.default_backend(), repeats=repeats)
+    return [row]
 
 
 if __name__ == "__main__":

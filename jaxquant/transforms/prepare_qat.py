@@ -255,9 +255,13 @@ def enable_static_estimate(model: nnx.Module) -> nnx.Module:
     return model
 
 
+_FLOAT32_EPS = float(np.finfo(np.float32).eps)
+
+
 def check_qat_state(model: nnx.Module) -> None:
     """Raise ValueError naming the first module (dotted path) whose Params, BatchNorm statistics or
-    fake-quant state hold NaN/Inf; return ``None`` when everything is finite. Host-side (not jittable).
+    fake-quant state hold NaN/Inf, or whose learnable (LSQ) scale collapsed to <= eps; return ``None``
+    when everything is healthy. Host-side (not jittable).
 
     Call it when the loss goes NaN: a divergent fake-quant scale and a NaN weight look the same there.
     """
@@ -268,6 +272,16 @@ def check_qat_state(model: nnx.Module) -> None:
             if bad:
                 raise ValueError(f"'{where}': fake-quant state is not finite ({', '.join(bad)}); lower the learning "
                                  "rate, clip gradients, or check the data for NaN/Inf")
+            if module.learnable:
+                # LSQ clamps the learned scale to eps in the forward, so a scale driven to <= 0 gives no NaN:
+                # everything it quantizes silently rounds to the range limits.
+                scale = np.asarray(module.scale.get_value())
+                collapsed = int(np.sum(scale <= _FLOAT32_EPS))
+                if collapsed:
+                    raise ValueError(
+                        f"'{where}': learnable fake-quant scale collapsed to <= eps ({collapsed} of {scale.size} "
+                        f"values, min {float(scale.min()):.3g}); lower the learning rate of the scale Params, or "
+                        "call enable_static_estimate(model) to re-estimate them from observers")
             continue
         for var_type, what in ((nnx.Param, "parameter"), (nnx.BatchStat, "BatchNorm statistic")):
             for key, leaf in nnx.state(module, var_type).flat_state():

@@ -9,7 +9,7 @@ running statistics first, as PyTorch's ``convert`` does).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +17,9 @@ from flax import nnx
 from flax.nnx.nn.linear import _conv_dimension_numbers, canonicalize_padding
 
 from jaxquant.nn.qat.batchnorm_fold import fused_bn_forward
-from jaxquant.nn.qat.linear import _out_qparams, make_fake_quants
+from jaxquant.nn.qat.base import QATWeightLayer
+from jaxquant.nn.qat.base import out_qparams as _out_qparams
 from jaxquant.nn.qat.weight_fake_quant import fake_quant_kernel, quantize_kernel_with_fake_quant
-from jaxquant.nn.variables import QuantStats
 
 __all__ = ["Conv", "ConvReLU", "ConvBn", "ConvBnReLU", "conv_with_kernel"]
 
@@ -85,37 +85,27 @@ def _quantized_conv(conv: nnx.Conv, weight, bias, module: Any, path: str, relu: 
                  dilation=conv.kernel_dilation, groups=conv.feature_group_count, relu=relu, name=path)
 
 
-class Conv(nnx.Module):
+class Conv(QATWeightLayer):
     """QAT convolution: ``act_fq(relu?(conv(x, weight_fq(kernel)) + bias))``; NHWC float32 in and out."""
 
-    _relu = False
+    _float_attr = "conv"
 
     def __init__(self, conv: nnx.Conv, qconfig: Any, path: str = ""):
-        self.conv = conv
-        self.qconfig = qconfig
-        self.weight_fake_quant, act = make_fake_quants(qconfig, conv.kernel.get_value().shape, path)
-        self.activation_post_process = nnx.data(act)
+        self._init_layer(conv, qconfig, path)
 
     @classmethod
     def from_float(cls, module: nnx.Module, qconfig: Any, path: str = "") -> "Conv":
         """From an ``nnx.Conv`` (or, for ``ConvReLU``, a fused ``intrinsic.ConvReLU``)."""
         from jaxquant.nn import intrinsic
 
-        conv = module.conv if isinstance(module, intrinsic.ConvReLU) else module
-        if not isinstance(conv, nnx.Conv):
-            raise TypeError(f"'{path}': {cls.__name__}.from_float needs an nnx.Conv, got {type(module).__name__}")
-        return cls(conv, qconfig, path)
+        return cls._from_unfused(module, qconfig, path, nnx.Conv, intrinsic.ConvReLU)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = fake_quant_kernel(self.weight_fake_quant, self.conv.kernel.get_value())
         y = conv_with_kernel(self.conv, x, kernel)
         if self.conv.bias is not None:
             y = y + self.conv.bias.get_value()
-        if self._relu:
-            y = jax.nn.relu(y)
-        if self.activation_post_process is not None:
-            y = self.activation_post_process(y)
-        return y
+        return self._activation(y)
 
     def to_quantized(self, path: str):
         """The int8 :class:`jaxquant.nn.quantized.Conv` (weight quantized with ``weight_fake_quant``'s qparams)."""
@@ -130,20 +120,15 @@ class ConvReLU(Conv):
     _relu = True
 
 
-class ConvBn(nnx.Module):
+class ConvBn(QATWeightLayer):
     """QAT ``ConvBn``: BatchNorm-in-the-loop convolution as PyTorch's ``ConvBn2d._forward_approximate``
     (see :mod:`jaxquant.nn.qat.batchnorm_fold`). ``freeze_bn`` (int32 ``()`` in ``QuantStats``) makes
     the BatchNorm use and keep its running statistics while training (``freeze_bn_stats``)."""
 
-    _relu = False
+    _float_attr = "conv"
 
     def __init__(self, conv: nnx.Conv, bn: nnx.BatchNorm, qconfig: Any, path: str = ""):
-        self.conv = conv
-        self.bn = bn
-        self.qconfig = qconfig
-        self.freeze_bn = QuantStats(jnp.zeros((), jnp.int32))
-        self.weight_fake_quant, act = make_fake_quants(qconfig, conv.kernel.get_value().shape, path)
-        self.activation_post_process = nnx.data(act)
+        self._init_layer(conv, qconfig, path, bn=bn)
 
     @classmethod
     def from_float(cls, module: nnx.Module, qconfig: Any, path: str = "") -> "ConvBn":
@@ -154,11 +139,7 @@ class ConvBn(nnx.Module):
         bias = None if self.conv.bias is None else self.conv.bias.get_value()
         y = fused_bn_forward(lambda x, k: conv_with_kernel(self.conv, x, k), x, self.conv.kernel.get_value(), bias,
                              self.bn, self.freeze_bn.get_value(), self.weight_fake_quant)
-        if self._relu:
-            y = jax.nn.relu(y)
-        if self.activation_post_process is not None:
-            y = self.activation_post_process(y)
-        return y
+        return self._activation(y)
 
     def folded_weights(self) -> tuple[jax.Array, jax.Array]:
         """Kernel and bias with the BatchNorm folded in using its running statistics (PyTorch's ``to_float``)."""

@@ -11,27 +11,14 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
+from jaxquant.nn.qat.base import QATWeightLayer, make_fake_quants
+from jaxquant.nn.qat.base import out_qparams as _out_qparams
 from jaxquant.nn.qat.batchnorm_fold import fused_bn_forward
-from jaxquant.nn.qat.fake_quant_module import FakeQuantModule
 from jaxquant.nn.qat.weight_fake_quant import fake_quant_kernel, quantize_kernel_with_fake_quant
-from jaxquant.nn.variables import QuantStats
 
 __all__ = ["Linear", "LinearReLU", "LinearBn", "make_fake_quants"]
-
-
-def make_fake_quants(qconfig: Any, kernel_shape: tuple[int, ...], path: str) -> tuple[FakeQuantModule, Optional[FakeQuantModule]]:
-    """``(weight_fake_quant, activation_post_process)`` for a flax kernel of ``kernel_shape`` (out last)."""
-    if qconfig is None or qconfig.weight is None:
-        raise ValueError(f"'{path}': QAT needs a qconfig with a weight fake quant, e.g. get_default_qat_qconfig('x86')")
-    pt_shape = (kernel_shape[-1],) + tuple(kernel_shape[:-1])
-    weight_fq = FakeQuantModule(qconfig.weight(), pt_shape)
-    act_fq = None if qconfig.activation is None else FakeQuantModule(qconfig.activation())
-    if act_fq is not None and act_fq.fake_quant.is_per_channel:
-        raise ValueError(f"'{path}': activation fake quants must be per tensor, got {act_fq.fake_quant!r}")
-    return weight_fq, act_fq
 
 
 def _dense(linear: nnx.Linear, x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -39,47 +26,28 @@ def _dense(linear: nnx.Linear, x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=linear.precision)
 
 
-def _out_qparams(module: Any, path: str):
-    from jaxquant.nn.quantized.common import observed_qparams
-
-    if module.activation_post_process is None:
-        raise ValueError(f"'{path}': this QAT module has no output fake quant (its qconfig.activation is None), "
-                         "so it has no static output qparams to convert with")
-    return observed_qparams(module.activation_post_process, path)
-
-
-class Linear(nnx.Module):
+class Linear(QATWeightLayer):
     """QAT linear: ``act_fq(relu?(x @ weight_fq(kernel) + bias))``; ``x`` float32 ``(..., in)`` ->
     float32 ``(..., out)``."""
 
-    _relu = False
+    _float_attr = "linear"
 
     def __init__(self, linear: nnx.Linear, qconfig: Any, path: str = ""):
-        self.linear = linear
-        self.qconfig = qconfig
-        self.weight_fake_quant, act = make_fake_quants(qconfig, linear.kernel.get_value().shape, path)
-        self.activation_post_process = nnx.data(act)
+        self._init_layer(linear, qconfig, path)
 
     @classmethod
     def from_float(cls, module: nnx.Module, qconfig: Any, path: str = "") -> "Linear":
         """From an ``nnx.Linear`` (or, for ``LinearReLU``, a fused ``intrinsic.LinearReLU``)."""
         from jaxquant.nn import intrinsic
 
-        linear = module.linear if isinstance(module, intrinsic.LinearReLU) else module
-        if not isinstance(linear, nnx.Linear):
-            raise TypeError(f"'{path}': {cls.__name__}.from_float needs an nnx.Linear, got {type(module).__name__}")
-        return cls(linear, qconfig, path)
+        return cls._from_unfused(module, qconfig, path, nnx.Linear, intrinsic.LinearReLU)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = fake_quant_kernel(self.weight_fake_quant, self.linear.kernel.get_value())
         y = _dense(self.linear, x, kernel)
         if self.linear.bias is not None:
             y = y + self.linear.bias.get_value()
-        if self._relu:
-            y = jax.nn.relu(y)
-        if self.activation_post_process is not None:
-            y = self.activation_post_process(y)
-        return y
+        return self._activation(y)
 
     def _float_weights(self) -> tuple[jax.Array, Optional[jax.Array]]:
         bias = None if self.linear.bias is None else self.linear.bias.get_value()
@@ -101,17 +69,14 @@ class LinearReLU(Linear):
     _relu = True
 
 
-class LinearBn(nnx.Module):
+class LinearBn(QATWeightLayer):
     """QAT ``LinearBn1d``: BatchNorm-in-the-loop linear (see :mod:`jaxquant.nn.qat.batchnorm_fold`);
     ``(N, in)`` -> ``(N, out)`` float32. ``freeze_bn`` (int32 in ``QuantStats``) switches to running statistics."""
 
+    _float_attr = "linear"
+
     def __init__(self, linear: nnx.Linear, bn: nnx.BatchNorm, qconfig: Any, path: str = ""):
-        self.linear = linear
-        self.bn = bn
-        self.qconfig = qconfig
-        self.freeze_bn = QuantStats(jnp.zeros((), jnp.int32))
-        self.weight_fake_quant, act = make_fake_quants(qconfig, linear.kernel.get_value().shape, path)
-        self.activation_post_process = nnx.data(act)
+        self._init_layer(linear, qconfig, path, bn=bn)
 
     @classmethod
     def from_float(cls, module: nnx.Module, qconfig: Any, path: str = "") -> "LinearBn":
@@ -122,9 +87,7 @@ class LinearBn(nnx.Module):
         bias = None if self.linear.bias is None else self.linear.bias.get_value()
         y = fused_bn_forward(lambda x, k: _dense(self.linear, x, k), x, self.linear.kernel.get_value(), bias,
                              self.bn, self.freeze_bn.get_value(), self.weight_fake_quant)
-        if self.activation_post_process is not None:
-            y = self.activation_post_process(y)
-        return y
+        return self._activation(y)
 
     def to_quantized(self, path: str):
         """int8 :class:`jaxquant.nn.quantized.Linear` with the BatchNorm folded using its running statistics."""
