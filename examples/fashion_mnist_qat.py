@@ -150,12 +150,8 @@ def ship(float_model: nnx.Module, int8_model: nnx.Module, qconfig: QConfig, prob
     with tempfile.TemporaryDirectory() as tmp:
         float_bytes = jq.save(os.path.join(tmp, "float.jq"), float_model)
         int8_bytes = jq.save(os.path.join(tmp, "int8.jq"), int8_model, qconfig=qconfig)
-        # The template is the same pipeline on an untrained model: one training-mode forward gives every
-        # fake quant some qparams (convert refuses unfed ones), and load replaces every array.
-        template = prepare_for_qat(FashionCNN(rngs=nnx.Rngs(1)), qconfig)
-        template(probe)
-        template.eval()
-        template = jq.convert(template)
+        # The template is the same pipeline on an untrained model; load replaces every array.
+        template = jq.converted_template(prepare_for_qat(FashionCNN(rngs=nnx.Rngs(1)), qconfig), probe)
         reloaded = jq.load(os.path.join(tmp, "int8.jq"), template)
     expected = np.asarray(int8_model(probe))
     reload_equal = bool(np.array_equal(np.asarray(reloaded(probe)), expected))

@@ -354,14 +354,22 @@ def load(path: PathLike, model_or_template: nnx.Module, *, inplace: bool = True)
 
 def converted_template(prepared_model: nnx.Module, example_input: Any,
                        forward: Optional[Callable[[nnx.Module, Any], Any]] = None) -> nnx.Module:
-    """An int8 model to load a checkpoint into, without real calibration data.
+    """An int8 model to load a checkpoint into, without real calibration data or training.
 
-    Runs ``prepared_model`` (the output of ``prepare``, not modified) once on ``example_input``
-    (a batch of the right shape; random values are fine: every array is replaced on load) and
-    converts it. ``forward(model, batch)`` defaults to ``model(batch)``.
+    Runs ``prepared_model`` (the output of ``prepare`` or ``prepare_qat``; not modified) once on
+    ``example_input`` (a batch of the right shape; random values are fine: every array is replaced on
+    load) and converts it. A QAT model runs that batch in training mode, so its fake quants observe
+    it, then is switched to eval mode. ``forward(model, batch)`` defaults to ``model(batch)``.
     """
+    from jaxquant.nn.qat.fake_quant_module import FakeQuantModule
     from jaxquant.transforms import calibrate, convert
 
     prepared = copy_model(prepared_model)
-    calibrate(prepared, [example_input], forward or (lambda m, b: m(b)), progress=False)
+    run = forward or (lambda m, b: m(b))
+    if any(isinstance(m, FakeQuantModule) for _, m in named_modules(prepared)):
+        prepared.train()
+        run(prepared, example_input)
+        prepared.eval()
+    else:
+        calibrate(prepared, [example_input], run, progress=False)
     return convert(prepared)

@@ -10,7 +10,7 @@ from flax import nnx
 
 import jaxquant as jq
 from jaxquant import serialization
-from jaxquant.models.fashion_cnn import FashionCNN
+from jaxquant.models.fashion_cnn import FashionCNN, fusion_patterns
 from jaxquant.serialization import CheckpointError, converted_template, load, save
 from jaxquant.tools.size import model_arrays
 
@@ -221,3 +221,32 @@ def test_orbax_round_trip_of_converted_state(cnn_models, template, tmp_path):
     _assert_same_arrays(model_arrays(target), model_arrays(int8_model))
     x = images(3, seed=4)
     np.testing.assert_array_equal(np.asarray(target(x)), np.asarray(int8_model(x)))
+
+
+@pytest.mark.slow
+def test_converted_template_of_a_qat_model(tmp_path):
+    """A QAT checkpoint loads into a template built from an untrained prepare_qat model."""
+    import optax
+
+    def qat_int8(seed, steps):
+        float_model = FashionCNN(width=8, rngs=nnx.Rngs(seed))
+        model = jq.prepare_qat(jq.fuse_modules_qat(float_model, fusion_patterns(float_model)),
+                               jq.get_default_qat_qconfig("x86"))
+        opt = nnx.Optimizer(model, optax.sgd(1e-2), wrt=nnx.Param)
+        x, labels = images(8, seed=seed), jnp.arange(8) % 10
+        for _ in range(steps):
+            grads = nnx.grad(lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), labels).mean())(model)
+            opt.update(model, grads)
+        return model
+
+    trained = qat_int8(0, steps=1)
+    trained.eval()
+    int8_model = jq.convert(trained)
+    save(tmp_path / "qat.jq", int8_model)
+    untrained = qat_int8(5, steps=0)
+    before = _snapshot(untrained)
+    template = converted_template(untrained, images(2, seed=9))
+    _assert_same_arrays(_snapshot(untrained), before)  # the prepared model is not modified
+    loaded = load(tmp_path / "qat.jq", template)
+    x = images(4, seed=3)
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(int8_model(x)))
