@@ -21,11 +21,6 @@ import argparse
 import os
 import sys
 
-# PyTorch's OpenMP threads spin-wait between calls by default, stealing the two cores from XLA's
-# threads when the two libraries are interleaved; passive waiting keeps both honest. It must be set
-# before torch (and its OpenMP runtime) is loaded.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,14 +30,10 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxquant.transforms.quantize_dynamic import quantize_dynamic  # noqa: E402
-from timing import markdown_table, median_ms, paired_ratio, time_interleaved, write_json  # noqa: E402
+from timing import (import_torch, markdown_table, median_ms, paired_ratio, time_interleaved,  # noqa: E402
+                    write_json)
 
-try:
-    import torch
-    torch.set_num_threads(2)
-    torch.backends.quantized.engine = "x86"
-except ImportError:  # torch columns become n/a
-    torch = None
+torch = import_torch(threads=2)  # None without torch: its columns become n/a
 
 NAN = float("nan")
 LINEAR_SHAPES = [(768, 768), (768, 3072), (3072, 768), (4096, 4096)]
@@ -64,6 +55,25 @@ def compiled(model: nnx.Module):
 
 def _max_rel(a, b, ref) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(ref)).max())
+
+
+def _in_inference_mode(fn):
+    """``fn`` as a zero-argument callable run under ``torch.inference_mode()``."""
+    def call():
+        with torch.inference_mode():
+            return fn()
+    return call
+
+
+def _timed_row(row: dict, fns: dict, repeats: int, columns: list) -> dict:
+    """``row`` with the interleaved medians of ``fns`` and the paired ratios added; prints it as a table line."""
+    t = time_interleaved(fns, repeats=repeats)
+    row.update({name: median_ms(v) for name, v in t.items()})
+    row["f32/dyn"] = paired_ratio(t, "jax_f32", "jq_dyn")
+    row["dyn/token"] = paired_ratio(t, "jq_dyn", "jq_dyn_token")
+    row["torch_dyn/dyn"] = paired_ratio(t, "torch_dyn", "jq_dyn") if torch is not None else NAN
+    print(markdown_table([row], columns).splitlines()[-1], flush=True)
+    return row
 
 
 def bench_linear(shapes, ms, repeats):
@@ -90,23 +100,10 @@ def bench_linear(shapes, ms, repeats):
             row = {"K x N": f"{k}x{n}", "M": m}
             if torch is not None:
                 xt = torch.tensor(x)
-
-                def t_f32():
-                    with torch.inference_mode():
-                        return tl(xt)
-
-                def t_dyn():
-                    with torch.inference_mode():
-                        return tdyn(xt)
-                fns["torch_f32"], fns["torch_dyn"] = t_f32, t_dyn
-                row["max_rel_diff"] = _max_rel(dyn(xj), t_dyn().numpy(), f32(xj))
-            t = time_interleaved(fns, repeats=repeats)
-            row.update({name: median_ms(v) for name, v in t.items()})
-            row["f32/dyn"] = paired_ratio(t, "jax_f32", "jq_dyn")
-            row["dyn/token"] = paired_ratio(t, "jq_dyn", "jq_dyn_token")
-            row["torch_dyn/dyn"] = paired_ratio(t, "torch_dyn", "jq_dyn") if torch is not None else NAN
-            rows.append(row)
-            print(markdown_table([row], LIN_COLS).splitlines()[-1], flush=True)
+                fns["torch_f32"] = _in_inference_mode(lambda: tl(xt))
+                fns["torch_dyn"] = _in_inference_mode(lambda: tdyn(xt))
+                row["max_rel_diff"] = _max_rel(dyn(xj), fns["torch_dyn"]().numpy(), f32(xj))
+            rows.append(_timed_row(row, fns, repeats, LIN_COLS))
     return rows
 
 
@@ -149,25 +146,12 @@ def bench_lstm(cases, repeats):
             tl = _torch_lstm_from(model, hidden).eval()
             tdyn = torch.ao.quantization.quantize_dynamic(tl, {torch.nn.LSTM}, dtype=torch.qint8)
             xt = torch.tensor(x)
-
-            def t_f32():
-                with torch.inference_mode():
-                    return tl(xt)[0]
-
-            def t_dyn():
-                with torch.inference_mode():
-                    return tdyn(xt)[0]
-            fns["torch_f32"], fns["torch_dyn"] = t_f32, t_dyn
+            fns["torch_f32"] = _in_inference_mode(lambda: tl(xt)[0])
+            fns["torch_dyn"] = _in_inference_mode(lambda: tdyn(xt)[0])
             # per-step vs whole-sequence activation scales differ (docs/dynamic_quantization.md), so
             # this is a sanity bound, not a bit-for-bit check
-            row["max_rel_diff"] = _max_rel(dyn(xj), t_dyn().numpy(), f32(xj))
-        t = time_interleaved(fns, repeats=repeats)
-        row.update({name: median_ms(v) for name, v in t.items()})
-        row["f32/dyn"] = paired_ratio(t, "jax_f32", "jq_dyn")
-        row["dyn/token"] = paired_ratio(t, "jq_dyn", "jq_dyn_token")
-        row["torch_dyn/dyn"] = paired_ratio(t, "torch_dyn", "jq_dyn") if torch is not None else NAN
-        rows.append(row)
-        print(markdown_table([row], LSTM_COLS).splitlines()[-1], flush=True)
+            row["max_rel_diff"] = _max_rel(dyn(xj), fns["torch_dyn"]().numpy(), f32(xj))
+        rows.append(_timed_row(row, fns, repeats, LSTM_COLS))
     return rows
 
 

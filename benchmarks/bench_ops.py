@@ -23,18 +23,12 @@ from jax import lax  # noqa: E402
 from jaxquant.kernels.conv import prepack_static_conv, static_conv  # noqa: E402
 from jaxquant.kernels.linear import (dynamic_linear, prepack_dynamic_linear,  # noqa: E402
                                      prepack_static_linear, static_linear)
-from timing import markdown_table, median_ms, paired_ratio, time_interleaved, write_json  # noqa: E402
+from timing import (import_torch, markdown_table, median_ms, paired_ratio, time_interleaved,  # noqa: E402
+                    write_json)
 
-# PyTorch's OpenMP threads spin-wait between calls by default, stealing the two cores from
-# XLA's threads when the two libraries are interleaved; passive waiting keeps both honest.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-try:
-    import torch
-    torch.set_num_threads(2)
-    torch.backends.quantized.engine = "x86"
+torch = import_torch(threads=2)  # None without torch: its columns become n/a
+if torch is not None:
     import torch.ao.nn.quantized as nnq
-except ImportError:  # torch columns become n/a
-    torch = None
 
 NAN = float("nan")
 

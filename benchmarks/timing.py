@@ -30,8 +30,26 @@ from typing import Any, Callable, Mapping, Sequence
 
 __all__ = [
     "block", "time_interleaved", "median_ms", "paired_ratio", "markdown_table", "write_json",
-    "environment",
+    "environment", "import_torch",
 ]
+
+
+def import_torch(threads: int = 2) -> Any:
+    """PyTorch set up for a side-by-side CPU comparison, or ``None`` when it is not installed.
+
+    PyTorch's OpenMP threads spin-wait between calls by default, stealing the cores from XLA's
+    threads when the two libraries are interleaved; passive waiting keeps both honest. That policy
+    is read when torch loads its OpenMP runtime, so call this before anything imports torch. Also
+    sets ``threads`` intra-op threads and the x86 quantized engine (fbgemm's successor).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        import torch
+    except ImportError:  # the torch columns become n/a
+        return None
+    torch.set_num_threads(threads)
+    torch.backends.quantized.engine = "x86"
+    return torch
 
 
 def block(out: Any) -> Any:

@@ -64,6 +64,33 @@ def check_zero_point(zero_point: jax.Array, quant_min: int, quant_max: int, wher
                              f"({quant_max}), got {z.tolist()}")
 
 
+def _check_scalar_qparams(scale: jax.Array, zero_point: jax.Array, where: str, per_channel_fn: str) -> None:
+    """Raise unless ``scale`` and ``zero_point`` hold one element each, pointing to ``per_channel_fn``."""
+    if scale.size != 1 or zero_point.size != 1:
+        raise ValueError(f"{where}: scale and zero_point must be scalars, got shapes {scale.shape} and "
+                         f"{zero_point.shape}; use {per_channel_fn}")
+
+
+def _channel_qparams(
+    x: jax.Array, scale: ArrayLike, zero_point: ArrayLike, axis: int, where: str
+) -> tuple[int, jax.Array, jax.Array]:
+    """Check a per-channel call's ``axis`` and qparam lengths against ``x``.
+
+    Returns ``(axis in [0, x.ndim), scale float32 (C,), zero_point (C,) in its own dtype)`` with
+    ``C = x.shape[axis]``.
+    """
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"{where}: axis {axis} is out of range for an input of shape {x.shape}")
+    axis = int(axis) % x.ndim
+    scale = jnp.asarray(scale, jnp.float32).reshape(-1)
+    zero_point = jnp.asarray(zero_point).reshape(-1)
+    channels = x.shape[axis]
+    if scale.shape[0] != channels or zero_point.shape[0] != channels:
+        raise ValueError(f"{where}: expected {channels} scales and zero points for axis {axis} of an input of "
+                         f"shape {x.shape}, got {scale.shape[0]} and {zero_point.shape[0]}")
+    return axis, scale, zero_point
+
+
 def _float_input(x: ArrayLike, where: str) -> jax.Array:
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -82,6 +109,17 @@ def _zero_cotangent(a: jax.Array):
 # kernels (float32 in, float32 out, plus the gradient mask)
 
 
+def _in_range(q: jax.Array, quant_min: int, quant_max: int) -> jax.Array:
+    """The straight-through mask: bool, where the unclamped integer ``q`` (float32) lies in the range."""
+    return (q >= quant_min) & (q <= quant_max)
+
+
+def _clamped_dequantize(q: jax.Array, zp: jax.Array, scale: jax.Array, quant_min: int, quant_max: int) -> jax.Array:
+    """``(clamp(q) - zp) * scale`` in float32, for an integral float32 ``zp`` (broadcasting)."""
+    # (q - zp) is an exact small integer in float32, so one rounding happens, in the product.
+    return (jnp.clip(q, quant_min, quant_max) - zp) * scale
+
+
 def fake_quant_with_mask(
     x: jax.Array, scale: jax.Array, zero_point: jax.Array, quant_min: int, quant_max: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -96,14 +134,11 @@ def fake_quant_with_mask(
     if jnp.issubdtype(zero_point.dtype, jnp.floating):
         zp = zero_point.astype(jnp.float32)
         q = jnp.round(zp + x * inv_scale)
-        mask = (q >= quant_min) & (q <= quant_max)
-        qc = jnp.clip(q, quant_min, quant_max)
-        return _exact_diff_times(qc, zp, scale), mask
+        y = _exact_diff_times(jnp.clip(q, quant_min, quant_max), zp, scale)
+        return y, _in_range(q, quant_min, quant_max)
     zp = zero_point.astype(jnp.int32).astype(jnp.float32)
     q = jnp.round(x * inv_scale) + zp
-    mask = (q >= quant_min) & (q <= quant_max)
-    # (q - zp) is an exact small integer in float32, so one rounding happens, in the product.
-    return (jnp.clip(q, quant_min, quant_max) - zp) * scale, mask
+    return _clamped_dequantize(q, zp, scale, quant_min, quant_max), _in_range(q, quant_min, quant_max)
 
 
 def _exact_diff_times(q: jax.Array, zp: jax.Array, scale: jax.Array) -> jax.Array:
@@ -128,26 +163,32 @@ def _exact_diff_times(q: jax.Array, zp: jax.Array, scale: jax.Array) -> jax.Arra
 
 
 # ---------------------------------------------------------------------------------------------
-# per tensor
+# straight-through custom VJP, and per tensor
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _fq_per_tensor(x, scale, zero_point, quant_min, quant_max):
+def _fq_ste(x, scale, zero_point, quant_min, quant_max):
+    """Straight-through fake quantization on operands that broadcast against ``x``.
+
+    Per tensor and per channel differ only in that broadcast, so one custom VJP serves both.
+    """
     y, _ = fake_quant_with_mask(x, scale, zero_point, quant_min, quant_max)
     return y.astype(x.dtype)
 
 
-def _fq_per_tensor_fwd(x, scale, zero_point, quant_min, quant_max):
+def _fq_ste_fwd(x, scale, zero_point, quant_min, quant_max):
     y, mask = fake_quant_with_mask(x, scale, zero_point, quant_min, quant_max)
     return y.astype(x.dtype), (mask, scale, zero_point)
 
 
-def _fq_per_tensor_bwd(quant_min, quant_max, res, g):
+def _fq_ste_bwd(quant_min, quant_max, res, g):
     mask, scale, zero_point = res
     return (jnp.where(mask, g, jnp.zeros_like(g)), _zero_cotangent(scale), _zero_cotangent(zero_point))
 
 
-_fq_per_tensor.defvjp(_fq_per_tensor_fwd, _fq_per_tensor_bwd)
+_fq_ste.defvjp(_fq_ste_fwd, _fq_ste_bwd)
+
+_fq_per_tensor = _fq_ste  # scale and zero point of shape ()
 
 
 def fake_quantize_per_tensor_affine(
@@ -173,9 +214,7 @@ def fake_quantize_per_tensor_affine(
     x = _float_input(x, where)
     scale = jnp.asarray(scale, jnp.float32)
     zero_point = jnp.asarray(zero_point)
-    if scale.size != 1 or zero_point.size != 1:
-        raise ValueError(f"{where}: scale and zero_point must be scalars, got shapes {scale.shape} and "
-                         f"{zero_point.shape}; use fake_quantize_per_channel_affine for one per channel")
+    _check_scalar_qparams(scale, zero_point, where, "fake_quantize_per_channel_affine for one per channel")
     if jnp.issubdtype(zero_point.dtype, jnp.floating):
         zero_point = jnp.round(zero_point)  # PyTorch converts the zero point with toInt()/nearbyint
     zero_point = zero_point.astype(jnp.int32)
@@ -194,27 +233,10 @@ def _channel_view(a: jax.Array, ndim: int, axis: int) -> jax.Array:
     return a.reshape(shape)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _fq_per_channel(x, scale, zero_point, axis, quant_min, quant_max):
-    y, _ = fake_quant_with_mask(
-        x, _channel_view(scale, x.ndim, axis), _channel_view(zero_point, x.ndim, axis), quant_min, quant_max
-    )
-    return y.astype(x.dtype)
-
-
-def _fq_per_channel_fwd(x, scale, zero_point, axis, quant_min, quant_max):
-    y, mask = fake_quant_with_mask(
-        x, _channel_view(scale, x.ndim, axis), _channel_view(zero_point, x.ndim, axis), quant_min, quant_max
-    )
-    return y.astype(x.dtype), (mask, scale, zero_point)
-
-
-def _fq_per_channel_bwd(axis, quant_min, quant_max, res, g):
-    mask, scale, zero_point = res
-    return (jnp.where(mask, g, jnp.zeros_like(g)), _zero_cotangent(scale), _zero_cotangent(zero_point))
-
-
-_fq_per_channel.defvjp(_fq_per_channel_fwd, _fq_per_channel_bwd)
+    # scale, zero_point (C,) viewed along axis; the reshape carries their (zero) cotangents back to (C,)
+    return _fq_ste(x, _channel_view(scale, x.ndim, axis), _channel_view(zero_point, x.ndim, axis),
+                   quant_min, quant_max)
 
 
 def fake_quantize_per_channel_affine(
@@ -241,15 +263,7 @@ def fake_quantize_per_channel_affine(
     where = "fake_quantize_per_channel_affine"
     check_qrange(quant_min, quant_max, where)
     x = _float_input(x, where)
-    if not -x.ndim <= axis < x.ndim:
-        raise ValueError(f"{where}: axis {axis} is out of range for an input of shape {x.shape}")
-    axis = int(axis) % x.ndim
-    scale = jnp.asarray(scale, jnp.float32).reshape(-1)
-    zero_point = jnp.asarray(zero_point).reshape(-1)
-    channels = x.shape[axis]
-    if scale.shape[0] != channels or zero_point.shape[0] != channels:
-        raise ValueError(f"{where}: expected {channels} scales and zero points for axis {axis} of an input of "
-                         f"shape {x.shape}, got {scale.shape[0]} and {zero_point.shape[0]}")
+    axis, scale, zero_point = _channel_qparams(x, scale, zero_point, axis, where)
     check_scale(scale, where)
     if not jnp.issubdtype(zero_point.dtype, jnp.floating):
         zero_point = zero_point.astype(jnp.int32)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +32,12 @@ from jaxquant.fake_quant.fake_quantize import FakeQuantizeBase, instantiate_obse
 from jaxquant.observers.minmax import MovingAverageMinMaxObserver
 from jaxquant.fake_quant.functional import (
     ArrayLike,
+    _channel_qparams,
     _channel_view,
+    _check_scalar_qparams,
+    _clamped_dequantize,
     _float_input,
+    _in_range,
     check_qrange,
     check_scale,
     fake_quant_with_mask,
@@ -68,9 +72,9 @@ def _lsq_grads(x, g, scale, zp, quant_min, quant_max, grad_factor):
     gf = jnp.float32(grad_factor)
     inv_scale = jnp.float32(1.0) / scale
     xq = jnp.round(zp + x * inv_scale)
-    inside = (xq >= quant_min) & (xq <= quant_max)
+    inside = _in_range(xq, quant_min, quant_max)
     dx = jnp.where(inside, g, jnp.float32(0.0))
-    xfq = (jnp.clip(xq, quant_min, quant_max) - zp) * scale
+    xfq = _clamped_dequantize(xq, zp, scale, quant_min, quant_max)
     dscale_small = jnp.float32(quant_min) - zp
     dscale_big = jnp.float32(quant_max) - zp
     ds_out = jnp.where(xq < quant_min, g * dscale_small, g * dscale_big) * gf
@@ -121,9 +125,7 @@ def fake_quantize_learnable_per_tensor_affine(
     x = _float_input(x, where)
     scale = jnp.asarray(scale, jnp.float32)
     zero_point = jnp.asarray(zero_point, jnp.float32)
-    if scale.size != 1 or zero_point.size != 1:
-        raise ValueError(f"{where}: scale and zero_point must be scalars, got shapes {scale.shape} and "
-                         f"{zero_point.shape}; use fake_quantize_learnable_per_channel_affine")
+    _check_scalar_qparams(scale, zero_point, where, "fake_quantize_learnable_per_channel_affine")
     check_scale(scale, where)
     return _lsq_per_tensor(x, scale, zero_point, int(quant_min), int(quant_max), float(grad_factor))
 
@@ -181,14 +183,7 @@ def fake_quantize_learnable_per_channel_affine(
     where = "fake_quantize_learnable_per_channel_affine"
     _check_lsq_qrange(quant_min, quant_max, where)
     x = _float_input(x, where)
-    if not -x.ndim <= axis < x.ndim:
-        raise ValueError(f"{where}: axis {axis} is out of range for an input of shape {x.shape}")
-    axis = int(axis) % x.ndim
-    scale = jnp.asarray(scale, jnp.float32).reshape(-1)
-    zero_point = jnp.asarray(zero_point, jnp.float32).reshape(-1)
-    if scale.shape[0] != x.shape[axis] or zero_point.shape[0] != x.shape[axis]:
-        raise ValueError(f"{where}: expected {x.shape[axis]} scales and zero points for axis {axis} of an input "
-                         f"of shape {x.shape}, got {scale.shape[0]} and {zero_point.shape[0]}")
+    axis, scale, zero_point = _channel_qparams(x, scale, jnp.asarray(zero_point, jnp.float32), axis, where)
     check_scale(scale, where)
     return _lsq_per_channel(x, scale, zero_point, axis, int(quant_min), int(quant_max), float(grad_factor))
 

@@ -14,17 +14,11 @@ from jaxquant.dtypes import qint8, quint8  # noqa: E402
 from quantized_parity import (assert_within_one_step, channels_first_perm, channels_last_perm,  # noqa: E402
                               output_qparams, ours_weight, random_inputs, seed_of, signed_weight)
 
+pytestmark = pytest.mark.usefixtures("x86_engine")
+
 F = torch.nn.functional
 TORCH_CONV = {1: "Conv1d", 2: "Conv2d", 3: "Conv3d"}
 TORCH_F = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-
-
-@pytest.fixture(autouse=True)
-def _x86():
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = "x86"
-    yield
-    torch.backends.quantized.engine = previous
 
 
 # (id, nd, cin, cout, kernel, stride, torch padding, ours padding, dilation, groups, spatial, per_channel)

@@ -11,15 +11,9 @@ from jaxquant.dtypes import qint8, quint8  # noqa: E402
 from quantized_parity import (assert_within_one_step, output_qparams, ours_weight,  # noqa: E402
                               random_inputs, seed_of, signed_weight)
 
+pytestmark = pytest.mark.usefixtures("x86_engine")
+
 K, N, M = 48, 24, 16
-
-
-@pytest.fixture(autouse=True)
-def _x86():
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = "x86"
-    yield
-    torch.backends.quantized.engine = previous
 
 
 # Every value of each option appears with every value of each other option at least once
