@@ -77,7 +77,8 @@ def main() -> None:
     latency: dict[int, dict[str, float]] = {}
     for b in args.batches:
         x = eff.preprocess(evals[np.arange(b) % len(evals)])
-        xt = ex.to_nchw(evals[np.arange(b) % len(evals)])
+        # channels_last: fbgemm's int8 convs are NHWC; an NCHW input is converted at every layer.
+        xt = ex.to_nchw(evals[np.arange(b) % len(evals)]).contiguous(memory_format=torch.channels_last)
 
         def run_torch(net, xt=xt):
             with torch.no_grad():
