@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 _SOURCE = "cache_source"  # metadata key: fingerprint of the QuantParams a cache was built from
-_SHAPES = "cache_shapes"  # metadata key on QuantCache: {name: shape} of those QuantParams
+_SHAPES = "cache_shapes"  # metadata key on QuantCache: ((name, shape), ...) of those QuantParams
 
 
 class QuantStats(nnx.Variable):
@@ -48,8 +48,10 @@ def _variables(module: Any, kind: type) -> list[tuple[str, nnx.Variable]]:
     return sorted((k, v) for k, v in vars(module).items() if isinstance(v, kind))
 
 
-def _shapes(module: Any) -> dict[str, Any]:
-    return {k: jax.tree.map(lambda a: tuple(np.shape(a)), v.get_raw_value()) for k, v in _variables(module, QuantParams)}
+def _shapes(module: Any) -> tuple[tuple[str, Any], ...]:
+    # A tuple, not a dict: metadata is part of the graphdef, which jit hashes.
+    return tuple((k, tuple(tuple(np.shape(a)) for a in jax.tree.leaves(v.get_raw_value())))
+                 for k, v in _variables(module, QuantParams))
 
 
 def params_fingerprint(module: Any) -> Optional[str]:
@@ -106,8 +108,8 @@ def refresh_cache(module: Any, name: str) -> None:
     if replaced is None:
         return
     caches = _variables(module, QuantCache)
-    built_for = caches[0][1].get_metadata(_SHAPES, {})
-    now = _shapes(module)
+    built_for = dict(caches[0][1].get_metadata(_SHAPES, ()))
+    now = dict(_shapes(module))
     changed = [k for k in replaced if built_for.get(k) != now.get(k)]
     where = f"{type(module).__qualname__} '{name}'"
     if changed:
