@@ -37,7 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 1_000_000, 10_000_000])
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--json", default="bench_observers.json")
+    ap.add_argument("--json", default="benchmarks/results/observers.json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     rng = np.random.default_rng(0)

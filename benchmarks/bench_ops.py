@@ -180,7 +180,8 @@ def bench_conv(convs, batches, repeats):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repeats (< 2 min)")
-    ap.add_argument("--json", default=None, help="write results to this JSON file")
+    ap.add_argument("--json", default=None,
+                    help="results file (default benchmarks/results/ops.json, ops_quick.json with --quick)")
     args = ap.parse_args()
     if args.quick:
         shapes, ms, rep = [(768, 768), (4096, 4096)], [1, 512], 5
@@ -194,8 +195,9 @@ def main():
     print("## Conv (NHWC, ms per call)\n")
     conv = bench_conv(convs, batches, crep)
     print("\n" + markdown_table(conv))
-    if args.json:
-        write_json(args.json, {"dense": dense, "conv": conv}, quick=args.quick)
+    default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                           "ops_quick.json" if args.quick else "ops.json")
+    write_json(args.json or default, {"dense": dense, "conv": conv}, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -132,10 +132,11 @@ def _fmt(v: Any) -> str:
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """Render dict rows as a GitHub markdown table (floats to 3 significant digits)."""
+    """Render dict rows as a GitHub markdown table (floats to 3 significant digits); the columns are
+    every key of any row, in order of first appearance, unless given."""
     if not rows:
         return ""
-    columns = list(columns or rows[0].keys())
+    columns = list(columns or dict.fromkeys(k for row in rows for k in row))
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |")
