@@ -38,11 +38,12 @@ __all__ = ["StaticConvParams", "prepack_static_conv", "refold_input_qparams", "s
 
 Padding = Union[str, Sequence[tuple[int, int]]]
 
-# Target size of one batch tile's temporaries: uint8 im2col plus int32 accumulator. Large temporaries
-# page-fault on every call under glibc malloc and spill from cache between the dot and its epilogue.
-# Fashion-MNIST CNN on one core: batch 256 took 29.5 ms when only the im2col was counted (a 26 MB
-# accumulator), 10.9 ms with both counted at 1 MB tiles; 0.5-2 MB tiles are within 5 % of that.
-IM2COL_TILE_BYTES = 1 << 20
+# Target size of one batch tile's temporaries: uint8 im2col plus int32 accumulator. Untiled, a large
+# batch's temporaries page-fault under glibc malloc and fall out of cache between the dot and its
+# epilogue; tiles that are too small pay XLA's per-kernel thread hand-off once per tile. Measured on
+# 2 cores (ms): 3x3 64->64 @56 batch 32: 15.2 / 11.8 / 31.7 at 1 / 8 / 64 MB; Fashion-MNIST CNN batch
+# 64: 2.40 / 1.81 / 1.70 at 2 / 8 / 32 MB, batch 256: 9.24 / 7.29 / 7.37.
+IM2COL_TILE_BYTES = 8 << 20
 
 
 def _field(static: bool = False):
