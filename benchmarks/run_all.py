@@ -1,6 +1,6 @@
 """The whole benchmark suite in one command: each script in its own process, one after another.
 
-    python benchmarks/run_all.py            # every benchmark (about 25 minutes on 2 idle cores)
+    python benchmarks/run_all.py            # every benchmark (10-20 minutes on 2 idle cores)
     python benchmarks/run_all.py --quick    # int8 kernels and the Fashion-MNIST CNN, under 2 minutes
 
 Every script prints its markdown tables and writes its JSON under ``benchmarks/results/``; this
