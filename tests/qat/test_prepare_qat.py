@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import jaxquant.nn as jqnn
 from jaxquant.fusion import fuse_modules_qat
 from jaxquant.nn import qat as nnqat
 from jaxquant.nn.observed import Observed
@@ -15,26 +14,11 @@ from jaxquant.nn.variables import QuantStats
 from jaxquant.qconfig import QConfig, get_default_qat_qconfig
 from jaxquant.transforms import convert
 from jaxquant.transforms.prepare_qat import (
-    check_qat_state, disable_fake_quant, disable_observer, enable_fake_quant, enable_observer,
+    check_qat_state, disable_fake_quant, disable_observer, enable_fake_quant,
     enable_param_learning, freeze_bn_stats, prepare_qat, quantize_qat,
 )
 
-H, C_IN, C_OUT, N_OUT = 6, 2, 4, 3
-
-
-class Net(nnx.Module):
-    def __init__(self, rngs):
-        self.quant = jqnn.QuantStub()
-        self.conv = nnx.Conv(C_IN, C_OUT, (3, 3), padding=1, rngs=rngs)
-        self.bn = nnx.BatchNorm(C_OUT, momentum=0.9, rngs=rngs)
-        self.relu = jqnn.ReLU()
-        self.flatten = jqnn.Flatten()
-        self.fc = nnx.Linear(H * H * C_OUT, N_OUT, rngs=rngs)
-        self.dequant = jqnn.DeQuantStub()
-
-    def __call__(self, x):
-        x = self.relu(self.bn(self.conv(self.quant(x))))
-        return self.dequant(self.fc(self.flatten(x)))
+from qat_small_net import C_IN, C_OUT, H, N_OUT, Net  # tests/qat is on sys.path (rootdir conftest layout)
 
 
 def _qat_net(seed=0):

@@ -1,7 +1,6 @@
 """QAT modules vs PyTorch's QAT modules (same weights, same inputs): forward, input/weight grads, BN stats."""
 import numpy as np
 import pytest
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
