@@ -15,10 +15,8 @@ import argparse
 import importlib.util
 import json
 import os
-
-# PyTorch's OpenMP threads spin after each op and starve XLA's when both run in one process.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import platform
+import sys
 import time
 import warnings
 
@@ -28,6 +26,9 @@ import numpy as np
 import jaxquant as jq
 from jaxquant.datasets.sample_images import sample_images
 from jaxquant.models import efficientnet_lite as eff
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import import_torch  # noqa: E402
 
 
 def _load_example():
@@ -50,7 +51,9 @@ def main() -> None:
     args = p.parse_args()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
-    import torch
+    torch = import_torch(threads=2)
+    if torch is None:
+        p.error("the PyTorch rows need torch: pip install -e '.[test]'")
 
     ex = _load_example()
     images = sample_images(args.n_eval + args.n_calib)

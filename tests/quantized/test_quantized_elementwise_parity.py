@@ -11,8 +11,7 @@ torch = pytest.importorskip("torch")
 import jaxquant.nn as jqnn  # noqa: E402
 import jaxquant.nn.quantized as jqq  # noqa: E402
 from jaxquant.dtypes import quint8  # noqa: E402
-from quantized_parity import (JQ_DTYPES, assert_within_one_step, output_qparams, random_inputs, seed_of,  # noqa: E402
-                              torch_q)
+from quantized_parity import JQ_DTYPES, assert_within_one_step, output_qparams, random_inputs, seed_of  # noqa: E402
 
 F = torch.nn.functional
 nnq = torch.ao.nn.quantized
@@ -20,12 +19,7 @@ NHWC_TO_NCHW, NCHW_TO_NHWC = (0, 3, 1, 2), (0, 2, 3, 1)
 C = 6
 
 
-@pytest.fixture(autouse=True)
-def _x86():
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = "x86"
-    yield
-    torch.backends.quantized.engine = previous
+pytestmark = pytest.mark.usefixtures("x86_engine")  # tests/quantized/conftest.py
 
 
 def _apply(fn, x):

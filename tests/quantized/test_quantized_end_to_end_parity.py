@@ -18,12 +18,7 @@ tnn = torch.nn
 tq = torch.ao.quantization
 
 
-@pytest.fixture(autouse=True)
-def _x86():
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = "x86"
-    yield
-    torch.backends.quantized.engine = previous
+pytestmark = pytest.mark.usefixtures("x86_engine")  # tests/quantized/conftest.py
 
 
 # ---------------------------------------------------------------- twin models
