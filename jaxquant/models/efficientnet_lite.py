@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import os
 import pickle
 import zipfile
@@ -53,6 +54,7 @@ __all__ = [
     "conv_bn_units",
     "load_state_dict",
     "read_torch_state_dict",
+    "TorchFileError",
     "weights_path",
     "torch_efficientnet_lite0",
     "torch_fusion_patterns",
@@ -333,6 +335,13 @@ _STORAGE_DTYPES = {
     "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
 }
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+# numpy's own limit is 64 dimensions; no state-dict tensor comes near this.
+_MAX_NDIM = 32
+
+
+class TorchFileError(ValueError):
+    """A ``torch.save`` file that the torch-free reader refuses: damaged, crafted, or holding
+    something other than plain tensors (a pickled module, custom classes, storage views)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,9 +352,16 @@ class _StorageType:
 class _Storage:
     """A flat typed buffer; ``data`` is filled once its bytes have been read."""
 
-    def __init__(self, dtype: np.dtype, numel: int):
-        self.dtype, self.numel = np.dtype(dtype), numel
+    def __init__(self, key: str, dtype: np.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, np.dtype(dtype), numel
         self.data: np.ndarray | None = None
+
+
+def _check_int(value: Any, what: str) -> int:
+    # bool is an int subclass; a crafted pickle could put anything here.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TorchFileError(f"torch checkpoint: {what} must be a non-negative integer, got {value!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,37 +372,92 @@ class _TensorRef:
     stride: tuple[int, ...]
 
     def to_numpy(self) -> np.ndarray:
-        flat = self.storage.data
+        # Validated here, at the last moment: a crafted pickle can BUILD (overwrite the fields of)
+        # an object after it was constructed, so checks in the constructor alone would not hold.
+        storage, offset, size, stride = self.storage, self.offset, self.size, self.stride
+        if not isinstance(storage, _Storage):
+            raise TorchFileError(f"torch checkpoint: a tensor is rebuilt from "
+                                 f"{type(storage).__name__}, not from a storage")
+        if not isinstance(size, tuple) or not isinstance(stride, tuple) or len(size) != len(stride) \
+                or len(size) > _MAX_NDIM:
+            raise TorchFileError(f"torch checkpoint: bad tensor size {size!r:.80} / stride {stride!r:.80}")
+        size = tuple(_check_int(n, "a tensor size") for n in size)
+        stride = tuple(_check_int(s, "a tensor stride") for s in stride)
+        offset = _check_int(offset, "a storage offset")
+        flat = storage.data
         if flat is None:
-            raise ValueError("checkpoint is truncated: a tensor's storage was never written")
+            raise TorchFileError("torch checkpoint is truncated: a tensor's storage was never written")
+        if not isinstance(flat, np.ndarray) or flat.ndim != 1 or flat.size != storage.numel:
+            raise TorchFileError(f"torch checkpoint: storage '{storage.key}' does not hold the "
+                                 f"{storage.numel} elements its header says")
+        numel = math.prod(size)
+        if numel == 0:
+            if offset > flat.size:
+                raise TorchFileError(f"torch checkpoint: empty tensor at offset {offset} past the "
+                                     f"end of storage '{storage.key}' ({flat.size} elements)")
+            return np.zeros(size, flat.dtype)
+        # The last element's index, in Python ints (no overflow): it must lie inside the storage,
+        # else as_strided would read (or crash on) memory past the buffer.
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if last >= flat.size:
+            raise TorchFileError(
+                f"torch checkpoint: tensor of size {list(size)}, stride {list(stride)}, "
+                f"offset {offset} reaches element {last} of storage '{storage.key}', which "
+                f"has {flat.size}: the file is damaged or crafted")
+        if numel > flat.size:
+            # In bounds yet larger than its storage means overlapping (expanded) strides; copying it
+            # could allocate without limit.
+            raise TorchFileError(
+                f"torch checkpoint: tensor of size {list(size)} has {numel} elements but its "
+                f"storage '{storage.key}' only {flat.size} (an expanded/overlapping view); save t.contiguous() instead")
         item = flat.itemsize
-        view = np.lib.stride_tricks.as_strided(flat[self.offset:], self.size,
-                                               [s * item for s in self.stride])
+        view = np.lib.stride_tricks.as_strided(flat[offset:], size, [s * item for s in stride],
+                                               writeable=False)
         return np.array(view)
 
 
 def _rebuild_tensor(storage, offset, size, stride, *unused) -> _TensorRef:
-    return _TensorRef(storage, int(offset), tuple(size), tuple(stride))
+    return _TensorRef(storage, offset, size, stride)
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: BinaryIO, load_storage: Callable[[tuple], _Storage]):
+    """Resolves only the globals a plain tensor state dict needs (as ``torch.load(weights_only=True)``
+    does); every other global (``os.system``, ``builtins.eval``, a module class) is refused before
+    anything is called. ``load_storage=None`` allows no persistent ids either."""
+
+    def __init__(self, file: BinaryIO, load_storage: Callable[[tuple], _Storage] | None,
+                 allow_tensors: bool = True):
         super().__init__(file)
         self._load_storage = load_storage
+        self._allow_tensors = allow_tensors
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
-            return _rebuild_tensor
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(np.dtype(_STORAGE_DTYPES[name]))
-        raise pickle.UnpicklingError(
+        if self._allow_tensors:
+            if (module, name) == ("collections", "OrderedDict"):
+                return collections.OrderedDict
+            if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+                return _rebuild_tensor
+            if module == "torch" and name in _STORAGE_DTYPES:
+                return _StorageType(np.dtype(_STORAGE_DTYPES[name]))
+        raise TorchFileError(
             f"checkpoint references {module}.{name}, which this torch-free reader does not "
             "support (only plain tensor state dicts); load it with torch.load instead")
 
-    def persistent_load(self, pid: tuple) -> _Storage:
+    def persistent_load(self, pid: Any) -> _Storage:
+        if self._load_storage is None:
+            raise TorchFileError("unexpected persistent id in a torch checkpoint header")
         return self._load_storage(pid)
+
+
+def _safe_load(f: BinaryIO, load_storage=None, allow_tensors: bool = False) -> Any:
+    return _RestrictedUnpickler(f, load_storage, allow_tensors).load()
+
+
+def _storage_pid(pid: Any) -> tuple[_StorageType, str, int]:
+    if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)):
+        raise TorchFileError(f"torch checkpoint: unsupported persistent id {pid!r:.80}")
+    return pid[1], pid[2], _check_int(pid[4], "a storage size")
 
 
 def _materialize(obj: Any) -> Any:
@@ -401,51 +472,71 @@ def _materialize(obj: Any) -> Any:
 
 def _read_zip(path: str) -> Any:
     with zipfile.ZipFile(path) as zf:
-        pkl = next(n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
-        prefix = pkl[: -len("data.pkl")]
+        pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+        if len(pkls) != 1:
+            raise TorchFileError(f"{path}: a torch zip checkpoint has one data.pkl, found {len(pkls)}")
+        prefix = pkls[0][: -len("data.pkl")]
         storages: dict[str, _Storage] = {}
 
-        def load_storage(pid: tuple) -> _Storage:
-            _, storage_type, key, _location, numel = pid[:5]
+        def load_storage(pid: Any) -> _Storage:
+            storage_type, key, numel = _storage_pid(pid)
             if key not in storages:
-                st = _Storage(storage_type.dtype, numel)
-                raw = zf.read(f"{prefix}data/{key}")
-                st.data = np.frombuffer(raw, dtype=st.dtype.newbyteorder("<"), count=numel)
+                st = _Storage(key, storage_type.dtype, numel)
+                name = f"{prefix}data/{key}"
+                try:
+                    info = zf.getinfo(name)
+                except KeyError:
+                    raise TorchFileError(f"{path}: storage '{key}' is missing from the archive") from None
+                # Checked before reading, so a lying size cannot make us allocate or read past it.
+                if info.file_size != numel * st.dtype.itemsize:
+                    raise TorchFileError(f"{path}: storage '{key}' has {info.file_size} bytes, its "
+                                         f"header says {numel} x {st.dtype.itemsize}")
+                st.data = np.frombuffer(zf.read(name), dtype=st.dtype.newbyteorder("<"))
                 storages[key] = st
             return storages[key]
 
-        with zf.open(pkl) as f:
-            return _materialize(_RestrictedUnpickler(f, load_storage).load())
+        with zf.open(pkls[0]) as f:
+            return _materialize(_safe_load(f, load_storage, allow_tensors=True))
 
 
 def _read_legacy(path: str) -> Any:
     with open(path, "rb") as f:
-        if pickle.load(f) != _LEGACY_MAGIC:
-            raise ValueError(f"{path} is neither a zip nor a legacy torch.save file")
-        pickle.load(f)  # protocol version
-        sys_info = pickle.load(f)
-        if not sys_info.get("little_endian", True):
-            raise ValueError(f"{path} was saved on a big-endian machine; not supported")
+        # Each of the legacy format's pickles goes through the restricted unpickler: the magic
+        # number, protocol, sys info and key list allow no globals at all.
+        if _safe_load(f) != _LEGACY_MAGIC:
+            raise TorchFileError(f"{path} is neither a zip nor a legacy torch.save file")
+        _safe_load(f)  # protocol version
+        sys_info = _safe_load(f)
+        if not isinstance(sys_info, dict) or not sys_info.get("little_endian", True):
+            raise TorchFileError(f"{path} was saved on a big-endian machine or is damaged; not supported")
         storages: dict[str, _Storage] = {}
 
-        def load_storage(pid: tuple) -> _Storage:
-            if pid[0] != "storage":
-                raise pickle.UnpicklingError(f"unsupported persistent id {pid[0]!r}")
-            _, storage_type, key, _location, numel, view = pid
-            if view is not None:
-                raise pickle.UnpicklingError("storage views in legacy checkpoints are not supported")
+        def load_storage(pid: Any) -> _Storage:
+            storage_type, key, numel = _storage_pid(pid)
+            if len(pid) != 6 or pid[5] is not None:
+                raise TorchFileError("storage views in legacy checkpoints are not supported")
             if key not in storages:
-                storages[key] = _Storage(storage_type.dtype, numel)
+                storages[key] = _Storage(key, storage_type.dtype, numel)
             return storages[key]
 
-        obj = _RestrictedUnpickler(f, load_storage).load()
-        keys = pickle.load(f)
+        obj = _safe_load(f, load_storage, allow_tensors=True)
+        keys = _safe_load(f)
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise TorchFileError(f"{path}: the storage key list is damaged")
         for key in keys:
+            if key not in storages:
+                raise TorchFileError(f"{path}: storage '{key}' is not used by any tensor")
             st = storages[key]
-            (count,) = np.frombuffer(f.read(8), "<i8")
+            head = f.read(8)
+            if len(head) != 8:
+                raise TorchFileError(f"{path} is truncated before storage '{key}'")
+            count = int(np.frombuffer(head, "<i8")[0])
             if count != st.numel:
-                raise ValueError(f"storage {key}: header says {count} elements, pickle {st.numel}")
+                raise TorchFileError(f"{path}: storage {key}: header says {count} elements, "
+                                     f"pickle {st.numel}")
             raw = f.read(count * st.dtype.itemsize)
+            if len(raw) != count * st.dtype.itemsize:
+                raise TorchFileError(f"{path} is truncated inside storage '{key}'")
             st.data = np.frombuffer(raw, dtype=st.dtype.newbyteorder("<"))
     return _materialize(obj)
 
@@ -454,11 +545,27 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a ``torch.save``-d state dict (zip or legacy format) into numpy arrays, without torch.
 
     Returns an ordered dict name -> np.ndarray with the tensor's dtype and shape (PyTorch layout).
+    Nothing in the file is executed: every pickle goes through an unpickler that resolves only
+    the tensor-rebuild globals (as ``torch.load(weights_only=True)``), and every tensor's size,
+    stride and offset is checked against its storage before a byte is read.
+
+    Raises:
+      TorchFileError: (a ``ValueError``) the file is damaged or crafted, or holds more than tensors.
     """
     path = os.fspath(path)
-    if zipfile.is_zipfile(path):
-        return _read_zip(path)
-    return _read_legacy(path)
+    try:
+        state = _read_zip(path) if zipfile.is_zipfile(path) else _read_legacy(path)
+    except TorchFileError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
+            AttributeError, RecursionError, MemoryError, zipfile.BadZipFile) as e:
+        raise TorchFileError(f"{path}: cannot read this torch checkpoint ({type(e).__name__}: {e}); "
+                             "if it is trusted, load it with torch.load instead") from e
+    if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items()):
+        raise TorchFileError(f"{path} does not hold a state dict (a dict of name -> tensor) but a "
+                             f"{type(state).__name__}; save model.state_dict() instead")
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
