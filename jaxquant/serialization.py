@@ -29,11 +29,15 @@ replace the template's; :func:`converted_template` does that with a synthetic ba
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
+import math
 import os
+import secrets
+import stat
 import struct
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -128,8 +132,10 @@ def save(path: PathLike, model: nnx.Module, *, qconfig: Any = None,
     """Write ``model``'s defining arrays and structure to ``path`` (format described in this module).
 
     Args:
-      path: file to write (conventionally ``*.jq``); written to a temporary name, then renamed, so a
-        crash never leaves a half-written checkpoint under ``path``.
+      path: file to write (conventionally ``*.jq``); written with :func:`write_atomic` (a unique
+        temporary file in the same directory, fsync, atomic rename), so concurrent saves and a crash
+        at any moment leave either the previous checkpoint or the new one under ``path``. A
+        read-only ``path`` is refused with ``PermissionError``, as ``torch.save`` does.
       model: any NNX model; typically an int8 model from ``convert`` (int8 weights are stored as
         int8, scales float32, zero points int32).
       qconfig: optional QConfig/QConfigMapping used to build the model; stored as text for people.
@@ -169,13 +175,77 @@ def save(path: PathLike, model: nnx.Module, *, qconfig: Any = None,
         data[entry["offset"]:entry["offset"] + entry["nbytes"]] = raw
     body = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes + bytes(data)
     digest = hashlib.sha256(body).digest()
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(body)
-        f.write(digest)
-    os.replace(tmp, path)
+    write_atomic(path, (body, digest))
     return len(body) + len(digest)
+
+
+def _fsync_directory(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. platforms that cannot open a directory; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: PathLike, chunks: Iterable[bytes]) -> None:
+    """Write ``chunks`` to ``path`` so that ``path`` always holds either its previous contents or all
+    of the new ones, whatever the interleaving of concurrent writers or a kill at any moment.
+
+    The bytes go to a new uniquely named file in the same directory (``.<name>.<random>.tmp``,
+    created exclusively), which is flushed and fsync-ed, then renamed over ``path`` (atomic on
+    POSIX), then the directory is fsync-ed so the rename itself survives a power loss. Concurrent
+    writers never share a temporary file; the last rename wins. A write that fails removes its
+    temporary file; a killed process may leave one behind (never under ``path``).
+
+    Raises:
+      PermissionError: ``path`` exists and is read-only (as ``torch.save`` refuses: open for
+        writing fails), even for root; make it writable (``chmod u+w``) to replace it.
+      IsADirectoryError: ``path`` is a directory.
+    """
+    path = os.path.abspath(os.fspath(path))
+    directory, name = os.path.split(path)
+    try:
+        existing = os.stat(path)
+    except FileNotFoundError:
+        existing = None
+    mode = 0o666  # reduced by the umask, as open() would
+    if existing is not None:
+        if stat.S_ISDIR(existing.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "save: the target is a directory; give a file name", path)
+        # Mode bits, not os.access: root may write anything, yet a read-only checkpoint is a user's
+        # "do not overwrite" and torch.save refuses it.
+        if not existing.st_mode & 0o222 or not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, "save: the file is read-only; refusing to replace it "
+                                  "(make it writable with chmod u+w, or save under another name)", path)
+        mode = stat.S_IMODE(existing.st_mode)
+    while True:
+        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        if existing is not None:
+            os.chmod(tmp, mode)  # the umask applied at creation; keep the replaced file's mode exactly
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(directory)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,31 +268,80 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
     return _parse(blob, path)
 
 
+def _header_error(where: str, what: str) -> CheckpointError:
+    return CheckpointError(f"'{where}' has a malformed header: {what}; the file was not written by "
+                           "jaxquant.save or was edited")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_header(header: Any, where: str) -> None:
+    """Every field ``_parse``/``check_compatible`` read, checked for type and range, so a crafted
+    header (even one with a valid checksum) gives ``CheckpointError`` and never a KeyError."""
+    if not isinstance(header, dict):
+        raise _header_error(where, f"a JSON {type(header).__name__}, expected an object")
+    for key, kind in (("data_nbytes", int), ("arrays", list), ("modules", dict)):
+        if not isinstance(header.get(key), kind) or isinstance(header.get(key), bool):
+            raise _header_error(where, f"'{key}' is missing or not a {kind.__name__}")
+    if not _is_count(header["data_nbytes"]):
+        raise _header_error(where, f"data_nbytes {header['data_nbytes']} is negative")
+    seen = set()
+    for i, entry in enumerate(header["arrays"]):
+        if not isinstance(entry, dict):
+            raise _header_error(where, f"arrays[{i}] is not an object")
+        if not isinstance(entry.get("path"), str) or not isinstance(entry.get("dtype"), str):
+            raise _header_error(where, f"arrays[{i}] needs string 'path' and 'dtype'")
+        if entry["path"] in seen:
+            raise _header_error(where, f"array '{entry['path']}' appears twice")
+        seen.add(entry["path"])
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or len(shape) > 32 or not all(map(_is_count, shape)):
+            raise _header_error(where, f"array '{entry['path']}' has shape {shape!r:.80}, expected a "
+                                       "list of at most 32 non-negative integers")
+        if not _is_count(entry.get("offset")) or not _is_count(entry.get("nbytes")):
+            raise _header_error(where, f"array '{entry['path']}' needs non-negative integer 'offset' "
+                                       "and 'nbytes'")
+    for path, entry in header["modules"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("type"), str)
+                and isinstance(entry.get("static"), dict)):
+            raise _header_error(where, f"module '{path}' needs a string 'type' and an object 'static'")
+
+
 def _parse(blob: bytes, where: str) -> Checkpoint:
     if len(blob) < _PREAMBLE.size + _CHECKSUM_BYTES:
         raise CheckpointError(f"'{where}' is truncated or not a jaxquant checkpoint ({len(blob)} bytes)")
     magic, version, header_len = _PREAMBLE.unpack_from(blob, 0)
     if magic != MAGIC:
         raise CheckpointError(f"'{where}' is not a jaxquant checkpoint (magic {magic!r}, expected {MAGIC!r})")
+    wrong_version = CheckpointError(
+        f"'{where}' has checkpoint format version {version}; this jaxquant reads version "
+        f"{FORMAT_VERSION}: load it with the jaxquant that wrote it and re-save")
+    # The checksum covers every byte before it and sits at the very end, so it is verified before
+    # anything in the header is believed: a flipped header length reads as corruption, not as
+    # truncation, and a damaged header never reaches the JSON parser.
+    body, digest = memoryview(blob)[:-_CHECKSUM_BYTES], blob[-_CHECKSUM_BYTES:]
+    if hashlib.sha256(body).digest() != digest:
+        if version != FORMAT_VERSION:  # another version may place its checksum elsewhere
+            raise wrong_version
+        raise CheckpointError(f"'{where}' is corrupt or truncated: its SHA-256 checksum does not match "
+                              "its contents; restore it from a backup or save it again")
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"'{where}' has checkpoint format version {version}; this jaxquant reads "
-                              f"version {FORMAT_VERSION}: load it with the jaxquant that wrote it and re-save")
+        raise wrong_version
     header_end = _PREAMBLE.size + header_len
     if header_end + _CHECKSUM_BYTES > len(blob):
-        raise CheckpointError(f"'{where}' is truncated: the header alone needs {header_end} bytes, "
+        raise CheckpointError(f"'{where}' is inconsistent: the header alone needs {header_end} bytes, "
                               f"the file has {len(blob)}")
     try:
-        header = json.loads(blob[_PREAMBLE.size:header_end].decode("utf-8"))
-        data_nbytes = int(header["data_nbytes"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"'{where}' has a corrupt header ({e})") from None
+        header = json.loads(bytes(blob[_PREAMBLE.size:header_end]).decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"'{where}' has a corrupt header ({type(e).__name__}: {e})") from None
+    _check_header(header, where)
+    data_nbytes = header["data_nbytes"]
     expected = header_end + data_nbytes + _CHECKSUM_BYTES
     if len(blob) != expected:
-        raise CheckpointError(f"'{where}' is truncated or has trailing bytes: {len(blob)} bytes, "
-                              f"the header says {expected}")
-    body, digest = blob[:-_CHECKSUM_BYTES], blob[-_CHECKSUM_BYTES:]
-    if hashlib.sha256(body).digest() != digest:
-        raise CheckpointError(f"'{where}' is corrupt: its SHA-256 checksum does not match its contents")
+        raise CheckpointError(f"'{where}' is inconsistent: {len(blob)} bytes, the header says {expected}")
     if header.get("format_version") != version:
         raise CheckpointError(f"'{where}': header format_version {header.get('format_version')} "
                               f"disagrees with the file's version {version}")
@@ -233,9 +352,10 @@ def _parse(blob: bytes, where: str) -> Checkpoint:
         if dtype_name not in _ALLOWED_DTYPES:
             raise CheckpointError(f"'{where}': array '{name}' has unsupported dtype {dtype_name!r}")
         dtype = np.dtype(jnp.dtype(dtype_name)).newbyteorder("<")
-        shape = tuple(int(s) for s in entry["shape"])
-        start, nbytes = int(entry["offset"]), int(entry["nbytes"])
-        if nbytes != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or start + nbytes > data_nbytes:
+        shape = tuple(entry["shape"])
+        start, nbytes = entry["offset"], entry["nbytes"]
+        # Python ints: a crafted shape cannot overflow the product.
+        if nbytes != math.prod(shape) * dtype.itemsize or start + nbytes > data_nbytes:
             raise CheckpointError(f"'{where}': array '{name}' ({dtype_name}{list(shape)}) does not fit "
                                   f"its byte range [{start}, {start + nbytes})")
         arrays[name] = np.frombuffer(data[start:start + nbytes], dtype=dtype).reshape(shape).astype(
