@@ -195,16 +195,25 @@ def cumsum_via_double(x: jax.Array) -> jax.Array:
 
 
 def histc(x: jax.Array, bins: int, lo: jax.Array, hi: jax.Array, valid: jax.Array | None = None) -> jax.Array:
-    """``torch.histc(x, bins, min=lo, max=hi)`` for float32 on CPU (linear-interpolation binning).
+    """``torch.histc(x, bins, min=lo, max=hi)`` for float32 on CPU: :func:`histc_counts` as float32."""
+    return histc_counts(x, bins, lo, hi, valid).astype(jnp.float32)
+
+
+def histc_counts(x: jax.Array, bins: int, lo: jax.Array, hi: jax.Array,
+                 valid: jax.Array | None = None) -> jax.Array:
+    """The bin counts of ``torch.histc(x, bins, min=lo, max=hi)`` (linear-interpolation binning), int32.
 
     Args:
       x: float32 array, any shape; entries where ``valid`` is False (and NaN) are not counted.
       bins: number of bins (static).
       lo, hi: float32 scalars; when equal the range is widened to ``[lo - 1, hi + 1]`` as PyTorch does.
     Returns:
-      float32 ``(bins,)`` counts.
+      int32 ``(bins,)`` counts, exact (up to 2**31 - 1 values per call).
     """
     x = jnp.asarray(x, jnp.float32).reshape(-1)
+    if x.size >= 2 ** 31:
+        raise ValueError(f"histc: {x.size} values in one call overflow the int32 bin counts; "
+                         "observe the batch in chunks of fewer than 2**31 values")
     same = lo == hi
     left = jnp.where(same, lo - 1.0, lo)
     right = jnp.where(same, hi + 1.0, hi)
@@ -219,4 +228,6 @@ def histc(x: jax.Array, bins: int, lo: jax.Array, hi: jax.Array, valid: jax.Arra
     # no mesh need nothing, and there a PartitionSpec would be an error.
     mesh = getattr(jax.typeof(x).sharding, "mesh", None)
     explicit = {"out_sharding": jax.sharding.PartitionSpec()} if getattr(mesh, "explicit_axes", ()) else {}
-    return jnp.zeros((bins,), jnp.float32).at[pos].add(inside.astype(jnp.float32), **explicit)
+    # Counted in int32, exactly: a float32 scatter-add of ones stops at 2**24 per bin (x + 1 == x),
+    # which one post-ReLU calibration batch can reach in its zero bin.
+    return jnp.zeros((bins,), jnp.int32).at[pos].add(inside.astype(jnp.int32), **explicit)

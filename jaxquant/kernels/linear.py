@@ -355,7 +355,9 @@ def dynamic_linear(x: jax.Array, params: DynamicLinearParams, *, reduce_range: b
     x2 = jnp.asarray(x, jnp.float32).reshape(-1, pw.in_features)
     scale, zp = choose_activation_qparams(x2, reduce_range=reduce_range, per_token=per_token)
     qmax = 127 if reduce_range else 255
-    q = jnp.clip(jnp.round(x2 * (jnp.float32(1.0) / scale)) + zp.astype(jnp.float32), 0, qmax)
+    # fbgemm's Quantize: the zero point is added before the one rounding (ties to even), as in
+    # quantize_per_tensor; rounding x/scale first and adding zp after differs at exact .5 ties.
+    q = jnp.clip(jnp.round(x2 * (jnp.float32(1.0) / scale) + zp.astype(jnp.float32)), 0, qmax)
     x_u8 = q.astype(jnp.uint8)
     acc = int8_matmul_acc(x_u8, zp, pw, layout=layout)
     act_times_w = scale * params.w_scale

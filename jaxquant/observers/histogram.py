@@ -293,7 +293,7 @@ def histogram_update(observer: HistogramObserver, state: HistogramState, x: jax.
 
     The one place the update rule lives (``jaxquant.distributed.sharded_update`` calls it): the batch
     range and NaN flag are reduced over the axis before anything depends on them, and the bin counts
-    of the shards are summed (``psum``; exact, they are small integers in float32), so every device
+    of the shards are summed (``psum`` of int32 counts, exact), so every device
     computes the single-device result.
     """
     x = as_float32(x, type(observer).__name__)
@@ -310,9 +310,12 @@ def histogram_update(observer: HistogramObserver, state: HistogramState, x: jax.
     new_max = jnp.where(first, x_max, jnp.maximum(cur_max, x_max))
     safe_min = jnp.where(has_data, new_min, 0.0)
     safe_max = jnp.where(has_data, new_max, 0.0)
-    upd = tn.histc(x, observer.bins, safe_min, safe_max, valid=jnp.isfinite(x))
+    # Exact int32 counts (summed over shards as integers), made float32 once, as PyTorch's histc
+    # sums its per-thread partial counts; a float32 count would stop growing at 2**24 per bin.
+    upd = tn.histc_counts(x, observer.bins, safe_min, safe_max, valid=jnp.isfinite(x))
     if axis_name is not None:
         upd = jax.lax.psum(upd, axis_name)
+    upd = upd.astype(jnp.float32)
     same = (new_min == cur_min) & (new_max == cur_max)
 
     def grow(_: Any) -> jax.Array:

@@ -3,7 +3,7 @@ references written from the formulas, plus the per-token preset.
 
 Reference pipeline per projection (fbgemm's dynamic linear, x86 ``reduce_range``: activation levels
 0..127): weight scale ``max|w| / 127.5`` (symmetric qint8), ``w_q = round(w / s_w)``; activation
-``s_x = (max(x, 0) - min(x, 0)) / 127``, ``z_x = round(-min / s_x)``, ``x_q = clip(round(x / s_x) + z_x)``;
+``s_x = (max(x, 0) - min(x, 0)) / 127``, ``z_x = round(-min / s_x)``, ``x_q = clip(round(x / s_x + z_x))`` (zero point added before rounding);
 ``y = (x_q - z_x) @ w_q * (s_x s_w) + b``. The integer accumulators are exact in both, so outputs
 agree to float32 rounding of the last multiply-add (asserted at 1e-5 relative to the output's scale).
 """
@@ -36,7 +36,7 @@ def np_act_q(x, axis=None):
     hi = np.maximum(x.max(axis=axis, keepdims=axis is not None), 0).astype(np.float32)
     xs = ((hi.astype(np.float64) - lo) / 127).astype(np.float32)
     zp = np.clip(np.round(np.float32(0) - lo / xs), 0, 127)
-    xq = np.clip(np.round(x * (np.float32(1) / xs)) + zp, 0, 127)
+    xq = np.clip(np.round(x * (np.float32(1) / xs) + zp), 0, 127)
     return xq, xs, zp
 
 

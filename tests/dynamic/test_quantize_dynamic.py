@@ -101,7 +101,7 @@ def test_dynamic_linear_hand_computed():
     lo, hi = min(x.min(), 0), max(x.max(), 0)
     xs = np.float32((np.float64(hi) - lo) / 127)
     zp = np.clip(np.round(0 - lo / xs), 0, 127)
-    xq = np.clip(np.round(x * (np.float32(1) / xs)) + zp, 0, 127)
+    xq = np.clip(np.round(x * (np.float32(1) / xs) + zp), 0, 127)
     ref = ((xq - zp) @ wq).astype(np.float32) * (xs * ws) + b
     np.testing.assert_allclose(np.asarray(q(jnp.asarray(x))), ref, rtol=1e-6, atol=1e-6)
 
