@@ -2,8 +2,9 @@
 
 Each quantized op becomes ``DequantizeLinear -> float op -> QuantizeLinear`` with int8 weight
 initializers (per-channel scales on axis 0), int32 biases in the accumulator's scale
-(``x_scale * w_scale``, zero point 0) and the static activation scales/zero points: the pattern
-onnxruntime fuses into ``QLinearConv``/``QGemm``. jaxquant's activations are NHWC and ONNX's Conv
+(``x_scale * w_scale``, zero point 0; a bias that int32 cannot hold faithfully there stays float,
+see ``_bias_dq``) and the static activation scales/zero points: the pattern onnxruntime fuses into
+``QLinearConv``/``QGemm``. jaxquant's activations are NHWC and ONNX's Conv
 and pooling are NCHW: the exporter tracks each tensor's layout and inserts ``Transpose`` nodes only
 where an op needs the other one (so Conv/Pool chains stay NCHW and a Flatten sees NHWC order).
 
@@ -14,7 +15,7 @@ modules: a value computed between modules in plain ``jnp`` code is reported, not
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 from flax import nnx
@@ -103,17 +104,45 @@ def _weight_dq(g: _Graph, module, w: np.ndarray, path: str) -> str:
     return g.node("DequantizeLinear", inputs, path + "_w_dq", **({"axis": 0} if per_channel else {}))
 
 
-def _bias_dq(g: _Graph, module, x: QTensor, path: str, out_channels: int) -> list[str]:
+_INT32_MAX = 2 ** 31 - 1
+
+
+def _bias_dq(g: _Graph, module, x: QTensor, path: str, out_channels: int,
+             contraction: int) -> tuple[list[str], Optional[np.ndarray]]:
+    """The bias of a Conv/Gemm: ``([DequantizeLinear of the int32 bias], None)`` when int32 in the
+    accumulator's scale is exact enough, else ``([], float bias)`` for a separate ``Add``.
+
+    onnxruntime fuses DequantizeLinear(int32 bias, x_scale * w_scale) into QLinearConv/QGemm and
+    adds it to the int32 accumulator. That is only faithful when ``bias / (x_scale * w_scale)``
+    rounds to an int32 that leaves room for the accumulator (at most ``contraction * 255 * 128``
+    in magnitude) and whose rounding error is below a hundredth of the output's quantization step.
+    With small activations and a large bias it is not (the quotient overflows and would clip
+    silently); then the float bias is added by its own ``Add`` node after the Conv/Gemm, which is
+    exact (jaxquant adds the float bias too) at the cost of onnxruntime running that layer in float.
+    (A float bias given as the Conv/Gemm's own bias input is not enough: onnxruntime 1.2x's QDQ
+    fusion then drops it.)
+    """
     bias = module.bias.get_value()
     if bias is None:
-        return []
-    # int32 bias in the accumulator's scale: what onnxruntime's QDQ fusion wants.
+        return [], None
+    bias = np.broadcast_to(np.asarray(bias, np.float32), (out_channels,))
     acc_scale = (np.float32(x.scale) * np.asarray(module.weight_scale.get_value(), np.float32)).astype(np.float32)
     acc_scale = np.broadcast_to(acc_scale, (out_channels,)).astype(np.float32)
-    q = np.clip(np.round(np.asarray(bias, np.float64) / acc_scale), -2**31, 2**31 - 1).astype(np.int32)
-    inputs = [g.const(path + "_b", q), g.const(path + "_b_scale", acc_scale),
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        quotient = np.asarray(bias, np.float64) / acc_scale.astype(np.float64)
+        room = _INT32_MAX - contraction * 255 * 128
+        fits = bool(np.all(np.isfinite(quotient)) and np.all(acc_scale > 0)
+                    and np.all(np.abs(quotient) <= room))
+        out_step = float(np.min(np.asarray(module.out_scale.get_value(), np.float64)))
+        if fits:
+            q = np.round(quotient)
+            error = np.abs(q * acc_scale.astype(np.float64) - bias.astype(np.float64))
+            fits = bool(np.all(error <= 0.01 * out_step))
+    if not fits:
+        return [], np.ascontiguousarray(bias, np.float32)
+    inputs = [g.const(path + "_b", q.astype(np.int32)), g.const(path + "_b_scale", acc_scale),
               g.const(path + "_b_zp", np.zeros(out_channels, np.int32))]
-    return [g.node("DequantizeLinear", inputs, path + "_b_dq", axis=0)]
+    return [g.node("DequantizeLinear", inputs, path + "_b_dq", axis=0)], None
 
 
 def _conv(g, path, module, x, out):
@@ -134,9 +163,11 @@ def _conv(g, path, module, x, out):
         pads = [t, l, b, r]
     w_int = np.asarray(module.weight_int8.get_value()).transpose(3, 2, 0, 1)  # (cout, cin/g, kh, kw)
     inputs = [_dequantized(g, x, path, "nchw"), _weight_dq(g, module, w_int, path)]
-    inputs += _bias_dq(g, module, x, path, w_int.shape[0])
-    y = g.node("Conv", inputs, path + "_conv", kernel_shape=list(p.kernel_size), strides=list(p.strides),
-               dilations=list(p.dilation), group=int(p.groups), pads=pads)
+    bias, float_bias = _bias_dq(g, module, x, path, w_int.shape[0], int(np.prod(w_int.shape[1:])))
+    y = g.node("Conv", inputs + bias, path + "_conv", kernel_shape=list(p.kernel_size),
+               strides=list(p.strides), dilations=list(p.dilation), group=int(p.groups), pads=pads)
+    if float_bias is not None:
+        y = g.node("Add", [y, g.const(path + "_b", float_bias.reshape(-1, 1, 1))], path + "_bias")
     if module.relu:
         y = g.node("Relu", [y], path + "_relu")
     _quantize_output(g, y, out, path, "nchw")
@@ -145,7 +176,7 @@ def _conv(g, path, module, x, out):
 def _linear(g, path, module, x, out):
     w_t = np.asarray(module.weight_int8.get_value()).T  # (out, in): Gemm transB
     xin = _dequantized(g, x, path, "nhwc")
-    bias = _bias_dq(g, module, x, path, w_t.shape[0])
+    bias, float_bias = _bias_dq(g, module, x, path, w_t.shape[0], w_t.shape[1])
     if len(x.shape) == 2:
         y = g.node("Gemm", [xin, _weight_dq(g, module, w_t, path)] + bias, path + "_gemm", transB=1)
     else:
@@ -153,6 +184,8 @@ def _linear(g, path, module, x, out):
         y = g.node("MatMul", [xin, g.node("Transpose", [w_dq], path + "_wT", perm=[1, 0])], path + "_matmul")
         if bias:
             y = g.node("Add", [y] + bias, path + "_bias")
+    if float_bias is not None:
+        y = g.node("Add", [y, g.const(path + "_b", float_bias)], path + "_bias")
     if module.relu:
         y = g.node("Relu", [y], path + "_relu")
     _quantize_output(g, y, out, path, "nhwc")
