@@ -271,11 +271,14 @@ def export_onnx(model: nnx.Module, example_input: Any, path: Union[str, os.PathL
       The ``onnx.ModelProto`` (also saved to ``path`` if given).
     Raises:
       NotImplementedError: a module type with no ONNX translation, naming its path.
+      ModuleNotFoundError: ``onnx`` is not installed (``pip install 'jaxquant[onnx]'``).
     """
     import jax.numpy as jnp
-    import onnx
 
     from jaxquant.module_paths import copy_model, named_modules
+    from jaxquant.optional_deps import require
+
+    onnx = require("onnx", "onnx", "export_onnx")
     from jaxquant.tools.numeric_debugger import record_calls
 
     handlers = _handlers()

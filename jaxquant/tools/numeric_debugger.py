@@ -181,8 +181,10 @@ class NumericComparison:
         return {r.path: r.sqnr_db for r in self.layers if r.call_index == 0}
 
     def plot(self, ax=None):
-        """A matplotlib bar chart of SQNR per layer (returns the Figure)."""
-        import matplotlib
+        """A matplotlib bar chart of SQNR per layer (returns the Figure). Needs ``jaxquant[plot]``."""
+        from jaxquant.optional_deps import require
+
+        matplotlib = require("matplotlib", "plot", "NumericComparison.plot")
 
         if ax is None:
             matplotlib.use("Agg", force=False)
