@@ -183,6 +183,10 @@ def quantize_dynamic(
         else:
             set_submodule(result, path, new)
         swapped.append(path)
+    if swapped:
+        from jaxquant.nn.dynamic.rnn import whole_sequence_rnns
+
+        result = whole_sequence_rnns(result)  # as PyTorch's dynamic LSTM/GRU: whole-sequence input projection
     if not swapped:
         found = Counter(type(m).__qualname__ for _, m in named_modules(result))
         want = sorted(t.__qualname__ for t in mapping)

@@ -5,7 +5,7 @@ from jaxquant.nn.dynamic.embedding import Embedding
 from jaxquant.nn.dynamic.float16 import BFloat16Linear, Float16Linear
 from jaxquant.nn.dynamic.linear import Linear
 from jaxquant.nn.dynamic.linear_general import LinearGeneral
-from jaxquant.nn.dynamic.rnn import GRUCell, LSTMCell, OptimizedLSTMCell
+from jaxquant.nn.dynamic.rnn import RNN, GRUCell, LSTMCell, OptimizedLSTMCell
 
-__all__ = ["Linear", "LinearGeneral", "Einsum", "Float16Linear", "BFloat16Linear", "LSTMCell", "OptimizedLSTMCell",
+__all__ = ["Linear", "LinearGeneral", "Einsum", "Float16Linear", "BFloat16Linear", "LSTMCell", "OptimizedLSTMCell", "RNN",
            "GRUCell", "Embedding"]

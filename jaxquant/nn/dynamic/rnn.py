@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import rnglib
 from flax.nnx.nn import initializers
+from flax.nnx.nn.recurrent import _select_last_carry as select_last_carry
+from flax.nnx.nn.recurrent import flip_sequences
 
 ProjectionFactory = Callable[[nnx.Linear, Any, str], nnx.Module]
 
@@ -111,8 +113,12 @@ class LSTMCell(_DynamicCell):
 
     def __call__(self, carry: tuple[jax.Array, jax.Array], inputs: jax.Array):
         """``carry = (c, h)`` float32 ``(..., hidden)``, ``inputs`` float ``(..., in)``."""
+        return self.step_projected(carry, self.dense_i(inputs))
+
+    def step_projected(self, carry: tuple[jax.Array, jax.Array], projected: jax.Array):
+        """One step given the input projection ``dense_i(x_t)`` float32 ``(..., 4*hidden)``."""
         c, h = carry
-        y = self.dense_i(inputs) + self.dense_h(h)
+        y = projected + self.dense_h(h)
         i, f, g, o = jnp.split(y, 4, axis=-1)
         i, f, g, o = self.gate_fn(i), self.gate_fn(f), self.activation_fn(g), self.gate_fn(o)
         new_c = f * c + i * g
@@ -140,8 +146,12 @@ class GRUCell(_DynamicCell):
 
     def __call__(self, carry: jax.Array, inputs: jax.Array):
         """``carry`` float32 ``(..., hidden)``, ``inputs`` float ``(..., in)``."""
+        return self.step_projected(carry, self.dense_i(inputs))
+
+    def step_projected(self, carry: jax.Array, projected: jax.Array):
+        """One step given the input projection ``dense_i(x_t)`` float32 ``(..., 3*hidden)``."""
         h = carry
-        xi_r, xi_z, xi_n = jnp.split(self.dense_i(inputs), 3, axis=-1)
+        xi_r, xi_z, xi_n = jnp.split(projected, 3, axis=-1)
         hh_r, hh_z, hh_n = jnp.split(self.dense_h(h), 3, axis=-1)
         r = self.gate_fn(xi_r + hh_r)
         z = self.gate_fn(xi_z + hh_z)
@@ -151,3 +161,83 @@ class GRUCell(_DynamicCell):
 
 
 OptimizedLSTMCell = LSTMCell
+
+
+class RNN(nnx.RNN):
+    """``nnx.RNN`` over a dynamic LSTM/GRU cell that projects the whole input sequence at once.
+
+    As PyTorch's CPU ``torch.ao.nn.quantized.dynamic.LSTM``/``GRU`` do, the input projection
+    ``dense_i`` runs once over all ``T`` steps: the activation is quantized with one scale over the
+    whole sequence and the dot is one ``(T*B, in) x (in, G*hidden)`` product instead of ``T`` small
+    ones. Only the hidden projection and the gates run per step (``cell.step_projected`` in a
+    ``lax.scan``). Same call signature and options as ``nnx.RNN`` (``initial_carry``,
+    ``seq_lengths``, ``return_carry``, ``time_major``, ``reverse``, ``keep_order``).
+
+    Input float ``(*batch, T, in)`` (``(T, *batch, in)`` with ``time_major``); output float32
+    ``(*batch, T, hidden)`` (and the final carry with ``return_carry``).
+    """
+
+    @classmethod
+    def from_rnn(cls, rnn: nnx.RNN) -> "RNN":
+        """The same loop as ``rnn`` (whose cell is a dynamic ``LSTMCell``/``GRUCell``)."""
+        if not isinstance(rnn.cell, (LSTMCell, GRUCell)):
+            raise TypeError(f"RNN.from_rnn: the cell must be a dynamic LSTMCell or GRUCell, got "
+                            f"{type(rnn.cell).__qualname__}; run quantize_dynamic first")
+        new = cls(rnn.cell, time_major=rnn.time_major, return_carry=rnn.return_carry,
+                  reverse=rnn.reverse, keep_order=rnn.keep_order, unroll=rnn.unroll,
+                  broadcast_rngs=rnn.broadcast_rngs, rngs=False)
+        new.rngs, new.state_axes = rnn.rngs, rnn.state_axes
+        return new
+
+    def __call__(self, inputs: jax.Array, *, initial_carry: Any = None, seq_lengths: Any = None,
+                 return_carry: Optional[bool] = None, time_major: Optional[bool] = None,
+                 reverse: Optional[bool] = None, keep_order: Optional[bool] = None, rngs: Any = None):
+        return_carry = self.return_carry if return_carry is None else return_carry
+        time_major = self.time_major if time_major is None else time_major
+        reverse = self.reverse if reverse is None else reverse
+        keep_order = self.keep_order if keep_order is None else keep_order
+        time_axis = 0 if time_major else inputs.ndim - 2
+        batch_dims = inputs.shape[1:-1] if time_major else inputs.shape[:time_axis]
+        flip = functools.partial(flip_sequences, seq_lengths=seq_lengths, num_batch_dims=len(batch_dims),
+                                 time_major=time_major)
+        if reverse:
+            inputs = flip(inputs)
+        if initial_carry is None:
+            # Zeros need no randomness; forking the RNG stream anyway would mutate it on every call
+            # (and fail under a plain jax.jit).
+            rngs = None if self.cell.carry_init is None else (self.rngs if rngs is None else rngs)
+            if isinstance(rngs, rnglib.Rngs):
+                rngs = rngs.carry.fork()
+            initial_carry = self.cell.initialize_carry(
+                inputs.shape[:time_axis] + inputs.shape[time_axis + 1:], rngs)
+        # The whole sequence through the input projection: one activation scale, one big dot.
+        projected = jnp.moveaxis(self.cell.dense_i(inputs), time_axis, 0)
+        slice_carry = seq_lengths is not None and return_carry
+
+        def step(carry: Any, xi: jax.Array):
+            carry, y = self.cell.step_projected(carry, xi)
+            return carry, ((carry, y) if slice_carry else y)
+
+        carry, out = jax.lax.scan(step, initial_carry, projected, unroll=self.unroll)
+        if slice_carry:
+            carries, out = out
+            carry = select_last_carry(carries, seq_lengths)
+        outputs = jnp.moveaxis(out, 0, time_axis)
+        if reverse and keep_order:
+            outputs = flip(outputs)
+        return (carry, outputs) if return_carry else outputs
+
+
+def whole_sequence_rnns(model: nnx.Module) -> nnx.Module:
+    """Replace every ``nnx.RNN`` of ``model`` whose cell is a dynamic LSTM/GRU cell by :class:`RNN`
+    (whole-sequence input projection), in place; returns ``model`` (a new :class:`RNN` when
+    ``model`` itself is such an ``nnx.RNN``). ``quantize_dynamic`` calls it after swapping cells."""
+    from jaxquant.module_paths import named_modules, set_submodule
+
+    paths = [path for path, module in named_modules(model)
+             if type(module) is nnx.RNN and isinstance(module.cell, (LSTMCell, GRUCell))]
+    for path in paths:
+        if path == "":
+            return RNN.from_rnn(model)  # an RNN has no RNN inside it
+        set_submodule(model, path, RNN.from_rnn(dict(named_modules(model))[path]))
+    return model
