@@ -329,7 +329,8 @@ def choose_activation_qparams(x2: jax.Array, *, reduce_range: bool, per_token: b
 
 def dynamic_linear(x: jax.Array, params: DynamicLinearParams, *, reduce_range: bool = True,
                    per_token: bool = False, relu: bool = False,
-                   layout: Optional[Layout] = None) -> jax.Array:
+                   layout: Optional[Layout] = None,
+                   x_min_max: Optional[tuple[jax.Array, jax.Array]] = None) -> jax.Array:
     """Dynamically quantized linear, PyTorch's fbgemm ``quantized::linear_dynamic``.
 
     The activation is quantized per call to uint8 with qparams from its own min/max (one
@@ -343,6 +344,9 @@ def dynamic_linear(x: jax.Array, params: DynamicLinearParams, *, reduce_range: b
       per_token: one scale/zero point per row of ``x`` (not in PyTorch; more accurate).
       relu: fused ReLU on the float output.
       layout: force a layout (default: by row count).
+      x_min_max: float32 scalars ``(min, max)`` to choose the activation qparams from instead of
+        ``x``'s own range (a recurrent layer's whole input sequence, as PyTorch's dynamic LSTM);
+        ignored with ``per_token``.
 
     Returns:
       float32 ``(..., N)``.
@@ -353,7 +357,11 @@ def dynamic_linear(x: jax.Array, params: DynamicLinearParams, *, reduce_range: b
                          f"expects {pw.in_features}")
     lead = x.shape[:-1]
     x2 = jnp.asarray(x, jnp.float32).reshape(-1, pw.in_features)
-    scale, zp = choose_activation_qparams(x2, reduce_range=reduce_range, per_token=per_token)
+    if x_min_max is not None and not per_token:
+        from jaxquant.choose_qparams import choose_qparams_from_min_max
+        scale, zp = choose_qparams_from_min_max(x_min_max[0], x_min_max[1], 0, 255, reduce_range)
+    else:
+        scale, zp = choose_activation_qparams(x2, reduce_range=reduce_range, per_token=per_token)
     qmax = 127 if reduce_range else 255
     # fbgemm's Quantize: the zero point is added before the one rounding (ties to even), as in
     # quantize_per_tensor; rounding x/scale first and adding zp after differs at exact .5 ties.

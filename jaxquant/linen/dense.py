@@ -37,10 +37,12 @@ def int8_linear(xq: QTensor, w_int8: jax.Array, w_scale: jax.Array, w_zero_point
 
 
 def dynamic_int8_linear(x: jax.Array, w_int8: jax.Array, w_scale: jax.Array, w_zero_point: jax.Array,
-                        bias: Optional[jax.Array], *, reduce_range: bool, per_token: bool) -> jax.Array:
+                        bias: Optional[jax.Array], *, reduce_range: bool, per_token: bool,
+                        x_min_max: Optional[tuple] = None) -> jax.Array:
     """float ``(..., K)`` -> float32 ``(..., N)``: :func:`jaxquant.kernels.linear.dynamic_linear`."""
     params = prepack_dynamic_linear(w_int8, w_scale, w_zero_point, bias, layouts="act_lhs")
-    return dynamic_linear(jnp.asarray(x, jnp.float32), params, reduce_range=reduce_range, per_token=per_token)
+    return dynamic_linear(jnp.asarray(x, jnp.float32), params, reduce_range=reduce_range, per_token=per_token,
+                          x_min_max=x_min_max)
 
 
 class DenseLayer:
@@ -64,9 +66,9 @@ class DenseLayer:
                            qp["output_scale"], qp["output_zero_point"], out_storage)
 
     def dynamic_apply(self, module: Any, path: str, x: jax.Array, qp: dict, *, reduce_range: bool,
-                      per_token: bool) -> jax.Array:
+                      per_token: bool, x_min_max: Optional[tuple] = None) -> jax.Array:
         return dynamic_int8_linear(x, qp["weight_int"], qp["weight_scale"], qp["weight_zero_point"], qp.get("bias"),
-                                   reduce_range=reduce_range, per_token=per_token)
+                                   reduce_range=reduce_range, per_token=per_token, x_min_max=x_min_max)
 
 
 def _dense_general_axes(module: Any, x_ndim: int, path: str) -> tuple[int, ...]:

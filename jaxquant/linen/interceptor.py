@@ -41,6 +41,10 @@ WEIGHTED_LAYERS: dict[type, Any] = {
 # Recurrent cells are quantized as a unit (as PyTorch's dynamic LSTM/GRU): the Dense layers inside
 # take the cell's qconfig.
 CELL_TYPES = (nn.LSTMCell, nn.GRUCell)
+# The cells' input projections (Dense names in flax's LSTMCell / GRUCell). Under ``nn.RNN`` they are
+# quantized with one activation range over the whole input sequence, as PyTorch's CPU dynamic
+# LSTM/GRU project all steps at once; the hidden projections keep a range per step.
+INPUT_PROJECTIONS = frozenset({"ii", "if", "ig", "io", "ir", "iz", "in"})
 
 
 @dataclasses.dataclass
@@ -80,6 +84,9 @@ class QuantInterceptor:
         self.model = model
         self.mode = model.mode
         self.record = record if record is not None else Record()
+        # (min, max) of the input sequence of each nn.RNN being run (innermost last); traced values
+        # of the outer trace, closed over by the scan body.
+        self._sequence_ranges: list[tuple[jax.Array, jax.Array]] = []
 
     # ------------------------------------------------------------------ qconfig
     def _lookup(self, module: Any) -> Any:
@@ -111,6 +118,14 @@ class QuantInterceptor:
         if type(module) is nn.BatchNorm and method == "__call__" and path in self.model.fused:
             return args[0]  # folded into the layer before it by fuse_modules
         mtype = type(module)
+        if mtype is nn.RNN and method == "__call__" and self.mode in ("dynamic", "convert_dynamic") \
+                and type(module.cell) in CELL_TYPES and args:
+            x = jnp.asarray(args[0], jnp.float32)
+            self._sequence_ranges.append((jnp.min(x), jnp.max(x)))
+            try:
+                return next_fun(*args, **kwargs)
+            finally:
+                self._sequence_ranges.pop()
         if method == "__call__" and mtype in WEIGHTED_LAYERS:
             return self._weighted(WEIGHTED_LAYERS[mtype], module, path, next_fun, args, kwargs)
         if mtype is nn.Embed and method == "setup" and self.mode in ("static", "dynamic") and \
@@ -300,7 +315,11 @@ class QuantInterceptor:
             raise TypeError(f"dynamic '{display_path(path)}' ({type(module).__name__}): expected a float input, "
                             f"got {x.dtype}")
         reduce_range, per_token = self._dynamic_options(qconfig)
-        return spec.dynamic_apply(module, display_path(path), x, qp, reduce_range=reduce_range, per_token=per_token)
+        extra = {}
+        if self._sequence_ranges and module.name in INPUT_PROJECTIONS and type(module.parent) in CELL_TYPES:
+            extra["x_min_max"] = self._sequence_ranges[-1]
+        return spec.dynamic_apply(module, display_path(path), x, qp, reduce_range=reduce_range, per_token=per_token,
+                                  **extra)
 
     # ------------------------------------------------------------------ embed
     def _embed(self, module, path, method, next_fun, args, kwargs) -> jax.Array:

@@ -115,3 +115,59 @@ def test_rnn_options_match_the_per_step_loop_in_float16(options):
     ref = nnx.RNN(jq.rnn.cell)(jnp.asarray(x), **options)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6),
                  ours, ref)
+
+
+# ------------------------------------------------------------------------------------------ Linen
+
+
+def _linen_params(kind, tm):
+    sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+    wih, whh, bih, bhh = sd["weight_ih_l0"], sd["weight_hh_l0"], sd["bias_ih_l0"], sd["bias_hh_l0"]
+    rows = lambda a, g: a[g * H:(g + 1) * H]  # noqa: E731
+    if kind == "lstm":  # torch gate order i, f, g, o; flax's input Denses have no bias
+        p = {}
+        for g, name in enumerate("ifgo"):
+            p["i" + name] = {"kernel": rows(wih, g).T}
+            p["h" + name] = {"kernel": rows(whh, g).T, "bias": rows(bih, g) + rows(bhh, g)}
+        return p
+    # GRU, torch order r, z, n: b_hr and b_hz fold into the input biases, b_hn stays with 'hn'
+    return {"ir": {"kernel": rows(wih, 0).T, "bias": rows(bih, 0) + rows(bhh, 0)},
+            "iz": {"kernel": rows(wih, 1).T, "bias": rows(bih, 1) + rows(bhh, 1)},
+            "in": {"kernel": rows(wih, 2).T, "bias": rows(bih, 2)},
+            "hr": {"kernel": rows(whh, 0).T}, "hz": {"kernel": rows(whh, 1).T},
+            "hn": {"kernel": rows(whh, 2).T, "bias": rows(bhh, 2)}}
+
+
+@pytest.mark.slow  # ~20 s on a loaded 2-core machine
+@pytest.mark.xfail(strict=True, reason="gap: jaxquant.linen quantizes each gate's Dense with its own "
+                   "per-tensor weight scale; PyTorch (and the NNX path) use one scale over the four/three "
+                   "gates' concatenated weight_ih/weight_hh. The activation scales already match (whole "
+                   "sequence, see test_linen_dynamic.py); XPASS once the cell's Denses share a weight scale.")
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_linen_rnn_matches_torch_dynamic(kind):
+    import flax.linen as nn
+
+    import jaxquant.linen as jql
+
+    cell_type = nn.LSTMCell if kind == "lstm" else nn.GRUCell
+
+    class Seq(nn.Module):
+        @nn.compact
+        def __call__(self, xs):
+            return nn.RNN(cell_type(H), variable_broadcast=["params", jql.QUANT_PARAMS])(xs)
+
+    torch.manual_seed(0)
+    tm = torch.nn.LSTM(I, H, batch_first=True) if kind == "lstm" else torch.nn.GRU(I, H, batch_first=True)
+    x = _inputs()
+    v = Seq().init(jax.random.key(0), jnp.asarray(x))
+    cell_name = next(iter(v["params"]))
+    loaded = jax.tree.map(jnp.asarray, _linen_params(kind, tm))
+    assert jax.tree.structure(loaded) == jax.tree.structure(v["params"][cell_name])
+    v = {"params": {cell_name: loaded}}
+    np.testing.assert_allclose(np.asarray(Seq().apply(v, jnp.asarray(x))),
+                               tm(torch.from_numpy(x))[0].detach().numpy(), atol=1e-5)  # float mapping right
+    tq = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(tm), {type(tm)}, dtype=torch.qint8)[0]
+    yt = tq(torch.from_numpy(x))[0].detach().numpy()
+    qm, qv = jql.quantize_dynamic(Seq(), v, jnp.asarray(x))
+    yj = np.asarray(jax.jit(qm.apply)(qv, jnp.asarray(x)))
+    np.testing.assert_allclose(yj, yt, atol=2e-5, rtol=0)

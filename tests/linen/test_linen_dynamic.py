@@ -70,17 +70,18 @@ def test_dynamic_lstm_cell_in_nn_rnn_equals_cell_equations_over_nnx_dynamic_line
     cell_q = qv[jql.QUANT_PARAMS]["LSTMCell_0"]  # nn.RNN keeps the cell's scope
     assert set(cell_q) == {"ii", "if", "ig", "io", "hi", "hf", "hg", "ho"} and "params" not in qv
     y = np.asarray(jax.jit(qm.apply)(qv, xs))
-    # reference: Linen LSTMCell's equations with NNX dynamic Linears of the same weights
+    # reference: Linen LSTMCell's equations with NNX dynamic Linears of the same weights; the input
+    # projections run over the whole sequence at once (one activation scale), as PyTorch's LSTM
     p = v["params"]["LSTMCell_0"]
     d = {k: _nnx_dyn(p[k]) for k in p}
+    xi = {k: d[k](xs) for k in ("ii", "if", "ig", "io")}
     h = c = jnp.zeros((2, 6))
     outs = []
     for t in range(xs.shape[1]):
-        x = xs[:, t]
-        i = jax.nn.sigmoid(d["ii"](x) + d["hi"](h))
-        f = jax.nn.sigmoid(d["if"](x) + d["hf"](h))
-        g = jnp.tanh(d["ig"](x) + d["hg"](h))
-        o = jax.nn.sigmoid(d["io"](x) + d["ho"](h))
+        i = jax.nn.sigmoid(xi["ii"][:, t] + d["hi"](h))
+        f = jax.nn.sigmoid(xi["if"][:, t] + d["hf"](h))
+        g = jnp.tanh(xi["ig"][:, t] + d["hg"](h))
+        o = jax.nn.sigmoid(xi["io"][:, t] + d["ho"](h))
         c = f * c + i * g
         h = o * jnp.tanh(c)
         outs.append(h)
