@@ -1,7 +1,7 @@
 """Float and int8 forward passes of ``nn.Conv`` (1-D/2-D/3-D, grouped, depthwise) and
 ``nn.ConvTranspose``, channels last.
 
-The int8 convolution is :func:`jaxquant.kernels.conv.static_conv` (im2col / 1x1 dot / depthwise taps /
+The int8 convolution is :func:`jaxquant.kernels.conv.quantized_conv` (im2col / 1x1 dot / depthwise taps /
 grouped dot chosen from the static shapes), the arithmetic of :class:`jaxquant.nn.quantized.Conv`.
 A transposed convolution is run as JAX's ``lax.conv_transpose`` defines it: the input dilated by the
 strides (filled with the input zero point, i.e. real 0), padded, and convolved at stride 1.
