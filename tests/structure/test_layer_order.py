@@ -13,6 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2] / "jaxquant"
 # module prefix -> (rank, layer); the longest matching prefix wins
 LAYERS = {
     "jaxquant.dtypes": (0, "dtypes"), "jaxquant.torch_numerics": (0, "dtypes"),
+    "jaxquant.optional_deps": (0, "dtypes"),  # imports nothing of jaxquant
     "jaxquant.qtensor": (1, "primitives"), "jaxquant.choose_qparams": (1, "primitives"),
     "jaxquant.observers": (2, "observers"),
     "jaxquant.fake_quant": (3, "fake quantize"),
