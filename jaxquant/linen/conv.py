@@ -16,17 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxquant.core.conv import conv_padding, conv_with_kernel
+from jaxquant.core.conv import spatial_tuple as _tuple
 from jaxquant.dtypes import QDType
 from jaxquant.kernels.conv import pack_conv, quantized_conv
 from jaxquant.qtensor import QTensor
-
-
-def _tuple(value: Any, nd: int) -> tuple[int, ...]:
-    if value is None:
-        return (1,) * nd
-    if isinstance(value, int):
-        return (value,) * nd
-    return tuple(int(v) for v in value)
 
 
 def conv_geometry(module: Any) -> types.SimpleNamespace:
@@ -62,8 +56,6 @@ class ConvLayer:
     supports_dynamic = False
 
     def float_apply(self, module: Any, x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
-        from jaxquant.nn.qat.conv import conv_with_kernel
-
         y = conv_with_kernel(conv_geometry(module), x, kernel)
         return y if bias is None else y + bias
 
@@ -71,8 +63,6 @@ class ConvLayer:
         return kernel
 
     def check_module(self, module: Any, path: str) -> None:
-        from jaxquant.nn.quantized.conv import conv_padding
-
         g = conv_geometry(module)
         if set(g.input_dilation) != {1}:
             raise ValueError(f"'{path}': input_dilation has no int8 kernel; keep this conv float (qconfig None)")
@@ -81,8 +71,6 @@ class ConvLayer:
         conv_padding(g, path)
 
     def int8_apply(self, module: Any, path: str, xq: QTensor, qp: dict, out_dtype: QDType) -> QTensor:
-        from jaxquant.nn.quantized.conv import conv_padding
-
         g = conv_geometry(module)
         self.check_module(module, path)
         packed = pack_conv(qp["weight_int"], qp["weight_scale"], qp["weight_zero_point"], qp.get("bias"),

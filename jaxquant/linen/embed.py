@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.dtypes import per_channel_affine_float_qparams, quint8
+from jaxquant.torch_numerics import fma_u8
 
 
 def is_embedding_qconfig(qconfig: Any) -> bool:
@@ -37,8 +38,6 @@ def _row_bias(qp: dict) -> jax.Array:
 
 def embed_lookup(qp: dict, inputs: jax.Array, path: str) -> jax.Array:
     """int indices ``(...)`` -> float32 ``(..., D)``."""
-    from jaxquant.nn.dynamic.embedding import fma_u8
-
     inputs = jnp.asarray(inputs)
     if not jnp.issubdtype(inputs.dtype, jnp.integer):
         raise TypeError(f"quantized nn.Embed '{path}': indices must be integers, got {inputs.dtype}")
@@ -50,7 +49,5 @@ def embed_lookup(qp: dict, inputs: jax.Array, path: str) -> jax.Array:
 
 def embed_attend(qp: dict, query: jax.Array) -> jax.Array:
     """``query (..., D) @ table.T`` with the dequantized table -> float32 ``(..., V)``."""
-    from jaxquant.nn.dynamic.embedding import fma_u8
-
     table = fma_u8(qp["weight_int"].astype(jnp.float32), qp["weight_scale"][:, None], _row_bias(qp)[:, None])
     return jnp.asarray(query, jnp.float32) @ table.T

@@ -19,7 +19,7 @@ LAYERS = {
     "jaxquant.fake_quant": (3, "fake quantize"),
     "jaxquant.qconfig": (4, "qconfig"), "jaxquant.qconfig_mapping": (4, "qconfig"),
     "jaxquant.kernels": (5, "kernels"),
-    "jaxquant.fusion.bn_folding": (6, "core"), "jaxquant.module_paths": (6, "core"),
+    "jaxquant.core": (6, "core"), "jaxquant.fusion.bn_folding": (6, "core"), "jaxquant.module_paths": (6, "core"),
     "jaxquant.nn": (7, "front end nn"), "jaxquant.linen": (7, "front end linen"),
     "jaxquant.graph": (7, "front end graph"),
     "jaxquant.fusion": (8, "transforms"), "jaxquant.transforms": (8, "transforms"),
@@ -33,9 +33,6 @@ LAYERS = {
 
 # (importer, imported) pairs that go up or sideways today; issue #13 removes them.
 KNOWN_UPWARD = {
-    ("jaxquant.linen.conv", "jaxquant.nn.qat.conv"),
-    ("jaxquant.linen.conv", "jaxquant.nn.quantized.conv"),
-    ("jaxquant.linen.embed", "jaxquant.nn.dynamic.embedding"),
     ("jaxquant.linen.interceptor", "jaxquant.nn.dynamic.weights"),
     ("jaxquant.linen.quant_state", "jaxquant.nn.qat.fake_quant_module"),
     ("jaxquant.linen.quant_state", "jaxquant.nn.quantized.weights"),

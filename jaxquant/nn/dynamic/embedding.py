@@ -16,26 +16,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxquant.dtypes import per_channel_affine_float_qparams, quint8
+from jaxquant.torch_numerics import fma_u8
 from jaxquant.nn.dynamic.weights import quantize_float_weight, weight_observer
 from jaxquant.nn.variables import QuantParams
 from jaxquant.qtensor import QTensor
-
-
-def fma_u8(q: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
-    """``round_f32(q * scale + bias)`` with one rounding, for ``q`` integers in [0, 255].
-
-    ``scale`` is split into two 12-bit halves (Veltkamp), so both partial products with an 8-bit
-    ``q`` are exact in float32; ``two_sum`` then carries the rounding error of the first addition.
-    """
-    c = jnp.float32(4097.0) * scale
-    s_hi = c - (c - scale)
-    s_lo = scale - s_hi
-    p_hi = q * s_hi
-    p_lo = q * s_lo
-    t = p_hi + bias
-    bb = t - p_hi
-    err = (p_hi - (t - bb)) + (bias - bb)
-    return t + (err + p_lo)
 
 
 class Embedding(nnx.Module):

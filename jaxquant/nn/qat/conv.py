@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.nn.linear import _conv_dimension_numbers, canonicalize_padding
 
+from jaxquant.core.conv import conv_padding, conv_with_kernel
+from jaxquant.core.conv import spatial_tuple as _broadcast
 from jaxquant.nn.qat.batchnorm_fold import fused_bn_forward
 from jaxquant.nn.qat.base import QATWeightLayer
 from jaxquant.nn.qat.base import out_qparams as _out_qparams
@@ -24,57 +24,8 @@ from jaxquant.nn.qat.weight_fake_quant import fake_quant_kernel, quantize_kernel
 __all__ = ["Conv", "ConvReLU", "ConvBn", "ConvBnReLU", "conv_with_kernel"]
 
 
-def _broadcast(value, nd: int) -> tuple[int, ...]:
-    if value is None:
-        return (1,) * nd
-    if isinstance(value, int):
-        return (value,) * nd
-    return tuple(value)
-
-
-def conv_with_kernel(conv: nnx.Conv, x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """What ``conv(x)`` computes without its bias, using ``kernel`` instead of ``conv.kernel``.
-
-    Args:
-      conv: the float ``nnx.Conv`` (strides, padding incl. CIRCULAR/REFLECT/CAUSAL, dilations, groups).
-      x: float32 ``(*batch, *spatial, C_in)``.
-      kernel: float32 ``(*kernel_size, C_in/groups, C_out)``.
-    Returns:
-      float32 ``(*batch, *out_spatial, C_out)``.
-    """
-    kernel_size = tuple(conv.kernel_size)
-    nd = len(kernel_size)
-    n_batch = x.ndim - (nd + 1)
-    batch_shape = x.shape[:n_batch]
-    if n_batch != 1:
-        x = jnp.reshape(x, (-1,) + x.shape[n_batch:])
-    strides = _broadcast(conv.strides, nd)
-    input_dilation = _broadcast(conv.input_dilation, nd)
-    kernel_dilation = _broadcast(conv.kernel_dilation, nd)
-    padding = canonicalize_padding(conv.padding, nd)
-    if padding in ("CIRCULAR", "REFLECT"):
-        dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]
-        pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
-        x = jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
-        padding = "VALID"
-    elif padding == "CAUSAL":
-        pads = [(0, 0), (kernel_dilation[0] * (kernel_size[0] - 1), 0), (0, 0)]
-        x = jnp.pad(x, pads)
-        padding = "VALID"
-    if conv.mask is not None:
-        kernel = kernel * conv.mask
-    y = jax.lax.conv_general_dilated(
-        x, kernel, strides, padding, lhs_dilation=input_dilation, rhs_dilation=kernel_dilation,
-        dimension_numbers=_conv_dimension_numbers(x.shape), feature_group_count=conv.feature_group_count,
-        precision=conv.precision)
-    if n_batch != 1:
-        y = jnp.reshape(y, batch_shape + y.shape[1:])
-    return y
-
-
 def _quantized_conv(conv: nnx.Conv, weight, bias, module: Any, path: str, relu: bool):
     from jaxquant.nn.quantized import Conv as QConv
-    from jaxquant.nn.quantized.conv import conv_padding
 
     if set(_broadcast(conv.input_dilation, len(conv.kernel_size))) != {1}:
         raise ValueError(f"'{path}': input_dilation has no int8 kernel; keep this conv float (qconfig=None)")

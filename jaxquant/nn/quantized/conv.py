@@ -11,39 +11,14 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
+from jaxquant.core.conv import conv_padding, spatial_tuple as _spatial_tuple
 from jaxquant.dtypes import QDType
 from jaxquant.kernels.conv import pack_conv, quantized_conv
 from jaxquant.nn.quantized.common import Int8WeightLayer, observed_qparams, require_qtensor
 from jaxquant.nn.quantized.weights import quantize_weight
 from jaxquant.nn.variables import QuantCache, refresh_cache, seal_cache
 from jaxquant.qtensor import QTensor
-
-
-def conv_padding(conv: nnx.Conv, path: str):
-    """flax ``nnx.Conv.padding`` as 'SAME'/'VALID' or explicit ``((lo, hi), ...)`` pairs."""
-    nd = len(conv.kernel_size)
-    padding = conv.padding
-    if isinstance(padding, str):
-        if padding.upper() in ("SAME", "VALID"):
-            return padding.upper()
-        raise ValueError(f"'{path}': padding {padding!r} has no int8 kernel; use 'SAME', 'VALID' or explicit "
-                         "padding (or keep this conv float with qconfig=None)")
-    if isinstance(padding, int):
-        return ((padding, padding),) * nd
-    pairs = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
-    if len(pairs) != nd:
-        raise ValueError(f"'{path}': padding {padding!r} does not give one pair per spatial dimension")
-    return pairs
-
-
-def _spatial_tuple(value, nd: int) -> tuple[int, ...]:
-    if value is None:
-        return (1,) * nd
-    if isinstance(value, int):
-        return (value,) * nd
-    return tuple(int(v) for v in value)
 
 
 class Conv(Int8WeightLayer):
