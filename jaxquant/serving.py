@@ -93,7 +93,7 @@ class CompiledModel:
         ``buckets``, the first call in a new bucket); later calls only dispatch.
         """
         if self._var_objects and not all(map(operator.is_, map(_raw_value, self._var_objects), self._var_raws)):
-            self._raise_changed()
+            self._recheck_changed()
         flat, treedef = jax.tree.flatten(inputs)
         flat = [x if isinstance(x, jax.Array) else _as_array(x) for x in flat]
         if self.buckets is None:
@@ -214,15 +214,43 @@ class CompiledModel:
                              "got a scalar example input")
         return (batch, *x.shape[1:])
 
-    def _raise_changed(self) -> None:
-        changed = [p for p, v, r in zip(self._var_paths, self._var_objects, self._var_raws)
-                   if v.get_raw_value() is not r]
+    def _recheck_changed(self) -> None:
+        # Identity differs: either new weights, or the same values in new buffers (nnx.jit over the
+        # module writes copies of every array back into it). Compare contents once; adopt equal ones.
+        with self._lock:
+            raws = list(self._var_raws)
+            changed = []
+            for i, (path, variable) in enumerate(zip(self._var_paths, self._var_objects)):
+                now = variable.get_raw_value()
+                if now is raws[i]:
+                    continue
+                if _same_bits(now, raws[i]):
+                    raws[i] = now
+                else:
+                    changed.append(path)
+            self._var_raws = raws
+        if not changed:
+            return
         shown = ", ".join(repr(p) for p in changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
         raise ModelChangedError(
-            f"jaxquant.compile: {self.name} was changed after it was compiled for serving (new arrays at "
+            f"jaxquant.compile: {self.name} was changed after it was compiled for serving (new values at "
             f"{shown}); the served callable still holds the old ones. Call jaxquant.compile(model) again "
             "after changing the model (loading weights, training, nnx.update), or pass check_changes=False "
             "to serve the arrays captured at compile time")
+
+
+def _same_bits(a: Any, b: Any) -> bool:
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    if ta != tb or len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        x, y = np.asarray(x), np.asarray(y)
+        if x.dtype != y.dtype or x.shape != y.shape:
+            return False
+        if not np.array_equal(x.reshape(-1).view(np.uint8), y.reshape(-1).view(np.uint8)):
+            return False
+    return True
 
 
 class ModelChangedError(RuntimeError):
@@ -312,7 +340,9 @@ def compile(  # noqa: A001 - the name PyTorch users know (torch.compile); reache
       example_inputs: inputs (arrays or ``jax.ShapeDtypeStruct``) to compile for now, ahead of time,
         as a tuple with one entry per model input; with ``buckets``, for every bucket.
       check_changes: for NNX models, check on each call (about 0.1 us per Variable) that the model's
-        arrays were not replaced since compile, and raise :class:`ModelChangedError` if they were.
+        arrays were not replaced since compile, and raise :class:`ModelChangedError` if their values
+        changed (arrays replaced by equal copies, as ``nnx.jit`` over the module does, are accepted
+        after one comparison).
 
     Returns:
       A :class:`CompiledModel`: ``serve(*inputs)`` returns what the model returns; ``precompile``,

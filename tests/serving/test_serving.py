@@ -269,14 +269,17 @@ def test_wrong_rank_or_dtype_after_the_first_compile_is_a_clear_error():
 def test_model_changed_after_compile_is_detected():
     model = _mlp()
     served = jq.compile(model)
+    unchecked = jq.compile(model, check_changes=False)
     x = _rows(2)
     before = np.asarray(served(x))
+    # nnx.jit over the module writes equal copies of every array back into it: not a change.
+    nnx.jit(lambda m, x: m(x))(model, x)
+    np.testing.assert_array_equal(np.asarray(served(x)), before)
     nnx.update(model, jax.tree.map(lambda a: a * 2, nnx.state(model)))
-    with pytest.raises(jq.ModelChangedError, match=r"layers\.0\.bias.*jaxquant\.compile\(model\) again"):
+    with pytest.raises(jq.ModelChangedError, match=r"'layers\.0\.kernel'.*jaxquant\.compile\(model\) again"):
         served(x)
-    np.testing.assert_array_equal(np.asarray(jq.compile(model, check_changes=False)(x)) != before, True)
-    stale_ok = jq.compile(_mlp(), check_changes=False)
-    stale_ok(x)
+    np.testing.assert_array_equal(np.asarray(unchecked(x)), before)  # the arrays captured at compile
+    assert not np.array_equal(np.asarray(jq.compile(model)(x)), before)
 
 
 def test_model_that_updates_its_state_when_called_is_refused():
