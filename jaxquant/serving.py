@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-__all__ = ["compile", "CompiledModel"]
+__all__ = ["compile", "CompiledModel", "ModelChangedError", "ModelMutatesStateError"]
 
 Signature = tuple  # (input treedef, ((shape, dtype), ...))
 
@@ -74,7 +74,7 @@ class CompiledModel:
         self._jitted = jax.jit(run)
         # Resident on the device once; a numpy leaf would otherwise be transferred on every call.
         self._leaves = jax.device_put(list(leaves))
-        self._leaf_specs = [jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in self._leaves]
+        self._leaf_specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) for a in self._leaves]
         self._cache: dict[Signature, Any] = {}
         self._rank_dtypes: Optional[tuple] = None  # the input treedef, ranks and dtypes fixed by the first compile
         self._lock = threading.Lock()
