@@ -84,6 +84,14 @@ class CompiledModel:
             self._var_raws = [v.get_raw_value() for v in self._var_objects]
         else:
             self._var_paths, self._var_objects, self._var_raws = [], [], []
+        # The per-call check reads every Variable's raw value: the attribute get_raw_value returns
+        # is read ~2.5x faster without the method call, where this flax version has it.
+        fast = operator.attrgetter("_raw_value")
+        try:
+            same = all(fast(v) is r for v, r in zip(self._var_objects, self._var_raws))
+        except AttributeError:
+            same = False
+        self._read_raw = fast if same else _raw_value
 
     # ---- per call (lock-free) ----
     def __call__(self, *inputs: Any) -> Any:
@@ -92,7 +100,7 @@ class CompiledModel:
         Returns what the model returns. The first call with a new input signature compiles (or, with
         ``buckets``, the first call in a new bucket); later calls only dispatch.
         """
-        if self._var_objects and not all(map(operator.is_, map(_raw_value, self._var_objects), self._var_raws)):
+        if self._var_objects and not all(map(operator.is_, map(self._read_raw, self._var_objects), self._var_raws)):
             self._recheck_changed()
         flat, treedef = jax.tree.flatten(inputs)
         flat = [x if isinstance(x, jax.Array) else _as_array(x) for x in flat]
