@@ -316,6 +316,12 @@ def _nnx_runner(model: nnx.Module, graphdef: Any, treedef: Any, name: str) -> Ca
     return run
 
 
+def _linen_module_type() -> type:
+    import flax.linen  # only when asked: NNX-only users need not import Linen
+
+    return flax.linen.Module
+
+
 def compile(  # noqa: A001 - the name PyTorch users know (torch.compile); reached as jaxquant.compile
     model: Any,
     params: Any = None,
@@ -332,7 +338,8 @@ def compile(  # noqa: A001 - the name PyTorch users know (torch.compile); reache
       ``quantize_dynamic``); runs ``module(*inputs)``. Put it in eval mode first.
     * ``compile(linen_module, variables)``: anything with Linen's ``apply`` (a ``flax.linen.Module``
       or a ``jaxquant.linen`` model); runs ``module.apply(variables, *inputs)``.
-    * ``compile(fn, params)``: a pure function ``fn(params, *inputs)`` (graph-mode functions).
+    * ``compile(fn, params)``: a pure function ``fn(params, *inputs)``; ``compile(program)`` for an
+      object with ``apply(params, *inputs)`` and ``params`` attributes (a converted graph-mode program).
 
     The model's arrays are captured once and kept on the device; each new input signature (input
     shapes and dtypes) compiles one XLA program; calls then cost a dict lookup and a dispatch, not a
@@ -371,6 +378,8 @@ def compile(  # noqa: A001 - the name PyTorch users know (torch.compile); reache
         served = CompiledModel(_nnx_runner(model, graphdef, treedef, name), leaves, name=name, buckets=buckets,
                                variables=variables if check_changes else None)
     elif hasattr(model, "apply") and callable(model.apply) and not isinstance(model, type):
+        if params is None and not isinstance(model, _linen_module_type()):
+            params = getattr(model, "params", None)  # a program that carries its params (graph mode)
         if params is None:
             raise TypeError(f"jaxquant.compile: {type(model).__name__} is a Linen-style module; pass its "
                             "variables: jaxquant.compile(module, variables)")

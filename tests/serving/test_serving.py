@@ -251,6 +251,18 @@ def test_function_of_params_and_several_inputs():
     np.testing.assert_allclose(np.asarray(served(x, scale)), 2.0 * np.asarray(x) @ np.asarray(w), rtol=1e-5)
 
 
+def test_program_object_with_apply_and_params():
+    class Program:  # the shape of a converted graph-mode program: apply(params, *inputs) and params
+        params = {"w": jnp.full((8, 2), 0.5)}
+
+        @staticmethod
+        def apply(params, x):
+            return x @ params["w"]
+
+    x = _rows(3)
+    np.testing.assert_allclose(np.asarray(jq.compile(Program())(x)), np.asarray(x) @ np.full((8, 2), 0.5), rtol=1e-6)
+
+
 # ---------------------------------------------------------------- errors
 
 
