@@ -304,8 +304,12 @@ def _nnx_runner(model: nnx.Module, graphdef: Any, treedef: Any, name: str) -> Ca
         module = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
         out = module(*inputs)
         resident = {id(leaf) for leaf in leaves}
+        # RNG counters advance on calls that only draw an initial carry (nnx.RNN); they are not
+        # carried between served calls. Dropout, which would draw the same mask each call, is
+        # refused before tracing (_check_no_training_dropout).
         changed = [".".join(str(k) for k in path) for path, variable in nnx.to_flat_state(nnx.state(module))
-                   if any(id(a) not in resident for a in jax.tree.leaves(variable.get_raw_value()))]
+                   if not isinstance(variable, nnx.RngState)
+                   and any(id(a) not in resident for a in jax.tree.leaves(variable.get_raw_value()))]
         if changed:
             raise ModelMutatesStateError(
                 f"jaxquant.compile: calling {name} changes its state ({', '.join(changed[:5])}): a served "
@@ -314,6 +318,15 @@ def _nnx_runner(model: nnx.Module, graphdef: Any, treedef: Any, name: str) -> Ca
                 "record statistics), or use nnx.jit for steps that update state")
         return out
     return run
+
+
+def _check_no_training_dropout(model: nnx.Module, name: str) -> None:
+    active = [".".join(str(p) for p in path) or "(the model)" for path, m in nnx.iter_graph(model)
+              if isinstance(m, nnx.Dropout) and not m.deterministic and m.rate > 0]
+    if active:
+        raise ModelMutatesStateError(
+            f"jaxquant.compile: {name} has Dropout in training mode ({', '.join(active[:5])}): served, it "
+            "would draw the same mask on every call. Call model.eval() before jaxquant.compile(model)")
 
 
 def _linen_module_type() -> type:
@@ -374,6 +387,7 @@ def compile(  # noqa: A001 - the name PyTorch users know (torch.compile); reache
             raise TypeError(f"jaxquant.compile: {type(model).__name__} is an NNX module, which holds its own "
                             "state; call jaxquant.compile(model) without params")
         name = type(model).__name__
+        _check_no_training_dropout(model, name)
         graphdef, treedef, leaves, variables = _flat_state(model)
         served = CompiledModel(_nnx_runner(model, graphdef, treedef, name), leaves, name=name, buckets=buckets,
                                variables=variables if check_changes else None)

@@ -305,6 +305,25 @@ def test_model_that_updates_its_state_when_called_is_refused():
         jq.compile(prepared)(_rows(2))
 
 
+def test_dropout_in_training_mode_is_refused_and_rnn_rng_counters_are_not():
+    class Net(nnx.Module):
+        def __init__(self):
+            self.rnn = nnx.RNN(nnx.LSTMCell(4, 4, rngs=nnx.Rngs(0)))  # advances its RNG count per call
+            self.drop = nnx.Dropout(0.5, rngs=nnx.Rngs(1))
+
+        def __call__(self, x):
+            return self.drop(self.rnn(x))
+
+    model = Net()
+    with pytest.raises(jq.ModelMutatesStateError, match=r"Dropout in training mode \(drop\).*model\.eval\(\)"):
+        jq.compile(model)
+    model.eval()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32))
+    served = jq.compile(model)
+    np.testing.assert_array_equal(np.asarray(served(x)), np.asarray(served(x)))
+    np.testing.assert_allclose(np.asarray(served(x)), np.asarray(model(x)), rtol=1e-5, atol=1e-6)
+
+
 def test_model_errors_keep_their_type_and_say_where_they_came_from():
     def fn(params, x):
         raise ValueError("layer 'fc' wants 8 features")
