@@ -1,4 +1,4 @@
-"""Bad-input catalogue entries S01-S05 (docs/bad_input_catalogue.md): ``jaxquant.compile``, the serving path.
+"""Bad-input catalogue entries S01-S06 (docs/bad_input_catalogue.md): ``jaxquant.compile``, the serving path.
 
 Same conventions as ``test_catalogue.py``: the error names the place and says what to do, and the
 user's model is left as it was.
@@ -69,3 +69,11 @@ def test_S05_function_without_params_or_not_a_model():
         jq.compile(lambda params, x: x)
     with _raises(TypeError, "cannot serve", "nnx.Module"):
         jq.compile("model.ckpt")
+
+
+def test_S06_dropout_in_training_mode():
+    model = nnx.Sequential(nnx.Linear(6, 6, rngs=nnx.Rngs(0)), nnx.Dropout(0.1, rngs=nnx.Rngs(1)))
+    snap = _snapshot(model)
+    with _raises(jq.ModelMutatesStateError, "Dropout in training mode", r"layers\.1", r"model\.eval\(\)"):
+        jq.compile(model)
+    _assert_untouched(model, snap)
