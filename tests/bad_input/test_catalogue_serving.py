@@ -22,7 +22,8 @@ def _mlp():
 
 def _snapshot(model):
     graphdef, state = nnx.split(model)
-    return graphdef, [np.array(a) for a in jax.tree.leaves(state)]
+    return graphdef, [np.array(jax.random.key_data(a) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else a)
+                      for a in jax.tree.leaves(state)]
 
 
 def _assert_untouched(model, snap):
