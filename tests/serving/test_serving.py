@@ -187,7 +187,7 @@ def test_served_int8_program_runs_u8_s8_dots_and_returns_only_the_output():
 
 def test_concurrent_callers_get_the_sequential_outputs():
     int8 = jq.quantize_dynamic(_mlp())
-    inputs = [_rows(n, seed=10 + i) for i, n in enumerate((1, 2, 3, 1, 2, 3))]
+    inputs = [_rows(n, seed=10 + i) for i, n in enumerate((1, 2, 1, 2))]
     sequential = [_split_jit(int8)(x) for x in inputs]
     served = jq.compile(int8)  # cold: the threads race to fill the cache
     results, errors = {}, []
@@ -212,12 +212,13 @@ def test_concurrent_callers_get_the_sequential_outputs():
     assert len(results) == 4 * 3 * len(inputs)
     for (_, _, k), y in results.items():
         np.testing.assert_array_equal(y, sequential[k])
-    assert sorted(served.signatures) == [f"float32[{n}, 8]" for n in (1, 2, 3)]  # each compiled once
+    assert sorted(served.signatures) == [f"float32[{n}, 8]" for n in (1, 2)]  # each compiled once
 
 
 # ---------------------------------------------------------------- Linen and functions
 
 
+@pytest.mark.slow
 def test_linen_static_int8_model_with_variables():
     import flax.linen as nn
 
