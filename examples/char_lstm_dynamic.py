@@ -74,11 +74,12 @@ def ship(model: CharLSTM, int8_model: nnx.Module, vocab: int, hidden: int, held_
         # The template: the same architecture (any weights) through the same quantize_dynamic call.
         template = quantize_dynamic(CharLSTM(vocab, 64, hidden, nnx.Rngs(1)), INT8_SPEC)
         reloaded = jq.load(os.path.join(tmp, "int8.jq"), template)
-        assert np.array_equal(np.asarray(jq.compile(reloaded)(probe)), np.asarray(jq.compile(int8_model)(probe))), \
+        serve_int8 = jq.compile(int8_model)  # the serving path (docs/serving.md)
+        assert np.array_equal(np.asarray(jq.compile(reloaded)(probe)), np.asarray(serve_int8(probe))), \
             "load is not bit-exact"
         artifact = jq.export(int8_model, probe[:1])  # symbolic batch: any batch size runs
         exported = jax.export.deserialize(bytearray(artifact))
-        assert np.array_equal(np.asarray(exported.call(probe[:5])), np.asarray(fwd(int8_model, probe[:5])))
+        assert np.array_equal(np.asarray(exported.call(probe[:5])), np.asarray(serve_int8(probe[:5])))
     print(f"\nsaved: float {float_bytes / 1024:.0f} KB, int8 {int8_bytes / 1024:.0f} KB "
           f"({int8_bytes / float_bytes:.3f}x); reloaded bit-exact; jax.export artifact {len(artifact) / 1024:.0f} KB, "
           "outputs identical")
