@@ -8,7 +8,8 @@ PyTorch (float32 and ``torch.ao.quantization.quantize_dynamic``, x86 engine), sa
   vs its dynamic int8 version (per tensor and per token) vs ``torch.nn.LSTM`` and PyTorch's dynamic LSTM.
 
 Both JAX models run as ``jax.jit`` of a pure function of the model state (``nnx.split`` once), which is
-how a deployed model is called; ``nnx.jit``'s per-call graph traversal is not measured. Candidates
+how a deployed model is called; ``nnx.jit``'s per-call graph traversal is not measured. The LSTM rows
+also time the documented serving path, ``jaxquant.compile(model)`` (``jq.compile`` columns). Candidates
 are timed interleaved in this one process (benchmarks/timing.py): medians in ms per call, and
 paired ratios (> 1 means the second name is faster). ``max_rel_diff`` is max |ours - PyTorch's
 dynamic output| / max |float output| on the same weights and input, a check that the two int8
@@ -29,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import jaxquant as jq  # noqa: E402
 from jaxquant.transforms.quantize_dynamic import quantize_dynamic  # noqa: E402
 from timing import (import_torch, markdown_table, median_ms, paired_ratio, time_interleaved,  # noqa: E402
                     write_json)
@@ -42,8 +44,9 @@ LSTM_CASES = [(256, 1), (256, 32), (512, 1), (512, 32)]  # (hidden, batch)
 SEQ = 64
 LIN_COLS = ["K x N", "M", "jax_f32", "jq_dyn", "jq_dyn_token", "torch_f32", "torch_dyn", "f32/dyn",
             "dyn/token", "torch_dyn/dyn", "max_rel_diff"]
-LSTM_COLS = ["hidden", "batch", "seq", "jax_f32", "jq_dyn", "jq_dyn_token", "torch_f32", "torch_dyn",
-             "f32/dyn", "dyn/token", "torch_dyn/dyn", "max_rel_diff"]
+LSTM_COLS = ["hidden", "batch", "seq", "jax_f32", "jq_dyn", "jq_dyn_token", "jq.compile f32", "jq.compile dyn",
+             "torch_f32", "torch_dyn", "f32/dyn", "dyn/token", "f32/dyn (jq.compile)", "torch_dyn/dyn",
+             "max_rel_diff"]
 
 
 def compiled(model: nnx.Module):
@@ -71,6 +74,8 @@ def _timed_row(row: dict, fns: dict, repeats: int, columns: list) -> dict:
     row.update({name: median_ms(v) for name, v in t.items()})
     row["f32/dyn"] = paired_ratio(t, "jax_f32", "jq_dyn")
     row["dyn/token"] = paired_ratio(t, "jq_dyn", "jq_dyn_token")
+    if "jq.compile dyn" in t:  # the documented serving path (jaxquant.compile) of the same models
+        row["f32/dyn (jq.compile)"] = paired_ratio(t, "jq.compile f32", "jq.compile dyn")
     row["torch_dyn/dyn"] = paired_ratio(t, "torch_dyn", "jq_dyn") if torch is not None else NAN
     print(markdown_table([row], columns).splitlines()[-1], flush=True)
     return row
@@ -138,9 +143,11 @@ def bench_lstm(cases, repeats):
         f32 = compiled(model)
         dyn = compiled(quantize_dynamic(model))
         tok = compiled(quantize_dynamic(model, per_token=True))
+        served_f32, served_dyn = jq.compile(model), jq.compile(quantize_dynamic(model))
         x = (rng.standard_normal((batch, SEQ, hidden)) * 0.5).astype(np.float32)
         xj = jnp.asarray(x)
-        fns = {"jax_f32": lambda: f32(xj), "jq_dyn": lambda: dyn(xj), "jq_dyn_token": lambda: tok(xj)}
+        fns = {"jax_f32": lambda: f32(xj), "jq_dyn": lambda: dyn(xj), "jq_dyn_token": lambda: tok(xj),
+               "jq.compile f32": lambda: served_f32(xj), "jq.compile dyn": lambda: served_dyn(xj)}
         row = {"hidden": hidden, "batch": batch, "seq": SEQ}
         if torch is not None:
             tl = _torch_lstm_from(model, hidden).eval()

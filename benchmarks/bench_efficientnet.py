@@ -70,6 +70,7 @@ def main() -> None:
 
     float_fn = jax.jit(lambda x: model(x))
     int8_fn = jax.jit(lambda x: qmodel(x))
+    serve_float, serve_int8 = jq.compile(model), jq.compile(qmodel)  # the documented serving path
     ref = ex.jax_logits(float_fn, evals, desc="float JAX")
     accuracy = {
         "jaxquant int8": ex.agreement(ex.jax_logits(int8_fn, evals, desc="jaxquant int8"), ref),
@@ -89,13 +90,15 @@ def main() -> None:
 
         fns = {"float JAX": lambda x=x: float_fn(x).block_until_ready(),
                "jaxquant int8": lambda x=x: int8_fn(x).block_until_ready(),
+               "float jq.compile": lambda x=x: serve_float(x).block_until_ready(),
+               "int8 jq.compile": lambda x=x: serve_int8(x).block_until_ready(),
                "PyTorch float": lambda: run_torch(tnet),
                "PyTorch int8 x86": lambda: run_torch(tq_net)}
         for f in fns.values():
             f()
         latency[b] = ex.median_latency_ms(fns, args.repeats, f"batch {b}")
 
-    names = ["float JAX", "jaxquant int8", "PyTorch float", "PyTorch int8 x86"]
+    names = ["float JAX", "jaxquant int8", "float jq.compile", "int8 jq.compile", "PyTorch float", "PyTorch int8 x86"]
     print(f"\nEfficientNet-Lite0, recipe '{args.recipe}', median of {args.repeats} interleaved "
           f"rounds, {torch.get_num_threads()} torch threads, jax {jax.__version__}, "
           f"torch {torch.__version__}\n")

@@ -1,7 +1,7 @@
 """The whole benchmark suite in one command: each script in its own process, one after another.
 
     python benchmarks/run_all.py            # every benchmark (10-20 minutes on 2 idle cores)
-    python benchmarks/run_all.py --quick    # int8 kernels and the Fashion-MNIST CNN, under 2 minutes
+    python benchmarks/run_all.py --quick    # int8 kernels, the Fashion-MNIST CNN and the serving path
 
 Every script prints its markdown tables and writes its JSON under ``benchmarks/results/``; this
 runner streams their output, then prints how long each took and writes
@@ -24,6 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SUITE: list[tuple[str, list[str], list[str] | None]] = [
     ("bench_ops.py", [], ["--quick"]),
     ("bench_fashion_cnn.py", [], ["--quick"]),
+    ("bench_serving.py", [], ["--quick"]),
     ("bench_dynamic.py", [], None),
     ("bench_minilm.py", [], None),
     ("bench_efficientnet.py", ["--batches", "1", "8", "--repeats", "9"], None),
@@ -35,7 +36,7 @@ SUITE: list[tuple[str, list[str], list[str] | None]] = [
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="kernels and the CNN only, < 2 min")
+    parser.add_argument("--quick", action="store_true", help="kernels, the CNN and the serving path only")
     parser.add_argument("--json", default=os.path.join(HERE, "results", "run_all.json"))
     args = parser.parse_args(argv)
 

@@ -67,7 +67,6 @@ def nll(model, x, y):
 
 def ship(model: CharLSTM, int8_model: nnx.Module, vocab: int, hidden: int, held_x: np.ndarray) -> dict:
     """Save float and int8 checkpoints, reload the int8 one into a template, export it; print sizes."""
-    fwd = nnx.jit(lambda m, x: m(x))
     probe = jnp.asarray(held_x[:16])
     with tempfile.TemporaryDirectory() as tmp:
         float_bytes = jq.save(os.path.join(tmp, "float.jq"), model)
@@ -75,11 +74,12 @@ def ship(model: CharLSTM, int8_model: nnx.Module, vocab: int, hidden: int, held_
         # The template: the same architecture (any weights) through the same quantize_dynamic call.
         template = quantize_dynamic(CharLSTM(vocab, 64, hidden, nnx.Rngs(1)), INT8_SPEC)
         reloaded = jq.load(os.path.join(tmp, "int8.jq"), template)
-        assert np.array_equal(np.asarray(fwd(reloaded, probe)), np.asarray(fwd(int8_model, probe))), \
+        serve_int8 = jq.compile(int8_model)  # the serving path (docs/serving.md)
+        assert np.array_equal(np.asarray(jq.compile(reloaded)(probe)), np.asarray(serve_int8(probe))), \
             "load is not bit-exact"
         artifact = jq.export(int8_model, probe[:1])  # symbolic batch: any batch size runs
         exported = jax.export.deserialize(bytearray(artifact))
-        assert np.array_equal(np.asarray(exported.call(probe[:5])), np.asarray(fwd(int8_model, probe[:5])))
+        assert np.array_equal(np.asarray(exported.call(probe[:5])), np.asarray(serve_int8(probe[:5])))
     print(f"\nsaved: float {float_bytes / 1024:.0f} KB, int8 {int8_bytes / 1024:.0f} KB "
           f"({int8_bytes / float_bytes:.3f}x); reloaded bit-exact; jax.export artifact {len(artifact) / 1024:.0f} KB, "
           "outputs identical")
@@ -127,24 +127,24 @@ def main() -> None:
         "dynamic int8 (per tensor)": quantize_dynamic(model, INT8_SPEC),
         "dynamic int8 (per token)": quantize_dynamic(model, INT8_SPEC, per_token=True),
     }
-    eval_nll = nnx.jit(nll)
-    fwd = nnx.jit(lambda m, x: m(x))
+    served = {name: jq.compile(m) for name, m in variants.items()}  # the serving path, float and int8
     xb = jnp.asarray(hx[:1])
     ppls = {}
-    for name, m in variants.items():
+    for name, serve in served.items():
         total = 0.0
         for i in range(0, n, 64):
-            total += float(eval_nll(m, jnp.asarray(hx[i:i + 64]), jnp.asarray(hy[i:i + 64]))) * len(hx[i:i + 64])
+            logits, y = serve(jnp.asarray(hx[i:i + 64])), jnp.asarray(hy[i:i + 64])
+            total += float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()) * len(hx[i:i + 64])
         ppls[name] = float(np.exp(total / n))
-        jax.block_until_ready(fwd(m, xb))
+        jax.block_until_ready(serve(xb))
     # Interleave the variants round by round: timed one after another, each variant met different
     # machine load (the shared machines drift by 20-30 %), which is how a spurious 3x per-token
     # penalty was once reported; interleaved, per token costs about 5 % more (benchmarks/bench_dynamic.py).
     times = {name: [] for name in variants}
     for _ in range(20):
-        for name, m in variants.items():
+        for name, serve in served.items():
             t0 = time.perf_counter()
-            jax.block_until_ready(fwd(m, xb))
+            jax.block_until_ready(serve(xb))
             times[name].append(time.perf_counter() - t0)
     rows = [(name, ppls[name], 1e3 * float(np.median(times[name]))) for name in variants]
     base = rows[0][1]

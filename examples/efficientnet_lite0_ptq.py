@@ -3,7 +3,7 @@
     python examples/efficientnet_lite0_ptq.py [--n-eval 300] [--n-calib 64] [--recipe relu6-range]
 
 Eager-mode workflow, as in torch.ao.quantization: fuse Conv+BN, prepare (observers), calibrate on
-64 real images, convert, then run int8 under jax.jit. Data: real photographs bundled with
+64 real images, convert, then serve int8 with jaxquant.compile. Data: real photographs bundled with
 scikit-image (``jaxquant.datasets.sample_images``); there are no ImageNet labels, so the metric is
 top-1 agreement of the int8 model with the float model on a few hundred images.
 
@@ -29,7 +29,6 @@ import argparse
 import time
 import warnings
 
-import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -162,11 +161,11 @@ def main() -> None:
     evals, calib = images[:args.n_eval], images[args.n_eval:]
 
     model = eff.load_efficientnet_lite0()
-    float_fn = jax.jit(lambda x: model(x))
+    float_fn = jq.compile(model)  # the serving path (docs/serving.md), float and int8
     ref = jax_logits(float_fn, evals, desc="float JAX")
 
     qmodel = quantize_jaxquant(model, calib, args.recipe, args.act_observer)
-    int8_fn = jax.jit(lambda x: qmodel(x))
+    int8_fn = jq.compile(qmodel)
     rows = {"jaxquant int8": agreement(jax_logits(int8_fn, evals, desc="jaxquant int8"), ref)}
 
     x = eff.preprocess(evals[:args.batch])

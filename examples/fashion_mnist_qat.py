@@ -83,8 +83,8 @@ def train(model: nnx.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, peak_
 
 def accuracy(model: nnx.Module, x: np.ndarray, y: np.ndarray, batch: int = 500) -> float:
     """Top-1 test accuracy in percent (the model in eval mode)."""
-    predict = nnx.jit(lambda m, xb: jnp.argmax(m(xb), axis=-1))
-    correct = sum(int(jnp.sum(predict(model, jnp.asarray(x[i:i + batch])) == y[i:i + batch]))
+    serve = jq.compile(model)  # the serving path (docs/serving.md)
+    correct = sum(int(jnp.sum(jnp.argmax(serve(jnp.asarray(x[i:i + batch])), axis=-1) == y[i:i + batch]))
                   for i in range(0, len(x), batch))
     return 100.0 * correct / len(x)
 

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from sklearn.datasets import load_digits
 
+import jaxquant as jq
 import jaxquant.linen as jql
 
 
@@ -57,7 +58,7 @@ def load_data(seed: int = 0):
 
 
 def accuracy(apply_fn, variables, x, y) -> float:
-    logits = jax.jit(apply_fn)(variables, jnp.asarray(x))
+    logits = jq.compile(apply_fn, variables)(jnp.asarray(x))  # serving path (docs/serving.md)
     return float(np.mean(np.argmax(np.asarray(logits), -1) == y))
 
 
@@ -129,7 +130,7 @@ def main(epochs: int = 8, qat_steps: int = 60) -> dict:
     block_vars = block.init(jax.random.key(3), tokens)
     dyn_model, dyn_vars = jql.quantize_dynamic(block, block_vars, tokens)
     y_float = np.asarray(block.apply(block_vars, tokens))
-    y_dyn = np.asarray(jax.jit(dyn_model.apply)(dyn_vars, tokens))
+    y_dyn = np.asarray(jq.compile(dyn_model, dyn_vars)(tokens))
     rel = float(np.linalg.norm(y_dyn - y_float) / np.linalg.norm(y_float))
     n_int8 = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(dyn_vars[jql.QUANT_PARAMS])
                  if path[-1].key == "weight_int")

@@ -147,13 +147,13 @@ def ship(model: minilm.MiniLM, int8_models: dict, tokenizer, sentences) -> dict:
         # The template: the same architecture with any weights, through the same quantize_dynamic.
         template = jaxquant.quantize_dynamic(minilm.MiniLM(model.config, rngs=nnx.Rngs(0)), SHIP_SPEC)
         reloaded = jaxquant.load(os.path.join(tmp, "int8.jq"), template)
-        expected = np.asarray(minilm.jit_forward(shipped)(tok, mask))
-        assert np.array_equal(np.asarray(minilm.jit_forward(reloaded)(tok, mask)), expected), "load is not bit-exact"
+        expected = np.asarray(jaxquant.compile(shipped)(tok, mask))
+        assert np.array_equal(np.asarray(jaxquant.compile(reloaded)(tok, mask)), expected), "load is not bit-exact"
         artifact = jaxquant.export(shipped, tok, mask)  # symbolic batch, sequence length fixed
         exported = jax.export.deserialize(bytearray(artifact))
         assert np.array_equal(np.asarray(exported.call(tok, mask)), expected), "exported outputs differ"
         assert np.array_equal(np.asarray(exported.call(tok[:3], mask[:3])),
-                              np.asarray(minilm.jit_forward(shipped)(tok[:3], mask[:3])))
+                              np.asarray(jaxquant.compile(shipped)(tok[:3], mask[:3])))
     print("\n| checkpoint | size on disk (MB) | vs float32 |")
     print("|---|---|---|")
     for name, n in sizes.items():
@@ -179,15 +179,15 @@ def main():
     sentences = pydoc_sentences(args.sentences)
     print(f"{len(sentences)} pydoc sentences, e.g. {sentences[0]!r}")
 
-    forwards = {"jax f32": minilm.jit_forward(model)}
+    forwards = {"jax f32": jaxquant.compile(model)}  # the serving path (docs/serving.md), float and int8
     int8_models = {"int8 Linear": (None, quantize_dynamic(model)),
                    "int8 Linear + uint8 Embed": (SHIP_SPEC, quantize_dynamic(model, SHIP_SPEC))}
-    forwards["jax int8"] = minilm.jit_forward(int8_models["int8 Linear"][1])
-    forwards["jax int8 + u8 embeddings"] = minilm.jit_forward(int8_models["int8 Linear + uint8 Embed"][1])
-    forwards["jax int8 per-channel"] = minilm.jit_forward(
+    forwards["jax int8"] = jaxquant.compile(int8_models["int8 Linear"][1])
+    forwards["jax int8 + u8 embeddings"] = jaxquant.compile(int8_models["int8 Linear + uint8 Embed"][1])
+    forwards["jax int8 per-channel"] = jaxquant.compile(
         quantize_dynamic(model, {nnx.Linear: per_channel_dynamic_qconfig})
     )
-    forwards["jax int8 per-channel per-token"] = minilm.jit_forward(
+    forwards["jax int8 per-channel per-token"] = jaxquant.compile(
         quantize_dynamic(model, {nnx.Linear: per_channel_dynamic_qconfig}, per_token=True)
     )
     forwards.update(torch_pipelines())

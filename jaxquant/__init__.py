@@ -115,6 +115,7 @@ from jaxquant.quantization_mappings import get_default_static_quant_module_mappi
 from jaxquant.export import export, load_exported
 from jaxquant.onnx_export import export_onnx
 from jaxquant.serialization import CheckpointError, converted_template, load, rebuild_cache, save
+from jaxquant.serving import CompiledModel, ModelChangedError, ModelMutatesStateError, compile
 from jaxquant.tools import model_size_bytes
 from jaxquant.tools.numeric_debugger import compare, compute_sqnr, sensitivity_analysis
 from jaxquant.tools.summary import summary
