@@ -32,6 +32,7 @@ from jax import lax
 from jaxquant.kernels.linear import PackedWeight, int8_matmul_acc, pack_weight, to_uint8_activation
 from jaxquant.kernels.mixed_dot import dot_general_u8s8
 from jaxquant.kernels.requantize import output_multiplier, quant_range, requantize
+from jaxquant.native import ops as native_ops
 
 __all__ = ["StaticConvParams", "prepack_static_conv", "refold_input_qparams", "static_conv",
            "prepack_static_conv_transpose", "static_conv_transpose", "IM2COL_TILE_BYTES"]
@@ -93,6 +94,8 @@ class StaticConvParams:
     has_w_zero_point: bool = _field(static=True)
     relu: bool = _field(static=True)
     out_dtype: str = _field(static=True)
+    # oneDNN's packed weight (uint8 blob) when the native backend took this conv at prepack, else None.
+    native_weight: Optional[jax.Array] = dataclasses.field(default=None, metadata={"static": False})
 
 
 def prepack_static_conv(
@@ -183,7 +186,14 @@ def prepack_static_conv(
         has_zw = bool(np.any(np.asarray(zw) != 0))
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         pass
+    native_weight = None
+    if not has_zw:
+        cfg = native_ops.conv_cfg(ks, strides_t, ((0, 0),) * nd, dilation_t, groups, cin, cout, relu,
+                                  bias is not None, out_dtype)
+        blob = native_ops.pack_conv_weight(w, cfg)
+        native_weight = None if blob is None else jnp.asarray(blob)
     return StaticConvParams(
+        native_weight=native_weight,
         weight=weight, w_grouped=w_grouped, w_taps=w_taps, offset=offset,
         bias_over_scale=bias_over_scale,
         multiplier=jnp.broadcast_to(mult, (cout,)).astype(jnp.float32),
@@ -318,6 +328,12 @@ def static_conv(x_q: jax.Array, params: StaticConvParams) -> jax.Array:
         raise ValueError(f"static_conv: input spatial {tuple(spatial)} is smaller than the "
                          f"dilated kernel {p.kernel_size} (dilation {p.dilation})")
     n = x_u8.shape[0]
+    if native_ops.conv_supported(x_u8.shape, p.native_weight, p.has_w_zero_point):
+        cfg = native_ops.conv_cfg(p.kernel_size, p.strides, pads, p.dilation, p.groups, p.in_channels,
+                                  p.out_channels, p.relu, p.bias_over_scale is not None, p.out_dtype)
+        if cfg is not None:
+            return native_ops.native_conv(x_u8, p.native_weight, p.colsum, p.bias_over_scale, p.multiplier,
+                                          zx, p.out_zero_point, cfg, p.out_dtype)
 
     def body(xt):
         # Padding inside the tile lets XLA fuse it into the tap slices instead of writing a

@@ -36,7 +36,7 @@ GEMV_MAX_M = 8
 _NATIVE = _jax_config.bool_state(
     "jaxquant_native", default=os.environ.get("JAXQUANT_NATIVE", "1") != "0",
     help="jaxquant: use the native int8 kernels (oneDNN conv, VNNI GEMV) where they are faster.",
-    include_in_jit_key=True)
+    include_in_jit_key=True, include_in_trace_context=True)
 
 
 def native_backend_available() -> bool:
