@@ -204,32 +204,51 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp
 
 constexpr int kCols = 64;  // output columns per packed group: 4 zmm of 16 int32 lanes
 
+// MR rows x 64 columns. For MR <= 2 the K loop keeps two accumulator sets (even / odd k) so that
+// the dependent dpbusd chain (latency ~5 cycles) does not bound the loop.
 template <int MR>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void gemv_group(
     const uint8_t* x, int64_t ldx, const int8_t* wg, int64_t kb, int32_t* out, int64_t ldo, int64_t ncols) {
-  __m512i acc[MR][4];
-  for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_si512();
-  for (int64_t k = 0; k < kb; ++k) {
+  constexpr int SETS = MR <= 2 ? 2 : 1;
+  __m512i acc[SETS][MR][4];
+  for (int s = 0; s < SETS; ++s)
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < 4; ++j) acc[s][m][j] = _mm512_setzero_si512();
+  int64_t k = 0;
+  for (; k + SETS <= kb; k += SETS) {
+    for (int s = 0; s < SETS; ++s) {
+      const int8_t* wk = wg + (k + s) * (kCols * 4);
+      __m512i w0 = _mm512_loadu_si512(wk), w1 = _mm512_loadu_si512(wk + 64);
+      __m512i w2 = _mm512_loadu_si512(wk + 128), w3 = _mm512_loadu_si512(wk + 192);
+      for (int m = 0; m < MR; ++m) {
+        int32_t xv;
+        std::memcpy(&xv, x + m * ldx + 4 * (k + s), 4);
+        __m512i xb = _mm512_set1_epi32(xv);
+        acc[s][m][0] = _mm512_dpbusd_epi32(acc[s][m][0], xb, w0);
+        acc[s][m][1] = _mm512_dpbusd_epi32(acc[s][m][1], xb, w1);
+        acc[s][m][2] = _mm512_dpbusd_epi32(acc[s][m][2], xb, w2);
+        acc[s][m][3] = _mm512_dpbusd_epi32(acc[s][m][3], xb, w3);
+      }
+    }
+  }
+  for (; k < kb; ++k) {  // odd tail of the unrolled loop
     const int8_t* wk = wg + k * (kCols * 4);
-    __m512i w0 = _mm512_loadu_si512(wk), w1 = _mm512_loadu_si512(wk + 64);
-    __m512i w2 = _mm512_loadu_si512(wk + 128), w3 = _mm512_loadu_si512(wk + 192);
     for (int m = 0; m < MR; ++m) {
       int32_t xv;
       std::memcpy(&xv, x + m * ldx + 4 * k, 4);
       __m512i xb = _mm512_set1_epi32(xv);
-      acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], xb, w0);
-      acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], xb, w1);
-      acc[m][2] = _mm512_dpbusd_epi32(acc[m][2], xb, w2);
-      acc[m][3] = _mm512_dpbusd_epi32(acc[m][3], xb, w3);
+      for (int j = 0; j < 4; ++j)
+        acc[0][m][j] = _mm512_dpbusd_epi32(acc[0][m][j], xb, _mm512_loadu_si512(wk + 64 * j));
     }
   }
   for (int m = 0; m < MR; ++m) {
+    for (int j = 0; j < 4; ++j)
+      for (int s = 1; s < SETS; ++s) acc[0][m][j] = _mm512_add_epi32(acc[0][m][j], acc[s][m][j]);
     if (ncols == kCols) {
-      for (int j = 0; j < 4; ++j) _mm512_storeu_si512(out + m * ldo + 16 * j, acc[m][j]);
+      for (int j = 0; j < 4; ++j) _mm512_storeu_si512(out + m * ldo + 16 * j, acc[0][m][j]);
     } else {
       alignas(64) int32_t tmp[kCols];
-      for (int j = 0; j < 4; ++j) _mm512_store_si512(tmp + 16 * j, acc[m][j]);
+      for (int j = 0; j < 4; ++j) _mm512_store_si512(tmp + 16 * j, acc[0][m][j]);
       std::memcpy(out + m * ldo, tmp, ncols * sizeof(int32_t));
     }
   }
