@@ -38,6 +38,10 @@ def load() -> tuple[object, str]:
         return None, ("the native extension was not built (pip install printed why: it needs g++ and the "
                       "onednn-devel-cpu-gomp wheel); reinstall with `pip install -e .` to build it")
     dnnl = _dnnl_candidates()
+    # oneDNN's GNU OpenMP workers run inside XLA custom calls; spinning after each parallel region
+    # (libgomp's default) takes the cores from XLA's own thread pool, which runs the next kernel.
+    # libgomp reads this once, when it is loaded (here, with libdnnl); an explicit setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         if dnnl:
             ctypes.CDLL(dnnl[0], mode=ctypes.RTLD_GLOBAL)

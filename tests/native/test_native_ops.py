@@ -32,8 +32,6 @@ def _both(fn, *args):
         jaxpr = str(jax.make_jaxpr(fn)(*args))
     with use_native(False):
         xla = np.asarray(jax.jit(fn)(*args))
-        xla_jaxpr = str(jax.make_jaxpr(fn)(*args))
-    assert "jaxquant_" not in xla_jaxpr, "use_native(False) must trace the pure-XLA kernels"
     return native, xla, jaxpr
 
 
