@@ -63,3 +63,30 @@ def test_export_is_portable_with_the_backend_on(fashion_int8):
     exported = jq.load_exported(blob)
     assert "jaxquant_" not in exported.mlir_module()
     np.testing.assert_array_equal(np.asarray(exported.call(x)), direct)
+
+
+@needs_native
+@pytest.mark.slow
+def test_efficientnet_lite0_native_equals_xla():
+    """The real EfficientNet-Lite0 (depthwise, 1x1, strided 3x3 and 5x5 convs, residual adds), the
+    example's int8 recipe: the native path's logits equal the pure-XLA path's exactly."""
+    import importlib.util
+    import os
+
+    from jaxquant.datasets.sample_images import sample_images
+    from jaxquant.models import efficientnet_lite as eff
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "efficientnet_lite0_ptq.py")
+    spec = importlib.util.spec_from_file_location("efficientnet_lite0_ptq", path)
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    images = sample_images(6)
+    with use_native(True):
+        int8 = ex.quantize_jaxquant(eff.load_efficientnet_lite0(), images[:4], "relu6-range", "minmax",
+                                    batch=4, progress=False)
+        x = eff.preprocess(images[4:6])
+        native = _run(int8, x)
+    with use_native(False):
+        xla = _run(int8, x)
+    np.testing.assert_array_equal(native, xla)
+    assert np.argmax(native, -1).shape == (2,) and np.std(native) > 0

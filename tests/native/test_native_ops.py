@@ -232,3 +232,15 @@ def test_env_var_turns_the_backend_off():
             "assert pack_weight(np.ones((8, 8), np.int8), 0).w_native is None\n")
     env = dict(os.environ, JAXQUANT_NATIVE="0")
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+
+
+@needs_native
+def test_ffi_rejects_a_blob_of_the_wrong_size():
+    """The custom call checks every size it is handed instead of reading past a buffer."""
+    from jaxquant.native import ops
+    cfg = ops.conv_cfg((3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 1, 8, 16, False, False, "uint8")
+    x = np.zeros((1, 6, 6, 8), np.uint8)
+    bad = jnp.zeros((10,), jnp.uint8)
+    with pytest.raises(Exception, match="wrong size"):
+        jax.block_until_ready(ops.native_conv(x, bad, jnp.zeros(16, jnp.int32), None, jnp.ones(16), 3, 0, cfg,
+                                              "uint8"))

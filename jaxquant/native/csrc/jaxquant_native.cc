@@ -163,9 +163,25 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp
   s.h = xd[1];
   s.w = xd[2];
   if (xd[3] != s.cfg[CIN]) return ffi::Error::InvalidArgument("JqConvU8S8: input channels mismatch");
+  const int64_t cout = s.cfg[COUT];
+  if (s.cfg[GROUPS] < 1 || s.cfg[CIN] % s.cfg[GROUPS] || cout % s.cfg[GROUPS] || s.oh() < 1 || s.ow() < 1)
+    return ffi::Error::InvalidArgument("JqConvU8S8: inconsistent conv config");
+  auto yd = y->dimensions();
+  const ffi::DataType want_y = s.cfg[DST_S8] ? ffi::DataType::S8 : ffi::DataType::U8;
+  if (yd.size() != 4 || yd[0] != s.n || yd[1] != s.oh() || yd[2] != s.ow() || yd[3] != cout ||
+      y->element_type() != want_y)
+    return ffi::Error::InvalidArgument("JqConvU8S8: output shape or dtype does not match the conv");
+  for (const ffi::AnyBuffer* v : {&comp, &bias, &mult})
+    if (v->element_type() != ffi::DataType::F32 || static_cast<int64_t>(v->element_count()) != cout)
+      return ffi::Error::InvalidArgument("JqConvU8S8: per-channel vectors must be float32 (cout,)");
+  if (zo.element_type() != ffi::DataType::S32 || zo.element_count() != 1)
+    return ffi::Error::InvalidArgument("JqConvU8S8: the output zero point must be one int32");
   try {
     auto e = get_conv(s);
     auto& eng = cpu_engine();
+    const size_t want_w = packed ? e->packed_md.get_size() : plain_weight_desc(s).get_size();
+    if (weight.size_bytes() != want_w)
+      return ffi::Error::InvalidArgument("JqConvU8S8: the weight blob has the wrong size for this conv");
     thread_local dnnl::stream stream(cpu_engine());
     thread_local std::vector<uint8_t> scratch, wbuf;
     const memory::desc& wmd = e->pd.weights_desc();
