@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxquant as jq
 from jaxquant.kernels.conv import (prepack_static_conv, prepack_static_conv_transpose, static_conv,
                                    static_conv_transpose)
 from jaxquant.kernels.linear import (int8_matmul_acc, pack_weight, prepack_dynamic_linear, prepack_static_linear,
