@@ -30,8 +30,10 @@ from jaxquant.native._loader import load
 __all__ = ["native_backend_available", "native_backend_reason", "use_native", "native_enabled",
            "GEMV_MAX_M"]
 
-# Rows up to which the VNNI GEMV beats XLA's u8 x s8 dot (benchmarks/bench_ops.py, native rows).
-GEMV_MAX_M = 8
+# Rows up to which the VNNI GEMV replaces XLA's u8 x s8 dot. Measured under heavy load only
+# (benchmarks/bench_ops.py, xla/native columns): ahead at M = 1 on 768-wide layers, behind at M = 8;
+# re-measure on a quiet machine. The kernel itself takes any M (tests run it up to 8).
+GEMV_MAX_M = 4
 
 _NATIVE = _jax_config.bool_state(
     "jaxquant_native", default=os.environ.get("JAXQUANT_NATIVE", "1") != "0",

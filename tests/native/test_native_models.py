@@ -8,7 +8,7 @@ from flax import nnx
 
 import jaxquant as jq
 from jaxquant.models.fashion_cnn import FashionCNN, fusion_patterns
-from jaxquant.native import native_backend_available, native_backend_reason, use_native
+from jaxquant.native import GEMV_MAX_M, native_backend_available, native_backend_reason, use_native
 
 needs_native = pytest.mark.skipif(not native_backend_available(),
                                   reason=f"native backend unavailable: {native_backend_reason()}")
@@ -49,7 +49,7 @@ def test_fashion_cnn_native_equals_xla(fashion_int8, batch):
     with use_native(False):
         xla = _run(int8, x)
     assert jaxpr.count("jaxquant_conv_u8s8") == 2
-    assert ("jaxquant_gemv_u8s8" in jaxpr) == (batch <= 8)
+    assert ("jaxquant_gemv_u8s8" in jaxpr) == (batch <= GEMV_MAX_M)
     np.testing.assert_array_equal(native, xla)
     assert np.std(native) > 0
 

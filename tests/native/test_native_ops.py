@@ -134,7 +134,7 @@ def test_gemv_raw_dot_exact(m, k, n):
 
 
 @needs_native
-@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
 @pytest.mark.parametrize("per_channel_zw", [False, True])
 def test_matmul_acc_native_equals_xla(m, per_channel_zw):
     rng = np.random.default_rng(m)
