@@ -22,12 +22,15 @@ import numpy as np, jax, jax.numpy as jnp
 sys.path.insert(0, sys.argv[1])
 from timing import median_ms
 import jaxquant as jq
-from jaxquant.kernels.conv import prepack_static_conv, static_conv
-from jaxquant.kernels.linear import prepack_dynamic_linear, dynamic_linear
+from jaxquant.kernels.conv import pack_conv, quantized_conv
+from jaxquant.kernels.linear import pack_linear, quantized_linear_dynamic
 repeats = int(sys.argv[2])
 rng = np.random.default_rng(0)
 w = rng.integers(-127, 128, (3, 3, 64, 64), dtype=np.int8)
-p = prepack_static_conv(w, np.float32(2e-3), 0, None, 0.05, 128, 0.1, 128, padding="SAME", relu=True)
+p = pack_conv(w, np.float32(2e-3), 0, None, padding="SAME")
+def static_conv(x, p):
+    xq = jq.QTensor(x, jnp.float32(0.05), jnp.int32(128), jq.quint8)
+    return quantized_conv(xq, p, jnp.float32(0.1), jnp.int32(128), out_dtype=jq.quint8, relu=True).int_data
 conv = jax.jit(static_conv)
 def chain(x):
     y = static_conv(x, p)
@@ -36,8 +39,8 @@ def chain(x):
     return static_conv(y, p)
 chain = jax.jit(chain)
 wl = rng.integers(-127, 128, (4096, 4096), dtype=np.int8)
-pl = prepack_dynamic_linear(wl, np.full(4096, 1e-3, np.float32), 0, None)
-dyn = jax.jit(dynamic_linear)
+pl = pack_linear(wl, np.full(4096, 1e-3, np.float32), 0, None)
+dyn = jax.jit(quantized_linear_dynamic)
 cases = {
     "conv b1": (conv, (jnp.asarray(rng.integers(0, 256, (1, 56, 56, 64)).astype(np.uint8)), p)),
     "conv b8": (conv, (jnp.asarray(rng.integers(0, 256, (8, 56, 56, 64)).astype(np.uint8)), p)),

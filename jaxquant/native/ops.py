@@ -121,6 +121,9 @@ def native_conv(x_u8: jax.Array, packed: jax.Array, colsum: jax.Array, bias_over
     ow = (w - ((kw - 1) * dw + 1)) // sw + 1
     comp = (-zx * colsum).astype(jnp.float32)  # exact: |zx * colsum| < 255 * 128 * K < 2**24 for K < 514
     bias = comp if bias_over_scale is None else bias_over_scale.astype(jnp.float32)
+    multiplier = jnp.broadcast_to(jnp.asarray(multiplier, jnp.float32), (cout,))
+    if bias_over_scale is not None:
+        bias = jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (cout,))
     y = jax.ffi.ffi_call("jaxquant_conv_u8s8", jax.ShapeDtypeStruct((n, oh, ow, cout), np.dtype(out_dtype)),
                          vmap_method="sequential")(
         x4, packed, comp, bias, multiplier.astype(jnp.float32),

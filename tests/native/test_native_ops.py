@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxquant.kernels.conv import (prepack_static_conv, prepack_static_conv_transpose, static_conv,
-                                   static_conv_transpose)
-from jaxquant.kernels.linear import (int8_matmul_acc, pack_weight, prepack_dynamic_linear, prepack_static_linear,
-                                     dynamic_linear, static_linear)
+from jaxquant.dtypes import qint8, quint8
+from jaxquant.kernels.conv import pack_conv, pack_conv_transpose, quantized_conv, quantized_conv_transpose
+from jaxquant.kernels.linear import (int8_matmul_acc, pack_linear, pack_weight, quantized_linear,
+                                     quantized_linear_dynamic)
+from jaxquant.qtensor import QTensor
 from jaxquant.native import native_backend_available, native_backend_reason, use_native
 
 needs_native = pytest.mark.skipif(not native_backend_available(),
@@ -82,10 +83,13 @@ def test_conv_native_equals_xla(case, x_dtype, out_dtype, with_bias):
     k_red = int(np.prod(ks)) * cin // g
     out_scale = 0.02 * 5.5e-3 * 74 * 74 * np.sqrt(k_red) * 3 / 128  # about 3 sigma of the output at full range
     with use_native(True):
-        p = prepack_static_conv(w, sw, 0, bias, 0.02, zx, out_scale, 3 if out_dtype == np.int8 else 128,
-                                strides=st, padding=pad, dilation=dil, groups=g, relu=relu, out_dtype=out_dtype)
+        p = pack_conv(w, sw, 0, bias, strides=st, padding=pad, dilation=dil, groups=g)
     assert p.native_weight is not None
-    native, xla, jaxpr = _both(static_conv, x, p)
+    xq = QTensor(jnp.asarray(x), jnp.float32(0.02), jnp.int32(zx), quint8 if x_dtype == np.uint8 else qint8)
+    out_q = quint8 if out_dtype == np.uint8 else qint8
+    out_zp = jnp.int32(3 if out_dtype == np.int8 else 128)
+    native, xla, jaxpr = _both(
+        lambda xq: quantized_conv(xq, p, jnp.float32(out_scale), out_zp, out_dtype=out_q, relu=relu).int_data, xq)
     assert "jaxquant_conv_u8s8" in jaxpr
     assert native.dtype == xla.dtype == out_dtype
     np.testing.assert_array_equal(native, xla)
@@ -99,9 +103,11 @@ def test_conv_transpose_native_equals_xla():
     w = rng.integers(-128, 128, (3, 3, 6, 4), dtype=np.int8)  # (k, k, cin, cout/groups)
     x = rng.integers(0, 256, (2, 5, 6, 6)).astype(np.uint8)
     with use_native(True):
-        p, st = prepack_static_conv_transpose(w, np.float32(4e-3), 0, rng.standard_normal(4).astype(np.float32),
-                                              0.02, 100, 0.05, 120, strides=2, padding=1, output_padding=1)
-    native, xla, jaxpr = _both(lambda x: static_conv_transpose(x, p, st), x)
+        p = pack_conv_transpose(w, np.float32(4e-3), 0, rng.standard_normal(4).astype(np.float32), strides=2,
+                                padding=1, output_padding=1)
+    xq = QTensor(jnp.asarray(x), jnp.float32(0.02), jnp.int32(100), quint8)
+    native, xla, jaxpr = _both(
+        lambda xq: quantized_conv_transpose(xq, p, jnp.float32(0.05), jnp.int32(120), out_dtype=quint8).int_data, xq)
     assert "jaxquant_conv_u8s8" in jaxpr
     np.testing.assert_array_equal(native, xla)
 
@@ -110,9 +116,11 @@ def test_conv_with_weight_zero_point_stays_on_xla():
     rng = np.random.default_rng(3)
     w = rng.integers(-128, 128, (3, 3, 4, 6), dtype=np.int8)
     with use_native(True):
-        p = prepack_static_conv(w, np.float32(4e-3), np.int32(2), None, 0.02, 7, 0.05, 128, padding="SAME")
+        p = pack_conv(w, np.float32(4e-3), np.int32(2), None, padding="SAME")
         assert p.native_weight is None  # oneDNN convs take symmetric weights only
-        jaxpr = str(jax.make_jaxpr(static_conv)(np.zeros((1, 5, 5, 4), np.uint8), p))
+        xq = QTensor(jnp.zeros((1, 5, 5, 4), jnp.uint8), jnp.float32(0.02), jnp.int32(7), quint8)
+        jaxpr = str(jax.make_jaxpr(lambda xq: quantized_conv(xq, p, jnp.float32(0.05), jnp.int32(128),
+                                                              out_dtype=quint8).int_data)(xq))
     assert "jaxquant_" not in jaxpr
 
 
@@ -172,15 +180,17 @@ def test_static_and_dynamic_linear_native_equal_xla(x_dtype):
     sw = rng.uniform(1e-3, 1e-2, n).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
     lo = 0 if x_dtype == np.uint8 else -128
-    xq = rng.integers(lo, lo + 256, (2, 3, k)).astype(x_dtype)
+    xq = rng.integers(lo, lo + 256, (1, 3, k)).astype(x_dtype)  # 3 rows: the GEMV
     with use_native(True):
-        sp = prepack_static_linear(w, sw, 0, bias, 0.03, lo + 101, 0.2, 117, relu=True)
-        dp = prepack_dynamic_linear(w, sw, 0, bias)
-    native, xla, jaxpr = _both(lambda x: static_linear(x, sp), xq)
+        pl = pack_linear(w, sw, 0, bias)
+    xq_t = QTensor(jnp.asarray(xq), jnp.float32(0.03), jnp.int32(lo + 101), quint8 if x_dtype == np.uint8 else qint8)
+    native, xla, jaxpr = _both(
+        lambda xq: quantized_linear(xq, pl, jnp.float32(0.2), jnp.int32(117), out_dtype=quint8, relu=True).int_data,
+        xq_t)
     assert "jaxquant_gemv_u8s8" in jaxpr
     np.testing.assert_array_equal(native, xla)
     xf = rng.standard_normal((4, k)).astype(np.float32)
-    native, xla, jaxpr = _both(lambda x: dynamic_linear(x, dp), xf)
+    native, xla, jaxpr = _both(lambda x: quantized_linear_dynamic(x, pl), xf)
     assert "jaxquant_gemv_u8s8" in jaxpr
     np.testing.assert_array_equal(native, xla)
 
@@ -189,12 +199,14 @@ def test_static_and_dynamic_linear_native_equal_xla(x_dtype):
 def test_compiled_hlo_calls_the_native_targets():
     rng = np.random.default_rng(1)
     w = rng.integers(-128, 128, (3, 3, 8, 16), dtype=np.int8)
+    f = jax.jit(lambda xq, p: quantized_conv(xq, p, jnp.float32(0.05), jnp.int32(128), out_dtype=quint8).int_data)
+    xq = QTensor(jnp.zeros((1, 8, 8, 8), jnp.uint8), jnp.float32(0.02), jnp.int32(9), quint8)
     with use_native(True):
-        p = prepack_static_conv(w, np.float32(4e-3), 0, None, 0.02, 9, 0.05, 128, padding="SAME")
-        hlo = jax.jit(static_conv).lower(np.zeros((1, 8, 8, 8), np.uint8), p).compile().as_text()
+        p = pack_conv(w, np.float32(4e-3), 0, None, padding="SAME")
+        hlo = f.lower(xq, p).compile().as_text()
     assert "jaxquant_conv_u8s8" in hlo and "custom-call" in hlo
     with use_native(False):
-        hlo = jax.jit(static_conv).lower(np.zeros((1, 8, 8, 8), np.uint8), p).compile().as_text()
+        hlo = f.lower(xq, p).compile().as_text()
     assert "jaxquant_conv_u8s8" not in hlo
 
 
@@ -204,15 +216,16 @@ def test_concurrent_calls_from_threads():
     rng = np.random.default_rng(5)
     w = rng.integers(-128, 128, (3, 3, 16, 16), dtype=np.int8)
     with use_native(True):
-        p = prepack_static_conv(w, np.float32(4e-3), 0, None, 0.02, 9, 0.05, 128, padding="SAME")
-        f = jax.jit(static_conv)
-        xs = [rng.integers(0, 256, (1, s, s, 16)).astype(np.uint8) for s in (9, 13)]
-        want = [np.asarray(f(x, p)) for x in xs]
+        p = pack_conv(w, np.float32(4e-3), 0, None, padding="SAME")
+        conv = jax.jit(lambda xq: quantized_conv(xq, p, jnp.float32(0.05), jnp.int32(128), out_dtype=quint8).int_data)
+        xs = [QTensor(jnp.asarray(rng.integers(0, 256, (1, s, s, 16)).astype(np.uint8)), jnp.float32(0.02),
+                      jnp.int32(9), quint8) for s in (9, 13)]
+        want = [np.asarray(conv(x)) for x in xs]
         errors = []
 
         def work(i):
             for _ in range(10):
-                if not np.array_equal(np.asarray(f(xs[i], p)), want[i]):
+                if not np.array_equal(np.asarray(conv(xs[i])), want[i]):
                     errors.append(i)
 
         threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]

@@ -110,6 +110,11 @@ dnnl::convolution_forward::primitive_desc make_conv_pd(const ConvShape& s) {
 ConvShape nominal_shape(const int64_t* cfg) {
   ConvShape s;
   std::memcpy(s.cfg, cfg, sizeof(s.cfg));
+  // The packed layout must be a function of the weight's shape alone: the per-call choices (fused
+  // ReLU, bias, output dtype) are canonicalised, so pack time and call time agree on it.
+  s.cfg[RELU] = 0;
+  s.cfg[HAS_BIAS] = 1;
+  s.cfg[DST_S8] = 0;
   s.n = 1;
   s.h = std::max<int64_t>(16, (cfg[KH] - 1) * cfg[DH] + 1 + cfg[SH]);
   s.w = std::max<int64_t>(16, (cfg[KW] - 1) * cfg[DW] + 1 + cfg[SW]);
