@@ -6,7 +6,8 @@ Latency: median over ``--repeats`` rounds, each round calling every model once i
 process, interleaved) so machine noise hits all of them alike. Accuracy: top-1 agreement with the
 float JAX model on ``--n-eval`` real images (no labels exist for them). The quantization recipe is
 the example's (``examples/efficientnet_lite0_ptq.py``), calibrated on ``--n-calib`` images.
-Prints a markdown table and writes the numbers as JSON.
+Prints a markdown table and writes the numbers as JSON. "jaxquant int8" is the default path (the
+native backend where available); "jaxquant int8 XLA" the pure-XLA kernels (``jq.use_native(False)``).
 """
 
 from __future__ import annotations
@@ -71,9 +72,18 @@ def main() -> None:
     float_fn = jax.jit(lambda x: model(x))
     int8_fn = jax.jit(lambda x: qmodel(x))
     serve_float, serve_int8 = jq.compile(model), jq.compile(qmodel)  # the documented serving path
+    native = jq.native_backend_available()
+    print(f"native backend: {'on' if native else 'off (' + jq.native_backend_reason() + ')'}")
+    int8_jit_xla = jax.jit(lambda x: qmodel(x))
+
+    def int8_xla_fn(x):  # the pure-XLA int8 kernels (traced with the native backend off)
+        with jq.use_native(False):
+            return int8_jit_xla(x)
     ref = ex.jax_logits(float_fn, evals, desc="float JAX")
     accuracy = {
         "jaxquant int8": ex.agreement(ex.jax_logits(int8_fn, evals, desc="jaxquant int8"), ref),
+        **({"jaxquant int8 XLA": ex.agreement(ex.jax_logits(int8_xla_fn, evals, desc="jaxquant int8 XLA"), ref)}
+           if native else {}),
         "PyTorch float": ex.agreement(ex.torch_logits(tnet, evals, desc="torch float"), ref),
         "PyTorch int8 x86": ex.agreement(ex.torch_logits(tq_net, evals, desc="torch int8"), ref),
     }
@@ -94,11 +104,14 @@ def main() -> None:
                "int8 jq.compile": lambda x=x: serve_int8(x).block_until_ready(),
                "PyTorch float": lambda: run_torch(tnet),
                "PyTorch int8 x86": lambda: run_torch(tq_net)}
+        if native:
+            fns["jaxquant int8 XLA"] = lambda x=x: int8_xla_fn(x).block_until_ready()
         for f in fns.values():
             f()
         latency[b] = ex.median_latency_ms(fns, args.repeats, f"batch {b}")
 
-    names = ["float JAX", "jaxquant int8", "float jq.compile", "int8 jq.compile", "PyTorch float", "PyTorch int8 x86"]
+    names = ["float JAX", "jaxquant int8"] + (["jaxquant int8 XLA"] if native else []) + [
+        "float jq.compile", "int8 jq.compile", "PyTorch float", "PyTorch int8 x86"]
     print(f"\nEfficientNet-Lite0, recipe '{args.recipe}', median of {args.repeats} interleaved "
           f"rounds, {torch.get_num_threads()} torch threads, jax {jax.__version__}, "
           f"torch {torch.__version__}\n")

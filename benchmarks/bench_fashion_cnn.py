@@ -4,6 +4,8 @@ Same architecture and float weights in both frameworks (random init, BatchNorm s
 calibrated on the same real Fashion-MNIST images, x86 default qconfig in both. The JAX models are timed
 as ``jax.jit`` over split state and through the documented serving path, ``jaxquant.compile``. Timed interleaved in
 one process (medians, paired ratios), at batch 1 and 64; sizes are those of the defining arrays.
+``jaxquant_int8`` is the default path (native backend where available), ``jaxquant_int8_xla`` the
+pure-XLA kernels (``jq.use_native(False)``).
 
     python benchmarks/bench_fashion_cnn.py [--quick] [--json out.json]
 """
@@ -111,11 +113,16 @@ def build_models(images: np.ndarray, with_torch: bool = True):
     return model, int8_model, tmodel, torch.ao.quantization.convert(tprep)
 
 
-def jitted(m):
-    """``x -> m(x)`` compiled once over the split state (what a server would run)."""
+def jitted(m, native: bool = True):
+    """``x -> m(x)`` compiled once over the split state (what a server would run); ``native=False``
+    traces it with the native backend off (the pure-XLA int8 kernels)."""
     graphdef, state = nnx.split(m)
     f = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
-    return lambda x: f(state, x)
+
+    def run(x):
+        with jq.use_native(native):
+            return f(state, x)
+    return run
 
 
 def main(argv=None):
@@ -132,21 +139,26 @@ def main(argv=None):
     images = to_float_nhwc(images[:1000])
     model, int8_model, tmodel, tint8 = build_models(images)
 
-    run_float, run_int8 = jitted(model), jitted(int8_model)
     serve_float, serve_int8 = jq.compile(model), jq.compile(int8_model)  # the documented serving path
+    run_float, run_int8, run_int8_xla = jitted(model), jitted(int8_model), jitted(int8_model, native=False)
+    native = jq.native_backend_available()
+    print(f"native backend: {'on' if native else 'off (' + jq.native_backend_reason() + ')'}\n")
     rows, raw = [], {}
     for batch in ((1, 64) if args.quick else (1, 64, 256)):
         x = jnp.asarray(images[:batch])
         xt = torch.tensor(images[:batch]).permute(0, 3, 1, 2).contiguous()
         with torch.no_grad():
-            times = time_interleaved({
+            fns = {
                 "jax_f32": lambda: run_float(x),
                 "jaxquant_int8": lambda: run_int8(x),
                 "jq.compile f32": lambda: serve_float(x),
                 "jq.compile int8": lambda: serve_int8(x),
                 "torch_f32": lambda: tmodel(xt),
                 "torch_int8": lambda: tint8(xt),
-            }, repeats=7 if args.quick else 21)
+            }
+            if native:
+                fns["jaxquant_int8_xla"] = lambda: run_int8_xla(x)
+            times = time_interleaved(fns, repeats=7 if args.quick else 21)
         raw[batch] = times
         rows.append({
             "batch": batch,
@@ -154,6 +166,7 @@ def main(argv=None):
             "int8 speed-up vs jax_f32": paired_ratio(times, "jax_f32", "jaxquant_int8"),
             "int8 speed-up (jq.compile)": paired_ratio(times, "jq.compile f32", "jq.compile int8"),
             "jaxquant/torch int8 time": paired_ratio(times, "jaxquant_int8", "torch_int8"),
+            **({"xla/native int8 time": paired_ratio(times, "jaxquant_int8_xla", "jaxquant_int8")} if native else {}),
         })
 
     agreement = float(np.mean(np.argmax(np.asarray(run_float(jnp.asarray(images))), -1)

@@ -3,7 +3,9 @@
     python benchmarks/bench_ops.py [--quick] [--json out.json]
 
 Every row times its candidates interleaved in this one process (medians over rounds) and
-reports paired ratios (see benchmarks/timing.py). Columns are milliseconds per call.
+reports paired ratios (see benchmarks/timing.py). Columns are milliseconds per call. ``jq_*`` columns
+are jaxquant's default path (the native backend where it is available and takes the op: oneDNN convs,
+the VNNI GEMV up to 8 rows); ``jq_*_xla`` force the pure-XLA kernels (``jq.use_native(False)``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
+import jaxquant as jq  # noqa: E402
 from jaxquant.dtypes import quint8  # noqa: E402
 from jaxquant.kernels.conv import pack_conv, quantized_conv  # noqa: E402
 from jaxquant.kernels.linear import pack_linear, quantized_linear, quantized_linear_dynamic  # noqa: E402
@@ -32,6 +35,15 @@ if torch is not None:
     import torch.ao.nn.quantized as nnq
 
 NAN = float("nan")
+NATIVE = jq.native_backend_available()
+
+
+def pure_xla(fn):
+    """``fn`` traced and run with the native backend off (a separate jit cache entry)."""
+    def run(*args):
+        with jq.use_native(False):
+            return fn(*args)
+    return run
 
 
 def bench_dense(shapes, ms, repeats):
@@ -65,6 +77,9 @@ def bench_dense(shapes, ms, repeats):
                 "jq_dyn": lambda: dyn(x_j, pd),
                 "jq_static": lambda: sta(xq_j, ps),
             }
+            if NATIVE:
+                fns["jq_dyn_xla"] = lambda: pure_xla(dyn)(x_j, pd)
+                fns["jq_static_xla"] = lambda: pure_xla(sta)(xq_j, ps)
             if torch is not None:
                 x_t = torch.tensor(x)
                 xq_t = torch._make_per_tensor_quantized_tensor(torch.tensor(xq), 0.05, 128)
@@ -80,6 +95,9 @@ def bench_dense(shapes, ms, repeats):
             row = {"K x N": f"{k}x{n}", "M": m, **med,
                    "f32/dyn": paired_ratio(t, "jax_f32", "jq_dyn"),
                    "f32/static": paired_ratio(t, "jax_f32", "jq_static")}
+            if NATIVE:
+                row["xla/native dyn"] = paired_ratio(t, "jq_dyn_xla", "jq_dyn")
+                row["xla/native static"] = paired_ratio(t, "jq_static_xla", "jq_static")
             if torch is not None:
                 row["dyn/torch_dyn"] = paired_ratio(t, "jq_dyn", "torch_dyn")
                 row["static/torch_static"] = paired_ratio(t, "jq_static", "torch_static")
@@ -151,6 +169,8 @@ def bench_conv(convs, batches, repeats):
             xq = rng.integers(0, 256, (nb, h, h, cin)).astype(np.uint8)
             x_j, xq_j = jnp.asarray(x), QTensor(jnp.asarray(xq), jnp.float32(0.05), jnp.int32(128), quint8)
             fns = {"jax_f32": lambda: f32(x_j, wf_j, b_j), "jq_int8": lambda: q8(xq_j, p)}
+            if NATIVE:
+                fns["jq_int8_xla"] = lambda: pure_xla(q8)(xq_j, p)
             if depthwise:
                 fns["jax_f32_taps"] = lambda: f32_taps(x_j, wf_j, b_j)
             if torch is not None:
@@ -168,7 +188,10 @@ def bench_conv(convs, batches, repeats):
             if depthwise:
                 best_f32 = [min(a, b_) for a, b_ in zip(t["jax_f32"], t["jax_f32_taps"])]
             row = {"conv": name, "batch": nb, **{n_: median_ms(v) for n_, v in t.items()},
-                   "best_f32/int8": paired_ratio({"best": best_f32, **t}, "best", "jq_int8"), "kind": p.kind}
+                   "best_f32/int8": paired_ratio({"best": best_f32, **t}, "best", "jq_int8"),
+                   "kind": "native" if NATIVE and p.native_weight is not None else p.kind}
+            if NATIVE:
+                row["xla/native"] = paired_ratio(t, "jq_int8_xla", "jq_int8")
             if torch is not None:
                 row["int8/torch_int8"] = paired_ratio(t, "jq_int8", "torch_int8")
             rows.append(row)
@@ -188,6 +211,7 @@ def main():
     else:
         shapes, ms, rep = [(768, 768), (768, 3072), (3072, 768), (4096, 4096)], [1, 8, 128, 512], 11
         convs, batches, crep = CONVS, [1, 32], 7
+    print(f"native backend: {'on' if NATIVE else 'off (' + jq.native_backend_reason() + ')'}\n")
     print("## Dense (ms per call; ratios > 1 mean the first named is slower)\n")
     dense = bench_dense(shapes, ms, rep)
     print("\n" + markdown_table(dense) + "\n")

@@ -49,6 +49,7 @@ from jaxquant.fusion import (
     get_fuser_method,
 )
 from jaxquant.module_paths import get_submodule, named_modules, set_submodule
+from jaxquant.native import native_backend_available, native_backend_reason, use_native
 from jaxquant.observers import (
     FixedQParamsObserver,
     HistogramObserver,

@@ -3,7 +3,8 @@
 The model's arrays are baked into the artifact as constants, so the bytes alone run it: anyone with
 ``jax.export.deserialize(blob).call(x)`` gets the int8 model's outputs, without jaxquant installed.
 The int8 kernels lower to plain StableHLO (``dot_general`` with u8 x s8 operands, integer
-convolutions, element-wise requantization), so no custom call needs to be allow-listed.
+convolutions, element-wise requantization), so no custom call needs to be allow-listed: the native
+backend (:mod:`jaxquant.native`) is switched off while tracing.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxquant.module_paths import copy_model
+from jaxquant.native import use_native
 from jaxquant.qtensor import QTensor
 
 
@@ -81,7 +83,9 @@ def export(model: nnx.Module, example_input: Any, *more_inputs: Any, batch_dim: 
               for x in (example_input, *more_inputs)]
     # One symbolic scope for all inputs, so they share the batch size ``b``.
     specs = _input_specs(inputs, batch_dim, "b")
-    exported = jax.export.export(jax.jit(forward), platforms=tuple(platforms))(*specs)
+    # The native backend's FFI calls would tie the artifact to this build of jaxquant: trace portable.
+    with use_native(False):
+        exported = jax.export.export(jax.jit(forward), platforms=tuple(platforms))(*specs)
     return bytes(exported.serialize())
 
 

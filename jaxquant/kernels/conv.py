@@ -33,6 +33,7 @@ from jaxquant.dtypes import QDType
 from jaxquant.kernels.linear import PackedWeight, int8_matmul_acc, pack_weight, to_uint8_activation
 from jaxquant.kernels.mixed_dot import dot_general_u8s8
 from jaxquant.kernels.requantize import output_multiplier, requantize
+from jaxquant.native import ops as native_ops
 from jaxquant.qtensor import QTensor
 
 __all__ = ["PackedConv", "pack_conv", "quantized_conv", "pack_conv_transpose", "quantized_conv_transpose",
@@ -92,6 +93,8 @@ class PackedConv:
     groups: int = _field(static=True)
     has_w_zero_point: bool = _field(static=True)
     input_dilation: tuple[int, ...] = _field(static=True)
+    # oneDNN's packed weight (uint8 blob) when the native backend took this conv at pack time, else None.
+    native_weight: Optional[jax.Array] = dataclasses.field(default=None, metadata={"static": False})
 
 
 def pack_conv(
@@ -173,7 +176,15 @@ def pack_conv(
         has_zw = bool(np.any(np.asarray(zw) != 0))
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         pass
+    native_weight = None
+    if not has_zw:
+        # relu and the output dtype are per call now; the blob's layout does not depend on them.
+        cfg = native_ops.conv_cfg(ks, strides_t, ((0, 0),) * nd, dilation_t, groups, cin, cout, False,
+                                  bias is not None, "uint8")
+        blob = native_ops.pack_conv_weight(w, cfg)
+        native_weight = None if blob is None else jnp.asarray(blob)
     return PackedConv(
+        native_weight=native_weight,
         weight=weight, w_grouped=w_grouped, w_taps=w_taps,
         colsum=jnp.sum(w32 if w_taps is None else w_taps, axis=0), w_zero_point=zw,
         w_scale=jnp.broadcast_to(jnp.asarray(w_scale, jnp.float32), (cout,)), bias=bias,
@@ -305,6 +316,13 @@ def quantized_conv(x: QTensor, packed: PackedConv, out_scale: jax.Array, out_zer
         raise ValueError(f"quantized_conv: input spatial {tuple(spatial)} is smaller than the "
                          f"dilated kernel {p.kernel_size} (dilation {p.dilation})")
     n = x_u8.shape[0]
+    if native_ops.conv_supported(x_u8.shape, p.native_weight, p.has_w_zero_point):
+        cfg = native_ops.conv_cfg(p.kernel_size, p.strides, pads, p.dilation, p.groups, p.in_channels,
+                                  p.out_channels, relu, bias_over_scale is not None, out_dtype.storage)
+        if cfg is not None:
+            y = native_ops.native_conv(x_u8, p.native_weight, p.colsum, bias_over_scale, multiplier, zx,
+                                       out_zero_point, cfg, out_dtype.storage)
+            return QTensor(y, out_scale, out_zero_point, out_dtype)
 
     def body(xt):
         # Padding inside the tile lets XLA fuse it into the tap slices instead of writing a

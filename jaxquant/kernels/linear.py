@@ -33,6 +33,7 @@ from jaxquant.choose_qparams import choose_qparams_from_min_max
 from jaxquant.dtypes import QDType
 from jaxquant.kernels.mixed_dot import dot_general_u8s8
 from jaxquant.kernels.requantize import dequantize_accumulator, output_multiplier, requantize
+from jaxquant.native import ops as native_ops
 from jaxquant.qtensor import QTensor
 
 __all__ = [
@@ -76,6 +77,8 @@ class PackedWeight:
     out_features: int = _field(static=True)
     has_w_zero_point: bool = _field(static=True)
     act_lhs_kn: bool = dataclasses.field(default=False, metadata={"static": True})
+    # int8 (ceil(N/64), ceil(K/4), 64, 4) for the native VNNI GEMV (rows <= GEMV_MAX_M), or None.
+    w_native: Optional[jax.Array] = dataclasses.field(default=None, metadata={"static": False})
 
     def choose_layout(self, m: int, layout: Optional[Layout] = None) -> Layout:
         if layout is None:
@@ -136,6 +139,7 @@ def pack_weight(w_int8: jax.Array, w_zero_point, layouts: Layouts = "both", *,
         colsum=jnp.sum(w.astype(jnp.int32), axis=0),
         w_zero_point=zw,
         in_features=int(k), out_features=int(n), has_w_zero_point=has_zw,
+        w_native=native_ops.pack_gemv_weight(w),
     )
 
 
@@ -163,15 +167,20 @@ def int8_matmul_acc(x_u8: jax.Array, x_zero_point: jax.Array, pw: PackedWeight, 
       pw: packed weight.
       offset: optional int32 ``(N,)`` replacing ``-zx colsum + K zx zw`` when it was
         folded at prepack time (static activation qparams).
-      layout: force a layout (default: chosen from M).
+      layout: force a layout (default: chosen from M; up to ``GEMV_MAX_M`` rows the native VNNI
+        GEMV runs instead where :mod:`jaxquant.native` is enabled).
     """
     m, k = x_u8.shape
+    native = layout is None and native_ops.gemv_supported(m, pw.w_native)
     layout = pw.choose_layout(m, layout)
     zx = jnp.asarray(x_zero_point, jnp.int32)
     if offset is None:
         offset = k * zx * pw.w_zero_point - zx * pw.colsum
     row_coeff = pw.w_zero_point if pw.has_w_zero_point else None
-    if layout == "weight_lhs":
+    if native:
+        acc = native_ops.native_gemv(x_u8, pw.w_native, pw.out_features)
+        rowsum = None if row_coeff is None else jnp.sum(x_u8.astype(jnp.int32), axis=1, keepdims=True)
+    elif layout == "weight_lhs":
         xs = lax.bitcast_convert_type(x_u8 ^ jnp.uint8(128), jnp.int8)
         acc_t = dot_general_u8s8(pw.w_weight_lhs, xs, (((1,), (1,)), ((), ())))  # (N+1, M)
         # Barrier: otherwise XLA folds the transpose into the dot by swapping operands,

@@ -35,3 +35,12 @@ def dot_signatures(hlo_text: str) -> list[str]:
 def entry_fusions(hlo_text: str) -> list[str]:
     entry = hlo_text[hlo_text.index("ENTRY"):]
     return [l for l in entry.splitlines() if " fusion(" in l]
+
+
+@pytest.fixture(autouse=True)
+def pure_xla_kernels():
+    """These tests pin the pure-XLA formulations (HLO structure, layouts); tests/native checks that the
+    native backend's results equal them."""
+    from jaxquant.native import use_native
+    with use_native(False):
+        yield

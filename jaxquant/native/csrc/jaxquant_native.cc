@@ -1,0 +1,398 @@
+// jaxquant's native int8 kernels, called from XLA as FFI custom calls (jax.ffi.ffi_call).
+//
+// * JqConvU8S8: a 2-D NHWC convolution, uint8 activations x int8 weights, on oneDNN. The output
+//   pipeline is fbgemm's (jaxquant/kernels/requantize.py), expressed as oneDNN attributes so that
+//   every step rounds exactly like the pure-XLA kernel:
+//     y = f32(sum x * w) + f32(-zx * colsum(w)[oc])      (int32 accumulator; the input is padded
+//                                                          with zx by the caller; the add is exact)
+//     y = y + bias_over_scale[oc]                        (binary-add post-op, if a bias)
+//     y = y * multiplier[oc]                             (binary-mul post-op, one f32 rounding)
+//     y = round_half_even(y)                             (eltwise round post-op)
+//     y = max(y, 0)                                      (eltwise ReLU post-op, if fused)
+//     out = saturate(y + zo)                             (dst zero point)
+//   The weight is reordered into oneDNN's preferred blocked layout once (jq_conv_pack, at
+//   convert time) and the primitives are cached per shape behind a mutex.
+// * JqGemvU8S8: the decode GEMV (M <= 8 rows), an AVX512-VNNI loop over a weight packed as
+//   [N/64][K/4][64][4] int8, returning the raw int32 dot (zero-point terms and the epilogue stay
+//   in XLA, so results equal the pure-XLA kernel exactly).
+#include <immintrin.h>
+#include <omp.h>
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+namespace {
+
+thread_local std::string g_last_error;
+
+dnnl::engine& cpu_engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// cfg layout shared with jaxquant/native/ops.py (CONV_CFG_FIELDS).
+enum CfgIndex {
+  KH, KW, SH, SW, PT, PB, PL, PR, DH, DW, GROUPS, CIN, COUT, RELU, HAS_BIAS, DST_S8, CFG_LEN
+};
+
+struct ConvShape {
+  int64_t cfg[CFG_LEN];
+  int64_t n, h, w;
+  int64_t oh() const { return (h + cfg[PT] + cfg[PB] - ((cfg[KH] - 1) * cfg[DH] + 1)) / cfg[SH] + 1; }
+  int64_t ow() const { return (w + cfg[PL] + cfg[PR] - ((cfg[KW] - 1) * cfg[DW] + 1)) / cfg[SW] + 1; }
+  std::string key() const {
+    std::string k(reinterpret_cast<const char*>(cfg), sizeof(cfg));
+    int64_t nhw[3] = {n, h, w};
+    k.append(reinterpret_cast<const char*>(nhw), sizeof(nhw));
+    return k;
+  }
+};
+
+memory::dims weight_dims(const ConvShape& s) {
+  const int64_t g = s.cfg[GROUPS], cin = s.cfg[CIN], cout = s.cfg[COUT];
+  if (g == 1) return {cout, cin, s.cfg[KH], s.cfg[KW]};
+  return {g, cout / g, cin / g, s.cfg[KH], s.cfg[KW]};
+}
+
+// jaxquant's (flax) weight layout (kh, kw, cin/g, cout) with cout = g * cout_g, as a strided desc.
+memory::desc plain_weight_desc(const ConvShape& s) {
+  const int64_t g = s.cfg[GROUPS], cin_g = s.cfg[CIN] / g, cout = s.cfg[COUT];
+  const int64_t s_kw = cin_g * cout, s_kh = s.cfg[KW] * s_kw;
+  if (g == 1) return memory::desc(weight_dims(s), dt::s8, memory::dims{1, cout, s_kh, s_kw});
+  const int64_t cout_g = cout / g;
+  return memory::desc(weight_dims(s), dt::s8, memory::dims{cout_g, 1, cout, s_kh, s_kw});
+}
+
+dnnl::convolution_forward::primitive_desc make_conv_pd(const ConvShape& s) {
+  const int64_t* c = s.cfg;
+  memory::desc src({s.n, c[CIN], s.h, s.w}, dt::u8, tag::nhwc);
+  memory::desc dst({s.n, c[COUT], s.oh(), s.ow()}, c[DST_S8] ? dt::s8 : dt::u8, tag::nhwc);
+  memory::desc wei(weight_dims(s), dt::s8, tag::any);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  attr.set_zero_points_mask(DNNL_ARG_DST, 0);
+  // No src zero point and no bias argument: oneDNN's kernels add the zero-point compensation
+  // after the bias (and its AMX kernels fold both together), which rounds differently from
+  // f32(sum (x - zx) w) + bias. The caller pads with zx itself, and the compensation
+  // -zx * colsum(w) (an integer, exact in f32) is the first binary-add post-op.
+  memory::desc per_oc({1, c[COUT], 1, 1}, dt::f32, tag::abcd);
+  dnnl::post_ops po;
+  po.append_binary(dnnl::algorithm::binary_add, per_oc);
+  if (c[HAS_BIAS]) po.append_binary(dnnl::algorithm::binary_add, per_oc);
+  po.append_binary(dnnl::algorithm::binary_mul, per_oc);
+  // Round before the dst zero point is added: round(y) + zo, not round(y + zo) (in f32 the sum can
+  // round to a .5 first: 5.499998 + 90 is 95.5).
+  po.append_eltwise(dnnl::algorithm::eltwise_round, 0.f, 0.f);
+  if (c[RELU]) po.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+  attr.set_post_ops(po);
+  memory::dims strides{c[SH], c[SW]}, dil{c[DH] - 1, c[DW] - 1}, pl{c[PT], c[PL]}, pr{c[PB], c[PR]};
+  return dnnl::convolution_forward::primitive_desc(
+      cpu_engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, src, wei, dst,
+      strides, dil, pl, pr, attr);
+}
+
+// The shape the weight is packed for at convert time (the input size is not known then; oneDNN's
+// int8 kernels choose the weight layout from the channels and the kernel, so a nominal image works;
+// a call whose primitive wants another layout reorders the packed weight, still correct).
+ConvShape nominal_shape(const int64_t* cfg) {
+  ConvShape s;
+  std::memcpy(s.cfg, cfg, sizeof(s.cfg));
+  // The packed layout must be a function of the weight's shape alone: the per-call choices (fused
+  // ReLU, bias, output dtype) are canonicalised, so pack time and call time agree on it.
+  s.cfg[RELU] = 0;
+  s.cfg[HAS_BIAS] = 1;
+  s.cfg[DST_S8] = 0;
+  s.n = 1;
+  s.h = std::max<int64_t>(16, (cfg[KH] - 1) * cfg[DH] + 1 + cfg[SH]);
+  s.w = std::max<int64_t>(16, (cfg[KW] - 1) * cfg[DW] + 1 + cfg[SW]);
+  return s;
+}
+
+struct ConvEntry {
+  dnnl::convolution_forward::primitive_desc pd;
+  dnnl::convolution_forward prim;
+  memory::desc packed_md;    // layout of jq_conv_pack's blob
+  bool packed_matches;       // the primitive reads the packed blob as is
+  dnnl::reorder from_packed;  // else: packed -> pd layout, per call
+  dnnl::reorder from_plain;   // unpacked (traced) weights: plain -> pd layout, per call
+};
+
+std::mutex g_mutex;
+std::unordered_map<std::string, std::shared_ptr<ConvEntry>> g_conv_cache;
+
+std::shared_ptr<ConvEntry> get_conv(const ConvShape& s) {
+  const std::string key = s.key();
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto it = g_conv_cache.find(key);
+    if (it != g_conv_cache.end()) return it->second;
+  }
+  auto e = std::make_shared<ConvEntry>();
+  e->pd = make_conv_pd(s);
+  e->prim = dnnl::convolution_forward(e->pd);
+  e->packed_md = make_conv_pd(nominal_shape(s.cfg)).weights_desc();
+  e->packed_matches = (e->packed_md == e->pd.weights_desc());
+  if (!e->packed_matches)
+    e->from_packed = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), e->packed_md, cpu_engine(),
+                                                                 e->pd.weights_desc()));
+  e->from_plain = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), plain_weight_desc(s),
+                                                              cpu_engine(), e->pd.weights_desc()));
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto inserted = g_conv_cache.emplace(key, e);
+  return inserted.first->second;
+}
+
+ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp, ffi::AnyBuffer bias,
+                    ffi::AnyBuffer mult, ffi::AnyBuffer zo, ffi::Result<ffi::AnyBuffer> y,
+                    ffi::Span<const int64_t> cfg, int64_t packed) {
+  if (cfg.size() != CFG_LEN) return ffi::Error::InvalidArgument("JqConvU8S8: cfg has the wrong length");
+  auto xd = x.dimensions();
+  if (xd.size() != 4 || x.element_type() != ffi::DataType::U8)
+    return ffi::Error::InvalidArgument("JqConvU8S8: x must be uint8 (N, H, W, C)");
+  ConvShape s;
+  std::memcpy(s.cfg, cfg.begin(), sizeof(s.cfg));
+  s.n = xd[0];
+  s.h = xd[1];
+  s.w = xd[2];
+  if (xd[3] != s.cfg[CIN]) return ffi::Error::InvalidArgument("JqConvU8S8: input channels mismatch");
+  const int64_t cout = s.cfg[COUT];
+  if (s.cfg[GROUPS] < 1 || s.cfg[CIN] % s.cfg[GROUPS] || cout % s.cfg[GROUPS] || s.oh() < 1 || s.ow() < 1)
+    return ffi::Error::InvalidArgument("JqConvU8S8: inconsistent conv config");
+  auto yd = y->dimensions();
+  const ffi::DataType want_y = s.cfg[DST_S8] ? ffi::DataType::S8 : ffi::DataType::U8;
+  if (yd.size() != 4 || yd[0] != s.n || yd[1] != s.oh() || yd[2] != s.ow() || yd[3] != cout ||
+      y->element_type() != want_y)
+    return ffi::Error::InvalidArgument("JqConvU8S8: output shape or dtype does not match the conv");
+  for (const ffi::AnyBuffer* v : {&comp, &bias, &mult})
+    if (v->element_type() != ffi::DataType::F32 || static_cast<int64_t>(v->element_count()) != cout)
+      return ffi::Error::InvalidArgument("JqConvU8S8: per-channel vectors must be float32 (cout,)");
+  if (zo.element_type() != ffi::DataType::S32 || zo.element_count() != 1)
+    return ffi::Error::InvalidArgument("JqConvU8S8: the output zero point must be one int32");
+  try {
+    auto e = get_conv(s);
+    auto& eng = cpu_engine();
+    const size_t want_w = packed ? e->packed_md.get_size() : plain_weight_desc(s).get_size();
+    if (weight.size_bytes() != want_w)
+      return ffi::Error::InvalidArgument("JqConvU8S8: the weight blob has the wrong size for this conv");
+    thread_local dnnl::stream stream(cpu_engine());
+    thread_local std::vector<uint8_t> scratch, wbuf;
+    const memory::desc& wmd = e->pd.weights_desc();
+    void* wptr = weight.untyped_data();
+    if (!packed || !e->packed_matches) {
+      wbuf.resize(wmd.get_size());
+      memory src_w(packed ? e->packed_md : plain_weight_desc(s), eng, wptr);
+      memory dst_w(wmd, eng, wbuf.data());
+      (packed ? e->from_packed : e->from_plain).execute(stream, src_w, dst_w);
+      wptr = wbuf.data();
+    }
+    scratch.resize(std::max<size_t>(e->pd.scratchpad_desc().get_size(), 1));
+    memory m_src(e->pd.src_desc(), eng, x.untyped_data());
+    memory m_wei(wmd, eng, wptr);
+    memory m_dst(e->pd.dst_desc(), eng, y->untyped_data());
+    memory m_scr(e->pd.scratchpad_desc(), eng, scratch.data());
+    memory::desc zp_md({1}, dt::s32, tag::a), per_oc({1, s.cfg[COUT], 1, 1}, dt::f32, tag::abcd);
+    std::unordered_map<int, memory> args{
+        {DNNL_ARG_SRC, m_src}, {DNNL_ARG_WEIGHTS, m_wei}, {DNNL_ARG_DST, m_dst}, {DNNL_ARG_SCRATCHPAD, m_scr},
+        {DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_DST, memory(zp_md, eng, zo.untyped_data())},
+        {DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, memory(per_oc, eng, comp.untyped_data())}};
+    int post_op = 1;
+    if (s.cfg[HAS_BIAS])
+      args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(post_op++) | DNNL_ARG_SRC_1,
+                   memory(per_oc, eng, bias.untyped_data()));
+    args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(post_op) | DNNL_ARG_SRC_1, memory(per_oc, eng, mult.untyped_data()));
+    e->prim.execute(stream, args);
+    stream.wait();
+  } catch (const dnnl::error& err) {
+    return ffi::Error::Internal(std::string("oneDNN convolution failed: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+// ------------------------------------------------------------------------------------ GEMV
+
+constexpr int kCols = 64;  // output columns per packed group: 4 zmm of 16 int32 lanes
+
+// MR rows x 64 columns. For MR <= 2 the K loop keeps two accumulator sets (even / odd k) so that
+// the dependent dpbusd chain (latency ~5 cycles) does not bound the loop.
+template <int MR>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void gemv_group(
+    const uint8_t* x, int64_t ldx, const int8_t* wg, int64_t kb, int32_t* out, int64_t ldo, int64_t ncols) {
+  constexpr int SETS = MR <= 2 ? 2 : 1;
+  __m512i acc[SETS][MR][4];
+  for (int s = 0; s < SETS; ++s)
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < 4; ++j) acc[s][m][j] = _mm512_setzero_si512();
+  int64_t k = 0;
+  for (; k + SETS <= kb; k += SETS) {
+    for (int s = 0; s < SETS; ++s) {
+      const int8_t* wk = wg + (k + s) * (kCols * 4);
+      __m512i w0 = _mm512_loadu_si512(wk), w1 = _mm512_loadu_si512(wk + 64);
+      __m512i w2 = _mm512_loadu_si512(wk + 128), w3 = _mm512_loadu_si512(wk + 192);
+      for (int m = 0; m < MR; ++m) {
+        int32_t xv;
+        std::memcpy(&xv, x + m * ldx + 4 * (k + s), 4);
+        __m512i xb = _mm512_set1_epi32(xv);
+        acc[s][m][0] = _mm512_dpbusd_epi32(acc[s][m][0], xb, w0);
+        acc[s][m][1] = _mm512_dpbusd_epi32(acc[s][m][1], xb, w1);
+        acc[s][m][2] = _mm512_dpbusd_epi32(acc[s][m][2], xb, w2);
+        acc[s][m][3] = _mm512_dpbusd_epi32(acc[s][m][3], xb, w3);
+      }
+    }
+  }
+  for (; k < kb; ++k) {  // odd tail of the unrolled loop
+    const int8_t* wk = wg + k * (kCols * 4);
+    for (int m = 0; m < MR; ++m) {
+      int32_t xv;
+      std::memcpy(&xv, x + m * ldx + 4 * k, 4);
+      __m512i xb = _mm512_set1_epi32(xv);
+      for (int j = 0; j < 4; ++j)
+        acc[0][m][j] = _mm512_dpbusd_epi32(acc[0][m][j], xb, _mm512_loadu_si512(wk + 64 * j));
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    for (int j = 0; j < 4; ++j)
+      for (int s = 1; s < SETS; ++s) acc[0][m][j] = _mm512_add_epi32(acc[0][m][j], acc[s][m][j]);
+    if (ncols == kCols) {
+      for (int j = 0; j < 4; ++j) _mm512_storeu_si512(out + m * ldo + 16 * j, acc[0][m][j]);
+    } else {
+      alignas(64) int32_t tmp[kCols];
+      for (int j = 0; j < 4; ++j) _mm512_store_si512(tmp + 16 * j, acc[0][m][j]);
+      std::memcpy(out + m * ldo, tmp, ncols * sizeof(int32_t));
+    }
+  }
+}
+
+void gemv_rows(const uint8_t* x, int64_t ldx, int64_t rows, const int8_t* wg, int64_t kb, int32_t* out,
+               int64_t ldo, int64_t ncols) {
+  for (int64_t m0 = 0; m0 < rows; m0 += 4) {
+    const int64_t mr = std::min<int64_t>(4, rows - m0);
+    const uint8_t* xm = x + m0 * ldx;
+    int32_t* om = out + m0 * ldo;
+    switch (mr) {
+      case 1: gemv_group<1>(xm, ldx, wg, kb, om, ldo, ncols); break;
+      case 2: gemv_group<2>(xm, ldx, wg, kb, om, ldo, ncols); break;
+      case 3: gemv_group<3>(xm, ldx, wg, kb, om, ldo, ncols); break;
+      default: gemv_group<4>(xm, ldx, wg, kb, om, ldo, ncols); break;
+    }
+  }
+}
+
+ffi::Error GemvImpl(ffi::AnyBuffer x, ffi::AnyBuffer wp, ffi::Result<ffi::AnyBuffer> acc) {
+  auto xd = x.dimensions();
+  auto od = acc->dimensions();
+  if (xd.size() != 2 || od.size() != 2 || xd[0] != od[0] || x.element_type() != ffi::DataType::U8 ||
+      acc->element_type() != ffi::DataType::S32)
+    return ffi::Error::InvalidArgument("JqGemvU8S8: expects uint8 x (M, K) and int32 out (M, N)");
+  const int64_t m = xd[0], k = xd[1], n = od[1];
+  const int64_t kb = (k + 3) / 4, groups = (n + kCols - 1) / kCols;
+  if (static_cast<int64_t>(wp.size_bytes()) != groups * kb * kCols * 4)
+    return ffi::Error::InvalidArgument("JqGemvU8S8: packed weight size does not match (M, K) x (K, N)");
+  const uint8_t* xp = static_cast<const uint8_t*>(x.untyped_data());
+  int64_t ldx = k;
+  thread_local std::vector<uint8_t> xpad;
+  if (k % 4) {  // pad each row to a multiple of 4 with zeros (the packed weight is zero there too)
+    ldx = kb * 4;
+    xpad.assign(m * ldx, 0);
+    for (int64_t r = 0; r < m; ++r) std::memcpy(xpad.data() + r * ldx, xp + r * k, k);
+    xp = xpad.data();
+  }
+  const int8_t* w = static_cast<const int8_t*>(wp.untyped_data());
+  int32_t* out = static_cast<int32_t*>(acc->untyped_data());
+  // Threads only pay off once the weight is large enough (a parallel region costs a few us).
+  const int threads = (n * k >= (1 << 20)) ? std::min<int64_t>(omp_get_max_threads(), groups) : 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t g = 0; g < groups; ++g)
+    gemv_rows(xp, ldx, m, w + g * kb * kCols * 4, kb, out + g * kCols, n,
+              std::min<int64_t>(kCols, n - g * kCols));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqConvU8S8, ConvImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("cfg")
+                                  .Attr<int64_t>("packed"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqGemvU8S8, GemvImpl,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+
+extern "C" {
+
+// 1 when this CPU runs the VNNI GEMV.
+int jq_gemv_supported() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+const char* jq_last_error() { return g_last_error.c_str(); }
+
+// Bytes of the packed conv weight for cfg (CFG_LEN int64), or -1 (see jq_last_error).
+int64_t jq_conv_packed_size(const int64_t* cfg) {
+  try {
+    return static_cast<int64_t>(make_conv_pd(nominal_shape(cfg)).weights_desc().get_size());
+  } catch (const dnnl::error& err) {
+    g_last_error = err.what();
+    return -1;
+  }
+}
+
+// Name of the oneDNN implementation for cfg at batch n and image h x w (e.g. "brg:avx512_core_amx").
+int jq_conv_impl_name(const int64_t* cfg, int64_t n, int64_t h, int64_t w, char* out, int64_t out_len) {
+  try {
+    ConvShape s;
+    std::memcpy(s.cfg, cfg, sizeof(s.cfg));
+    s.n = n;
+    s.h = h;
+    s.w = w;
+    std::string name(get_conv(s)->pd.impl_info_str());
+    std::snprintf(out, out_len, "%s", name.c_str());
+    return 0;
+  } catch (const dnnl::error& err) {
+    g_last_error = err.what();
+    return -1;
+  }
+}
+
+// Reorder the int8 weight (kh, kw, cin/g, cout) into oneDNN's layout; out holds jq_conv_packed_size bytes.
+int jq_conv_pack(const int64_t* cfg, const int8_t* w, uint8_t* out, int64_t out_size) {
+  try {
+    ConvShape s = nominal_shape(cfg);
+    memory::desc packed = make_conv_pd(s).weights_desc();
+    if (static_cast<int64_t>(packed.get_size()) != out_size) {
+      g_last_error = "packed size mismatch";
+      return -1;
+    }
+    dnnl::stream stream(cpu_engine());
+    memory src(plain_weight_desc(s), cpu_engine(), const_cast<int8_t*>(w));
+    memory dst(packed, cpu_engine(), out);
+    dnnl::reorder(src, dst).execute(stream, src, dst);
+    stream.wait();
+    return 0;
+  } catch (const dnnl::error& err) {
+    g_last_error = err.what();
+    return -1;
+  }
+}
+
+}  // extern "C"

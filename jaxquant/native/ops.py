@@ -1,0 +1,157 @@
+"""The native ops: packing (numpy/ctypes, at convert time) and the ``jax.ffi.ffi_call`` wrappers.
+
+This is the one module the kernel ops call (``kernels/conv.py``, ``kernels/linear.py``); they decide
+with :func:`conv_supported` / :func:`gemv_supported` at trace time and fall back to XLA otherwise.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxquant.native import GEMV_MAX_M, _lib, native_enabled
+
+__all__ = ["CONV_CFG_FIELDS", "conv_cfg", "pack_conv_weight", "native_conv", "conv_impl_name",
+           "pack_gemv_weight", "native_gemv", "gemv_supported", "conv_supported", "GEMV_COLS"]
+
+# Must match CfgIndex in csrc/jaxquant_native.cc.
+CONV_CFG_FIELDS = ("kh", "kw", "sh", "sw", "pt", "pb", "pl", "pr", "dh", "dw", "groups", "cin", "cout",
+                   "relu", "has_bias", "dst_s8")
+GEMV_COLS = 64  # output columns per packed group (csrc kCols)
+# Conv sizes handed to oneDNN: every dim must fit the library's int64 dims and our checks.
+_MAX_DIM = 1 << 24
+
+
+def _concrete(*vals) -> bool:
+    return all(isinstance(v, (int, np.integer)) for v in vals)
+
+
+def conv_cfg(kernel_size: Sequence[int], strides: Sequence[int], pads: Sequence[tuple[int, int]],
+             dilation: Sequence[int], groups: int, cin: int, cout: int, relu: bool, has_bias: bool,
+             out_dtype: str) -> Optional[np.ndarray]:
+    """int64 ``(16,)`` config for a 1-D or 2-D conv (1-D as a 1 x k 2-D conv), or None when the
+    native kernel does not take it (3-D, negative padding)."""
+    nd = len(kernel_size)
+    if nd not in (1, 2) or not _concrete(*kernel_size, *strides, *dilation, groups, cin, cout):
+        return None
+    if nd == 1:
+        kernel_size, strides, dilation, pads = (1, *kernel_size), (1, *strides), (1, *dilation), [(0, 0), *pads]
+    (pt, pb), (pl, pr) = pads
+    if min(pt, pb, pl, pr) < 0 or max(*kernel_size, *strides, *dilation, cin, cout) > _MAX_DIM:
+        return None
+    return np.asarray([kernel_size[0], kernel_size[1], strides[0], strides[1], pt, pb, pl, pr, dilation[0],
+                       dilation[1], groups, cin, cout, int(relu), int(has_bias),
+                       int(np.dtype(out_dtype) == np.int8)], np.int64)
+
+
+def pack_conv_weight(w_int8, cfg: np.ndarray) -> Optional[np.ndarray]:
+    """oneDNN's blocked layout of an int8 ``(k..., cin/groups, cout)`` weight as a uint8 blob, or None
+    (backend off, weight traced, or oneDNN has no kernel for ``cfg``). Runs once, at convert time."""
+    lib = _lib() if native_enabled() else None
+    if lib is None or cfg is None:
+        return None
+    try:
+        w = np.ascontiguousarray(np.asarray(w_int8), np.int8)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+    if w.size != cfg[0] * cfg[1] * (cfg[11] // cfg[10]) * cfg[12]:
+        raise ValueError(f"native conv pack: weight of shape {w.shape} does not match the conv config")
+    cfg = np.ascontiguousarray(cfg, np.int64).copy()
+    cfg[4:8] = 0  # native_conv pads in XLA and runs oneDNN unpadded
+    size = lib.jq_conv_packed_size(cfg.ctypes.data)
+    if size < 0:
+        return None
+    out = np.zeros(int(size), np.uint8)
+    if lib.jq_conv_pack(cfg.ctypes.data, w.ctypes.data, out.ctypes.data, out.size) != 0:
+        return None
+    return out
+
+
+def conv_impl_name(cfg: np.ndarray, n: int, h: int, w: int) -> str:
+    """Name of the oneDNN implementation chosen for ``cfg`` on a ``(n, h, w)`` input (diagnostics)."""
+    lib = _lib()
+    cfg = np.ascontiguousarray(cfg, np.int64)
+    buf = ctypes.create_string_buffer(256)
+    if lib.jq_conv_impl_name(cfg.ctypes.data, n, h, w, buf, 256) != 0:
+        raise RuntimeError(f"oneDNN has no convolution for this config: {lib.jq_last_error().decode()}")
+    return buf.value.decode()
+
+
+def conv_supported(x_shape: Sequence, packed: Optional[jax.Array], has_w_zero_point: bool) -> bool:
+    """Trace-time switch for one conv call."""
+    return packed is not None and not has_w_zero_point and _concrete(*x_shape) and native_enabled()
+
+
+def native_conv(x_u8: jax.Array, packed: jax.Array, colsum: jax.Array, bias_over_scale: Optional[jax.Array],
+                multiplier: jax.Array, x_zero_point: jax.Array, out_zero_point: jax.Array,
+                cfg: np.ndarray, out_dtype: str) -> jax.Array:
+    """oneDNN int8 conv with jaxquant's (fbgemm's) requantization fused.
+
+    Args:
+      x_u8: uint8 ``(N, H, W, cin)`` or, for a 1-D conv, ``(N, W, cin)``, unpadded: it is padded here
+        with the input zero point (real 0), as the pure-XLA kernel does.
+      packed: uint8 blob from :func:`pack_conv_weight` with the same ``cfg``.
+      colsum: int32 ``(cout,)``, the weight's sums over taps and input channels.
+      bias_over_scale: float32 ``(cout,)`` or None; multiplier float32 ``(cout,)``.
+      x_zero_point, out_zero_point: int32 ``()``.
+      cfg: from :func:`conv_cfg` (its padding is applied here); out_dtype: ``"uint8"`` or ``"int8"``.
+
+    Returns:
+      ``(N, OH, OW, cout)`` (``(N, OW, cout)`` for 1-D) of ``out_dtype``, equal to
+      :func:`jaxquant.kernels.conv.static_conv`'s while ``|sum x w| < 2**24`` (always for
+      ``taps * cin / groups <= 514``; beyond it a rare element can differ by one step).
+    """
+    one_d = x_u8.ndim == 3
+    x4 = x_u8[:, None] if one_d else x_u8
+    pt, pb, pl, pr = (int(v) for v in cfg[4:8])
+    zx = jnp.asarray(x_zero_point, jnp.int32).reshape(())
+    if pt or pb or pl or pr:
+        x4 = lax.pad(x4, zx.astype(jnp.uint8), [(0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)])
+        cfg = np.asarray(cfg, np.int64).copy()
+        cfg[4:8] = 0
+    n, h, w, _ = x4.shape
+    kh, kw, sh, sw = (int(v) for v in cfg[:4])
+    dh, dw = int(cfg[8]), int(cfg[9])
+    cout = int(cfg[12])
+    oh = (h - ((kh - 1) * dh + 1)) // sh + 1
+    ow = (w - ((kw - 1) * dw + 1)) // sw + 1
+    comp = (-zx * colsum).astype(jnp.float32)  # exact: |zx * colsum| < 255 * 128 * K < 2**24 for K < 514
+    bias = comp if bias_over_scale is None else bias_over_scale.astype(jnp.float32)
+    multiplier = jnp.broadcast_to(jnp.asarray(multiplier, jnp.float32), (cout,))
+    if bias_over_scale is not None:
+        bias = jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (cout,))
+    y = jax.ffi.ffi_call("jaxquant_conv_u8s8", jax.ShapeDtypeStruct((n, oh, ow, cout), np.dtype(out_dtype)),
+                         vmap_method="sequential")(
+        x4, packed, comp, bias, multiplier.astype(jnp.float32),
+        jnp.asarray(out_zero_point, jnp.int32).reshape(()),
+        cfg=np.asarray(cfg, np.int64), packed=np.int64(1))
+    return y[:, 0] if one_d else y
+
+
+def gemv_supported(m, pw_native: Optional[jax.Array]) -> bool:
+    """Trace-time switch for one dense call with ``m`` rows."""
+    return (pw_native is not None and _concrete(m) and 1 <= m <= GEMV_MAX_M and native_enabled()
+            and bool(_lib().jq_gemv_supported()))
+
+
+def pack_gemv_weight(w_int8: jax.Array) -> Optional[jax.Array]:
+    """int8 ``(K, N)`` -> int8 ``(ceil(N/64), ceil(K/4), 64, 4)``: per group of 64 output columns, per
+    4 inputs, the 4 bytes each VNNI lane multiplies. Zero padded. None when the GEMV is unavailable."""
+    if not native_enabled() or not _lib().jq_gemv_supported():
+        return None
+    k, n = w_int8.shape
+    kb, g = -(-k // 4), -(-n // GEMV_COLS)
+    w = jnp.pad(jnp.asarray(w_int8, jnp.int8), ((0, kb * 4 - k), (0, g * GEMV_COLS - n)))
+    return w.reshape(kb, 4, g, GEMV_COLS).transpose(2, 0, 3, 1)
+
+
+def native_gemv(x_u8: jax.Array, w_packed: jax.Array, n: int) -> jax.Array:
+    """``x_u8 @ w`` as int32 ``(M, n)`` for uint8 ``x_u8 (M, K)`` and a weight from
+    :func:`pack_gemv_weight` (raw dot: zero-point terms are the caller's)."""
+    m = x_u8.shape[0]
+    return jax.ffi.ffi_call("jaxquant_gemv_u8s8", jax.ShapeDtypeStruct((m, n), jnp.int32),
+                            vmap_method="sequential")(x_u8, w_packed)

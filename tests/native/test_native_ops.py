@@ -1,0 +1,258 @@
+"""The native backend (jaxquant.native: oneDNN conv, VNNI GEMV) against the pure-XLA kernels it replaces,
+op by op, bit for bit; plus the switch (use_native / JAXQUANT_NATIVE=0 / export) and the fallback.
+
+The XLA kernels are themselves checked against numpy/int64 references and PyTorch (tests/kernels,
+tests/quantized); here every native result must equal them exactly. Tests that need the built extension
+skip when it is absent (then the library runs the XLA kernels, which the rest of the suite covers)."""
+import os
+import subprocess
+import sys
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxquant.dtypes import qint8, quint8
+from jaxquant.kernels.conv import pack_conv, pack_conv_transpose, quantized_conv, quantized_conv_transpose
+from jaxquant.kernels.linear import (int8_matmul_acc, pack_linear, pack_weight, quantized_linear,
+                                     quantized_linear_dynamic)
+from jaxquant.qtensor import QTensor
+from jaxquant.native import native_backend_available, native_backend_reason, use_native
+
+needs_native = pytest.mark.skipif(not native_backend_available(),
+                                  reason=f"native backend unavailable: {native_backend_reason()}")
+
+
+def _both(fn, *args):
+    """fn(*args) jitted with the native backend and without it; also returns the native jaxpr text."""
+    with use_native(True):
+        native = np.asarray(jax.jit(fn)(*args))
+        jaxpr = str(jax.make_jaxpr(fn)(*args))
+    with use_native(False):
+        xla = np.asarray(jax.jit(fn)(*args))
+    return native, xla, jaxpr
+
+
+def test_availability_is_explained():
+    assert isinstance(native_backend_available(), bool)
+    assert (native_backend_reason() == "") == native_backend_available()
+
+
+def test_missing_extension_reason(tmp_path, monkeypatch):
+    from jaxquant.native import _loader
+    monkeypatch.setattr(_loader, "_HERE", str(tmp_path))
+    _loader.load.cache_clear()
+    try:
+        lib, reason = _loader.load()
+    finally:
+        _loader.load.cache_clear()
+    assert lib is None and "not built" in reason and "pip install" in reason
+
+
+CONV_CASES = [  # N, spatial, cin, cout, kernel, strides, padding, dilation, groups
+    (2, (9, 11), 3, 5, (3, 3), (1, 1), "SAME", (1, 1), 1),
+    (3, (8, 7), 4, 6, (3, 3), (2, 2), ((1, 2), (0, 1)), (1, 1), 1),
+    (1, (10, 10), 4, 8, (3, 3), (1, 1), "VALID", (2, 2), 1),
+    (2, (6, 6), 16, 8, (1, 1), (1, 1), "VALID", (1, 1), 1),
+    (2, (6, 6), 16, 8, (1, 1), (2, 2), "VALID", (1, 1), 1),
+    (2, (7, 7), 8, 8, (3, 3), (1, 1), "SAME", (1, 1), 8),       # depthwise
+    (2, (7, 7), 8, 16, (3, 3), (2, 2), "SAME", (1, 1), 8),      # depthwise, multiplier 2
+    (2, (7, 7), 8, 12, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 4),
+    (2, (9,), 3, 5, (3,), (1,), "SAME", (1,), 1),               # 1-D
+    (2, (13,), 4, 6, (3,), (2,), ((2, 2),), (2,), 2),
+    (1, (12, 12), 64, 64, (3, 3), (1, 1), "SAME", (1, 1), 1),   # big enough for oneDNN's AMX/brgemm kernels
+    (1, (12, 12), 32, 32, (5, 5), (2, 2), "SAME", (1, 1), 32),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("case", CONV_CASES, ids=[str(i) for i in range(len(CONV_CASES))])
+@pytest.mark.parametrize("x_dtype,out_dtype,with_bias", [(np.uint8, np.uint8, True), (np.int8, np.int8, False)])
+def test_conv_native_equals_xla(case, x_dtype, out_dtype, with_bias):
+    n, sp, cin, cout, ks, st, pad, dil, g = case
+    rng = np.random.default_rng(sum(sp) + cin + cout + g)
+    w = rng.integers(-128, 128, ks + (cin // g, cout), dtype=np.int8)
+    lo = 0 if x_dtype == np.uint8 else -128
+    x = rng.integers(lo, lo + 256, (n,) + sp + (cin,)).astype(x_dtype)
+    zx = int(lo + 128 + rng.integers(-20, 21))  # centred, so outputs spread over the range
+    sw = rng.uniform(1e-3, 1e-2, cout).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32) * 0.3 if with_bias else None
+    relu = bool(rng.integers(0, 2))
+    k_red = int(np.prod(ks)) * cin // g
+    out_scale = 0.02 * 5.5e-3 * 74 * 74 * np.sqrt(k_red) * 3 / 128  # about 3 sigma of the output at full range
+    with use_native(True):
+        p = pack_conv(w, sw, 0, bias, strides=st, padding=pad, dilation=dil, groups=g)
+    assert p.native_weight is not None
+    xq = QTensor(jnp.asarray(x), jnp.float32(0.02), jnp.int32(zx), quint8 if x_dtype == np.uint8 else qint8)
+    out_q = quint8 if out_dtype == np.uint8 else qint8
+    out_zp = jnp.int32(3 if out_dtype == np.int8 else 128)
+    native, xla, jaxpr = _both(
+        lambda xq: quantized_conv(xq, p, jnp.float32(out_scale), out_zp, out_dtype=out_q, relu=relu).int_data, xq)
+    assert "jaxquant_conv_u8s8" in jaxpr
+    assert native.dtype == xla.dtype == out_dtype
+    np.testing.assert_array_equal(native, xla)
+    # the outputs must exercise the whole range, or equality would say little
+    assert len(np.unique(native)) > 10 and not np.all(native == native.flat[0])
+
+
+@needs_native
+def test_conv_transpose_native_equals_xla():
+    rng = np.random.default_rng(7)
+    w = rng.integers(-128, 128, (3, 3, 6, 4), dtype=np.int8)  # (k, k, cin, cout/groups)
+    x = rng.integers(0, 256, (2, 5, 6, 6)).astype(np.uint8)
+    with use_native(True):
+        p = pack_conv_transpose(w, np.float32(4e-3), 0, rng.standard_normal(4).astype(np.float32), strides=2,
+                                padding=1, output_padding=1)
+    xq = QTensor(jnp.asarray(x), jnp.float32(0.02), jnp.int32(100), quint8)
+    native, xla, jaxpr = _both(
+        lambda xq: quantized_conv_transpose(xq, p, jnp.float32(0.05), jnp.int32(120), out_dtype=quint8).int_data, xq)
+    assert "jaxquant_conv_u8s8" in jaxpr
+    np.testing.assert_array_equal(native, xla)
+
+
+def test_conv_with_weight_zero_point_stays_on_xla():
+    rng = np.random.default_rng(3)
+    w = rng.integers(-128, 128, (3, 3, 4, 6), dtype=np.int8)
+    with use_native(True):
+        p = pack_conv(w, np.float32(4e-3), np.int32(2), None, padding="SAME")
+        assert p.native_weight is None  # oneDNN convs take symmetric weights only
+        xq = QTensor(jnp.zeros((1, 5, 5, 4), jnp.uint8), jnp.float32(0.02), jnp.int32(7), quint8)
+        jaxpr = str(jax.make_jaxpr(lambda xq: quantized_conv(xq, p, jnp.float32(0.05), jnp.int32(128),
+                                                              out_dtype=quint8).int_data)(xq))
+    assert "jaxquant_" not in jaxpr
+
+
+def _int64_dot(x, w):
+    return x.astype(np.int64) @ w.astype(np.int64)
+
+
+@needs_native
+@pytest.mark.parametrize("m,k,n", [(1, 64, 64), (3, 30, 70), (8, 257, 130), (5, 1024, 512), (1, 4096, 256)])
+def test_gemv_raw_dot_exact(m, k, n):
+    from jaxquant.native import ops
+    rng = np.random.default_rng(m * k + n)
+    x = rng.integers(0, 256, (m, k)).astype(np.uint8)
+    w = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    with use_native(True):
+        packed = ops.pack_gemv_weight(jnp.asarray(w))
+        got = np.asarray(jax.jit(lambda x: ops.native_gemv(x, packed, n))(x))
+    np.testing.assert_array_equal(got, _int64_dot(x, w))
+
+
+@needs_native
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("per_channel_zw", [False, True])
+def test_matmul_acc_native_equals_xla(m, per_channel_zw):
+    rng = np.random.default_rng(m)
+    k, n = 200, 96
+    w = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    zw = rng.integers(-3, 4, n).astype(np.int32) if per_channel_zw else np.int32(0)
+    x = rng.integers(0, 256, (m, k)).astype(np.uint8)
+    zx = np.int32(rng.integers(0, 256))
+    with use_native(True):
+        pw = pack_weight(w, zw)
+    native, xla, jaxpr = _both(lambda x: int8_matmul_acc(x, zx, pw), x)
+    assert "jaxquant_gemv_u8s8" in jaxpr
+    want = _int64_dot(x.astype(np.int64) - zx, w.astype(np.int64) - np.broadcast_to(zw, (n,)))
+    np.testing.assert_array_equal(native, want)
+    np.testing.assert_array_equal(xla, want)
+
+
+@needs_native
+def test_gemv_not_used_above_max_rows():
+    from jaxquant.native import GEMV_MAX_M
+    rng = np.random.default_rng(0)
+    w = rng.integers(-128, 128, (64, 32), dtype=np.int8)
+    with use_native(True):
+        pw = pack_weight(w, 0)
+        jaxpr = str(jax.make_jaxpr(lambda x: int8_matmul_acc(x, 0, pw))(np.zeros((GEMV_MAX_M + 1, 64), np.uint8)))
+    assert "jaxquant_" not in jaxpr
+
+
+@needs_native
+@pytest.mark.parametrize("x_dtype", [np.uint8, np.int8])
+def test_static_and_dynamic_linear_native_equal_xla(x_dtype):
+    rng = np.random.default_rng(11)
+    k, n = 300, 80
+    w = rng.integers(-127, 128, (k, n), dtype=np.int8)
+    sw = rng.uniform(1e-3, 1e-2, n).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    lo = 0 if x_dtype == np.uint8 else -128
+    xq = rng.integers(lo, lo + 256, (1, 3, k)).astype(x_dtype)  # 3 rows: the GEMV
+    with use_native(True):
+        pl = pack_linear(w, sw, 0, bias)
+    xq_t = QTensor(jnp.asarray(xq), jnp.float32(0.03), jnp.int32(lo + 101), quint8 if x_dtype == np.uint8 else qint8)
+    native, xla, jaxpr = _both(
+        lambda xq: quantized_linear(xq, pl, jnp.float32(0.2), jnp.int32(117), out_dtype=quint8, relu=True).int_data,
+        xq_t)
+    assert "jaxquant_gemv_u8s8" in jaxpr
+    np.testing.assert_array_equal(native, xla)
+    xf = rng.standard_normal((4, k)).astype(np.float32)
+    native, xla, jaxpr = _both(lambda x: quantized_linear_dynamic(x, pl), xf)
+    assert "jaxquant_gemv_u8s8" in jaxpr
+    np.testing.assert_array_equal(native, xla)
+
+
+@needs_native
+def test_compiled_hlo_calls_the_native_targets():
+    rng = np.random.default_rng(1)
+    w = rng.integers(-128, 128, (3, 3, 8, 16), dtype=np.int8)
+    f = jax.jit(lambda xq, p: quantized_conv(xq, p, jnp.float32(0.05), jnp.int32(128), out_dtype=quint8).int_data)
+    xq = QTensor(jnp.zeros((1, 8, 8, 8), jnp.uint8), jnp.float32(0.02), jnp.int32(9), quint8)
+    with use_native(True):
+        p = pack_conv(w, np.float32(4e-3), 0, None, padding="SAME")
+        hlo = f.lower(xq, p).compile().as_text()
+    assert "jaxquant_conv_u8s8" in hlo and "custom-call" in hlo
+    with use_native(False):
+        hlo = f.lower(xq, p).compile().as_text()
+    assert "jaxquant_conv_u8s8" not in hlo
+
+
+@needs_native
+def test_concurrent_calls_from_threads():
+    """Primitive cache and thread-local scratch: two threads, different shapes, same results as serial."""
+    rng = np.random.default_rng(5)
+    w = rng.integers(-128, 128, (3, 3, 16, 16), dtype=np.int8)
+    with use_native(True):
+        p = pack_conv(w, np.float32(4e-3), 0, None, padding="SAME")
+        conv = jax.jit(lambda xq: quantized_conv(xq, p, jnp.float32(0.05), jnp.int32(128), out_dtype=quint8).int_data)
+        xs = [QTensor(jnp.asarray(rng.integers(0, 256, (1, s, s, 16)).astype(np.uint8)), jnp.float32(0.02),
+                      jnp.int32(9), quint8) for s in (9, 13)]
+        want = [np.asarray(conv(x)) for x in xs]
+        errors = []
+
+        def work(i):
+            for _ in range(10):
+                if not np.array_equal(np.asarray(conv(xs[i])), want[i]):
+                    errors.append(i)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+
+
+def test_env_var_turns_the_backend_off():
+    code = ("import jaxquant as jq, jax.numpy as jnp, numpy as np\n"
+            "from jaxquant.native import native_enabled\n"
+            "from jaxquant.kernels.linear import pack_weight\n"
+            "assert not native_enabled()\n"
+            "assert pack_weight(np.ones((8, 8), np.int8), 0).w_native is None\n")
+    env = dict(os.environ, JAXQUANT_NATIVE="0")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+
+
+@needs_native
+def test_ffi_rejects_a_blob_of_the_wrong_size():
+    """The custom call checks every size it is handed instead of reading past a buffer."""
+    from jaxquant.native import ops
+    cfg = ops.conv_cfg((3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 1, 8, 16, False, False, "uint8")
+    x = np.zeros((1, 6, 6, 8), np.uint8)
+    bad = jnp.zeros((10,), jnp.uint8)
+    with pytest.raises(Exception, match="wrong size"):
+        jax.block_until_ready(ops.native_conv(x, bad, jnp.zeros(16, jnp.int32), None, jnp.ones(16), 3, 0, cfg,
+                                              "uint8"))
