@@ -86,7 +86,8 @@ def test_awq_loss_is_the_output_error_and_never_worse_than_rtn():
         sa = sa / np.sqrt(sa.max() * sa.min())
         wq = np.asarray(quantize_blockwise(jnp.asarray(w * sa[:, None]), bits=4, group_size=32).dequantize())
         direct = np.sum((x @ w - (x / sa) @ wq) ** 2) / rows
-        assert loss == pytest.approx(direct, rel=2e-3)
+        # alpha = 0 is exact; otherwise s is float32 in the library, which can flip a near-tie code.
+        assert loss == pytest.approx(direct, rel=1e-4 if a == 0 else 2e-2)
     assert losses[grid.index(alpha)] <= losses[0]  # alpha = 0 is round-to-nearest
     assert alpha > 0  # salient channels: scaling helps
 
@@ -111,7 +112,7 @@ def test_smoothquant_preserves_float_product_and_beats_per_tensor_w8a8():
     net = Net()
     net.lin.kernel.set_value(jnp.asarray(w))
     stats = collect_linear_stats(net, [jnp.asarray(x[:128]), jnp.asarray(x[128:])], progress=False)
-    np.testing.assert_allclose(stats["lin"].xtx, x.T.astype(np.float64) @ x, rtol=1e-4)
+    np.testing.assert_allclose(stats["lin"].xtx, x.T.astype(np.float64) @ x, rtol=1e-4, atol=1e-3)  # float32 sums
     np.testing.assert_allclose(stats["lin"].abs_max, np.abs(x).max(0), rtol=1e-6)
     assert stats["lin"].rows == 256 and stats["lin"].sample.shape == (256, k)
     sq = smooth_quantize(net, stats, progress=False)
