@@ -30,7 +30,7 @@ class LinearStats:
     """Input statistics of one linear layer (numpy float64 where precision matters).
 
     Attributes:
-      xtx: ``(K, K)`` ``sum X^T X``.
+      xtx: ``(K, K)`` ``sum X^T X`` (float32; GPTQ/AWQ convert per layer).
       abs_mean: ``(K,)`` mean ``|X|`` per input channel.
       abs_max: ``(K,)`` max ``|X|`` per input channel.
       sample: ``(S, K)`` float32, the first rows seen.
@@ -122,7 +122,7 @@ def collect_linear_stats(model: nnx.Module, batches: Iterable[Any], *, paths: Op
         r = recs[p]
         rows = int(r.rows.get_value())
         s = np.asarray(r.sample.get_value())[:min(rows, r.sample.get_value().shape[0])]
-        out[p] = LinearStats(xtx=np.asarray(r.xtx.get_value(), np.float64),
+        out[p] = LinearStats(xtx=np.asarray(r.xtx.get_value()),  # float32: 200+ layers of (K, K) add up
                              abs_mean=np.asarray(r.abs_sum.get_value(), np.float64) / max(rows, 1),
                              abs_max=np.asarray(r.abs_max.get_value(), np.float64), sample=s, rows=rows)
     return out
