@@ -28,6 +28,7 @@ def _ggml_to_hf_rows(w, n_heads):
     return w.reshape(n_heads, hd // 2, 2, inp).transpose(0, 2, 1, 3).reshape(out, inp)
 
 
+@pytest.mark.slow
 def test_llama_matches_transformers_llama():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
