@@ -6,7 +6,7 @@ One timed call = one new token: ``forward(state, token (1, 1), cache, position)`
 position (every call does the same work), so tokens/s = 1000 / ms. Candidates run interleaved in one
 process (benchmarks/timing.py): medians over rounds and paired speed-ups vs JAX float32.
 
-    python benchmarks/bench_decode.py [--quick] [--json benchmarks/results/decode.json] [--no-torch]
+    python benchmarks/bench_decode.py [--quick] [--tiny] [--json benchmarks/results/decode.json] [--no-torch]
 """
 from __future__ import annotations
 
@@ -93,9 +93,9 @@ def torch_peers(model, prompt_len: int):
 
         def step():
             with torch.no_grad():
-                # Crop back to the prompt each call so every call attends over the same length.
-                past.crop(prompt_len)
-                return m(input_ids=tok, past_key_values=past, use_cache=True).logits
+                logits = m(input_ids=tok, past_key_values=past, use_cache=True).logits
+            past.crop(-1)  # drop the token just added: every call attends over the same length
+            return logits
         return step
 
     return {"torch_f32 (HF)": stepper(hf), "torch_int8_dynamic (HF)": stepper(int8)}
@@ -107,12 +107,18 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer random Llama instead of SmolLM2 (smoke test)")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                    "decode.json"))
     args = ap.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 15)
 
-    model, _ = load_smollm2()
+    if args.tiny:
+        from jaxquant.models.llama import Llama, LlamaConfig
+        model = Llama(LlamaConfig(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=256),
+                      rngs=nnx.Rngs(0))
+    else:
+        model, _ = load_smollm2()
     variants = {
         "jax_f32": model,
         "jax_W8 (per-channel)": jq.quantize_weight_only(model, jq.int8_weight_only()),
@@ -145,7 +151,8 @@ def main(argv=None):
             row["vs f32 linear"] = linear_weight_bytes(m) / linear_weight_bytes(model)
             row["model MB"] = model_bytes(m) / 1e6
         rows.append(row)
-    print(f"\nSmolLM2-135M decode, batch 1, KV cache (prompt {args.prompt_len}), 2 threads; "
+    title = "tiny random Llama (2 layers, dim 128)" if args.tiny else "SmolLM2-135M"
+    print(f"\n{title} decode, batch 1, KV cache (prompt {args.prompt_len}), 2 threads; "
           f"{'--quick, ' if args.quick else ''}{repeats} rounds\n")
     print(markdown_table(rows))
     write_json(args.json, rows, quick=args.quick)
