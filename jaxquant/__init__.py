@@ -145,5 +145,10 @@ from jaxquant.transforms.prepare_qat import (
 )
 from jaxquant.transforms.stubs import add_quant_dequant
 from jaxquant.transforms.quantize_dynamic import get_default_dynamic_quant_module_mappings, quantize_dynamic
+from jaxquant.weight_only import WeightOnlyConfig, int4_weight_only, int8_weight_only, quantize_weight_only
+from jaxquant.weight_only.awq import quantize_awq
+from jaxquant.weight_only.calibration import collect_linear_stats
+from jaxquant.weight_only.gptq import quantize_gptq
+from jaxquant.weight_only.smoothquant import smooth_quantize
 
 __version__ = "0.1.0"

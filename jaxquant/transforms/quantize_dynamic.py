@@ -124,6 +124,19 @@ def _weight_dtype(qconfig: Any, path: str) -> Any:
     return weight_dtype(qconfig, path)
 
 
+def _refuse_weight_only_qconfig(qconfig: Any, path: str) -> None:
+    """A qconfig whose activation is ``Identity`` asks for float activations; quantize_dynamic would
+    quantize them per call (w8a8), so say where weight-only quantization lives instead."""
+    from jaxquant.fake_quant.fake_quantize import Identity
+
+    act = qconfig.activation
+    if act is Identity or isinstance(act, Identity):
+        raise ValueError(f"quantize_dynamic: '{path or '<root>'}' has a weight-only qconfig (activation=Identity), "
+                         "but quantize_dynamic quantizes activations on every call (w8a8). For weight-only "
+                         "quantization use jq.quantize_weight_only(model, jq.int8_weight_only()) (or "
+                         "int4_weight_only(group_size=128)), or pass that config as qconfig_spec here")
+
+
 def quantize_dynamic(
     model: nnx.Module,
     qconfig_spec: QConfigSpec = None,
@@ -146,6 +159,9 @@ def quantize_dynamic(
         beats a type entry.
       dtype: ``qint8`` (int8 weights, ``default_dynamic_qconfig``), ``float16``, ``bfloat16``
         (half-precision weights) or ``quint8`` (weight-only embeddings, per-row float qparams).
+        A ``WeightOnlyConfig`` (``int8_weight_only()``, ``int4_weight_only(group_size=128)``) as
+        ``qconfig_spec`` or ``dtype`` hands over to ``quantize_weight_only`` (float activations); a
+        QConfig with ``activation=Identity`` raises instead of silently producing w8a8.
       mapping: float type -> dynamic type (default ``get_default_dynamic_quant_module_mappings()``).
       inplace: change ``model`` itself (built on a copy first, so a failure leaves it untouched).
       per_token: one activation scale per row instead of per tensor (None: from the qconfig's
@@ -158,7 +174,12 @@ def quantize_dynamic(
       requested dtype.
     """
     from jaxquant.transforms.propagate import propagate_qconfig
+    from jaxquant.weight_only.api import WeightOnlyConfig, quantize_weight_only
 
+    if isinstance(qconfig_spec, WeightOnlyConfig) or isinstance(dtype, WeightOnlyConfig):
+        # int8/int4 weight-only: activations stay float (never a silent w8a8).
+        spec = qconfig_spec if isinstance(qconfig_spec, WeightOnlyConfig) else dtype
+        return quantize_weight_only(model, spec, inplace=inplace)
     mapping = get_default_dynamic_quant_module_mappings() if mapping is None else mapping
     result = copy_model(model)
     qconfigs = propagate_qconfig(result, _normalise_spec(result, qconfig_spec, dtype))
@@ -171,6 +192,7 @@ def quantize_dynamic(
         target = mapping.get(type(module))
         if qconfig is None or target is None:
             continue
+        _refuse_weight_only_qconfig(qconfig, path)
         wdtype = _weight_dtype(qconfig, path)
         allowed = supported.get(target)
         if allowed is not None and wdtype not in allowed:

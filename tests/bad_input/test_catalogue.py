@@ -538,3 +538,74 @@ def test_K05_static_linear_input_width():
     x = QTensor(jnp.zeros((1, 5), jnp.uint8), jnp.float32(1), jnp.int32(0), quint8)
     with _raises(ValueError, "quantized_linear", "5 features", "expects 4"):
         quantized_linear(x, packed, 1.0, 0, out_dtype=quint8)
+
+# ------------------------------------------------------------------------------ weight-only / LLM (W01-W07)
+
+
+class _TwoLinears(nnx.Module):
+    def __init__(self):
+        self.a = nnx.Linear(48, 16, rngs=nnx.Rngs(0))
+        self.e = nnx.Einsum("bk,kn->bn", (16, 4), rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+        return self.e(self.a(x))
+
+
+def test_W01_group_size_does_not_divide_contraction():
+    model = _TwoLinears()
+    snap = _snapshot(model)
+    with _raises(ValueError, "'a'", "group_size 32 does not divide", "48", "16", "allow_partial_group"):
+        jq.quantize_weight_only(model, jq.int4_weight_only(group_size=32))
+    _assert_untouched(model, snap)
+
+
+def test_W02_int4_asked_of_an_op_that_cannot_take_it():
+    model = _TwoLinears()
+    with _raises(ValueError, "Einsum", "cannot hold a block-quantized weight", "quantize_dynamic"):
+        jq.quantize_weight_only(model, {nnx.Einsum: jq.int4_weight_only(16)})
+    with _raises(ValueError, "'e'", "int4 weight-only is not supported"):
+        jq.quantize_weight_only(model, {"e": jq.int4_weight_only(16)})
+
+
+def test_W03_gptq_singular_hessian():
+    from jaxquant.weight_only.gptq import GPTQError, gptq_quantize
+
+    x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float64)
+    x = np.concatenate([x, x], axis=1)  # duplicated inputs: X^T X is singular
+    w = jnp.ones((16, 4), jnp.float32)
+    with _raises(GPTQError, "not positive definite", "damp_percent=0.0", "raise damp_percent"):
+        gptq_quantize(w, x.T @ x, 64, group_size=8, damp_percent=0.0, where="gptq: 'layer'")
+
+
+def test_W04_too_little_calibration_data():
+    model = _TwoLinears()
+    stats = jq.collect_linear_stats(model, [jnp.ones((4, 48))], paths=["a"], progress=False)
+    with _raises(ValueError, "'a'", "4 calibration rows for 48 inputs", "at least 48"):
+        jq.quantize_gptq(model, stats, jq.int4_weight_only(16), progress=False)
+    with _raises(ValueError, "collect_linear_stats", "no calibration batch"):
+        jq.collect_linear_stats(model, [], progress=False)
+
+
+def test_W05_weight_only_qconfig_given_to_quantize_dynamic():
+    model = _TwoLinears()
+    with _raises(ValueError, "quantize_dynamic", "'a'", "weight-only qconfig", "quantize_weight_only"):
+        jq.quantize_dynamic(model, {nnx.Linear: jq.default_weight_only_qconfig})
+    q = jq.quantize_dynamic(model, jq.int8_weight_only())  # the supported spelling: float activations
+    assert type(q.a).__name__ == "WeightOnlyLinear"
+
+
+def test_W06_gguf_corrupt_file(tmp_path):
+    pytest.importorskip("gguf")
+    from jaxquant.models.gguf_reader import GGUFError, read_llama_gguf
+
+    p = tmp_path / "bad.gguf"
+    p.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 16)
+    with _raises(GGUFError, "GGUF", "bad.gguf"):
+        read_llama_gguf(str(p))
+
+
+def test_W07_weight_only_config_out_of_range():
+    with _raises(ValueError, "WeightOnlyConfig", "bits must be 4 or 8"):
+        jq.WeightOnlyConfig(bits=2)
+    with _raises(ValueError, "WeightOnlyConfig", "group_size"):
+        jq.int4_weight_only(group_size=0)

@@ -29,6 +29,9 @@ LAYERS = {
     "jaxquant.tools": (9, "tools"), "jaxquant.distributed": (9, "tools"),
     "jaxquant": (10, "package root"),
     "jaxquant.models": (11, "models and data"), "jaxquant.datasets": (11, "models and data"),
+    # weight-only / LLM quantization (issue #17): its own package, spread over the same layers
+    "jaxquant.weight_only.blockwise": (1, "primitives"), "jaxquant.weight_only.matmul": (5, "kernels"),
+    "jaxquant.weight_only.modules": (7, "front end nn"), "jaxquant.weight_only": (8, "transforms"),
 }
 
 # (importer, imported) pairs that go up or sideways today; issue #13 removes them.
