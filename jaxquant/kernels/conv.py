@@ -151,7 +151,7 @@ def prepack_static_conv(
     zx = jnp.asarray(x_zero_point, jnp.int32)
     zw = jnp.broadcast_to(jnp.asarray(w_zero_point, jnp.int32), (cout,))
     w32 = w.astype(jnp.int32).reshape(taps * cin_g, cout)
-    colsum = jnp.sum(w32, axis=0)
+    colsum = jnp.sum(w32, axis=0, dtype=jnp.int32)
     k_red = taps * cin_g
     offset = k_red * zx * zw - zx * colsum
     act_times_w, mult = output_multiplier(x_scale, w_scale, out_scale)
@@ -171,7 +171,7 @@ def prepack_static_conv(
     elif cin_g == 1 and groups == cin:
         kind = "depthwise"
         w_taps = w32 - zw  # (taps, cout)
-        offset = -zx * jnp.sum(w_taps, axis=0)
+        offset = -zx * jnp.sum(w_taps, axis=0, dtype=jnp.int32)
     else:
         kind = "grouped"
         cout_g = cout // groups
@@ -206,7 +206,7 @@ def refold_input_qparams(p: StaticConvParams, x_scale: jax.Array, x_zero_point: 
     """
     zx = jnp.asarray(x_zero_point).astype(jnp.int32)
     if p.kind == "depthwise":
-        offset = -zx * jnp.sum(p.w_taps, axis=0)
+        offset = -zx * jnp.sum(p.w_taps, axis=0, dtype=jnp.int32)
     else:
         k_red = int(np.prod(p.kernel_size)) * (p.in_channels // p.groups)
         offset = k_red * zx * p.w_zero_point - zx * p.colsum
@@ -265,7 +265,7 @@ def _conv_acc(x_pad: jax.Array, zx: jax.Array, offset: jax.Array, p: StaticConvP
     acc = dot_general_u8s8(cols_g, p.w_grouped, (((2,), (2,)), ((0,), (0,))))  # (G, P, cout_g)
     acc = acc.transpose(1, 0, 2).reshape(pixels, p.out_channels) + offset
     if p.has_w_zero_point:
-        rowsum = jnp.sum(cols_g.astype(jnp.int32), axis=2).T  # (P, G)
+        rowsum = jnp.sum(cols_g, axis=2, dtype=jnp.int32).T  # (P, G)
         acc = acc - jnp.repeat(rowsum, p.out_channels // g, axis=1) * p.w_zero_point
     return acc.reshape(n, *out_sp, p.out_channels)
 
@@ -301,7 +301,7 @@ def static_conv(x_q: jax.Array, params: StaticConvParams) -> jax.Array:
     if x_q.dtype == jnp.int8:
         k_red = int(np.prod(p.kernel_size)) * (p.in_channels // p.groups)
         if p.kind == "depthwise":
-            offset = offset - 128 * jnp.sum(p.w_taps, axis=0)
+            offset = offset - 128 * jnp.sum(p.w_taps, axis=0, dtype=jnp.int32)
         else:
             offset = offset + 128 * (k_red * p.w_zero_point - p.colsum)
     x_u8, zx = to_uint8_activation(x_q, p.x_zero_point)

@@ -32,6 +32,9 @@ def convert(
       The int8 model. If any module fails (an observer that saw no data or saw NaN/Inf, an unsupported
       configuration), a ValueError names its path and the input model is left unchanged.
     """
+    from jaxquant.transforms.checks import check_nnx_model
+
+    check_nnx_model(model, "convert")
     mapping = get_default_static_quant_module_mappings() if mapping is None else mapping
     result = copy_model(model)
     converted = 0

@@ -157,8 +157,10 @@ def quantize_dynamic(
       types found) if nothing matched. Raises with the module path when a module cannot take the
       requested dtype.
     """
+    from jaxquant.transforms.checks import check_nnx_model
     from jaxquant.transforms.propagate import propagate_qconfig
 
+    check_nnx_model(model, "quantize_dynamic")
     mapping = get_default_dynamic_quant_module_mappings() if mapping is None else mapping
     result = copy_model(model)
     qconfigs = propagate_qconfig(result, _normalise_spec(result, qconfig_spec, dtype))
