@@ -36,16 +36,17 @@ def check_not_prepared(model: nnx.Module, where: str) -> None:
     from jaxquant.nn.observed import Observed
     from jaxquant.nn.observer_module import ObserverModule
 
+    found = []
     for path, module in named_modules(model):
-        kind = None
         if isinstance(module, (Observed, ObserverModule)):
-            kind = "observed (it was prepared already)"
+            found.append((path, "observed (it was prepared already)"))
         elif type(module).__module__.startswith(("jaxquant.nn.qat", "jaxquant.nn.quantized")):
-            kind = f"a {type(module).__module__.rsplit('.', 1)[-1]} module ({type(module).__name__})"
-        if kind is not None:
-            raise ValueError(
-                f"{where}: '{path or '<model>'}' is {kind}; {where} takes the float model. Call {where} "
-                "once, on the float (fused) model, and keep using the model it returned")
+            found.append((path, f"a {type(module).__module__.split('.')[2]} module ({type(module).__name__})"))
+    if found:
+        names = ", ".join(f"'{p or '<model>'}'" for p, _ in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ValueError(
+            f"{where}: {names} {'is' if len(found) == 1 else 'are'} {found[0][1]}; {where} takes the float "
+            f"model. Call {where} once, on the float (fused) model, and keep using the model it returned")
 
 
 def check_eval_mode(model: nnx.Module, where: str) -> None:
