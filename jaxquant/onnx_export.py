@@ -246,13 +246,14 @@ def _dequantize(g, path, module, x, out):
 def _handlers() -> dict[type, Callable]:
     import jaxquant.nn as jqnn
     from jaxquant.nn.quantized.conv import Conv
+    from jaxquant.nn.quantized.dropout import Dropout as QDropout
     from jaxquant.nn.quantized.linear import Linear
     from jaxquant.nn.quantized.stubs import DeQuantize, Quantize
 
     return {Quantize: _quantize, DeQuantize: _dequantize, Conv: _conv, Linear: _linear,
             jqnn.MaxPool2d: _pool("MaxPool"), jqnn.AvgPool2d: _pool("AveragePool"),
             jqnn.ReLU: _elementwise("Relu"), jqnn.Flatten: _flatten, jqnn.Identity: _alias,
-            nnx.Dropout: _alias}
+            nnx.Dropout: _alias, QDropout: _alias}
 
 
 def export_onnx(model: nnx.Module, example_input: Any, path: Union[str, os.PathLike, None] = None,

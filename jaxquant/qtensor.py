@@ -192,6 +192,22 @@ def _check_zero_point(zero_point: object, dtype: QDType, where: str) -> None:
                          f"[{dtype.min}, {dtype.max}]; every value would clamp to one end")
 
 
+def _check_per_tensor_qparams(scale: object, zero_point: object, where: str) -> None:
+    """One scale and one integer zero point: a vector is a per-channel call in disguise (its first
+    entry would not silently apply to everything), and a fractional zero point would be truncated."""
+    for name, value in (("scale", scale), ("zero_point", zero_point)):
+        if int(np.prod(np.shape(value))) != 1:
+            raise ValueError(f"{where}: {name} must be a single value, got shape {tuple(np.shape(value))}; for "
+                             "one scale and zero point per channel use quantize_per_channel(x, scales, "
+                             "zero_points, axis, dtype)")
+    if _is_concrete(zero_point):
+        zp = np.asarray(zero_point)
+        if zp.dtype.kind == "f" and np.isfinite(zp).all() and not np.array_equal(zp, np.round(zp)):
+            raise ValueError(f"{where}: zero_point must be an integer, got {zp.reshape(-1)[0].item()!r}; round it "
+                             "(choose_qparams and the observers return int32 zero points), as "
+                             "torch.quantize_per_tensor only takes an int")
+
+
 def _check_finite_input(x: jax.Array, where: str) -> None:
     """Eager check for NaN/Inf in a concrete input (a traced one cannot be read on the host)."""
     if not _is_concrete(x) or x.size == 0:
@@ -245,10 +261,12 @@ def quantize_per_tensor(
       A per-tensor affine :class:`QTensor` with ``int_data`` of ``x.shape`` in the storage dtype.
     Raises:
       ValueError (eager calls only, see the module docstring): ``scale`` not finite, ``<= 0`` or
-      denormal; ``zero_point`` outside the dtype's range; NaN/Inf in ``x``.
+      denormal; ``zero_point`` outside the dtype's range or not an integer; NaN/Inf in ``x``.
+      ValueError (also under jit): ``scale`` or ``zero_point`` with more than one element.
     """
     _check_dtype(dtype, "quantize_per_tensor")
     x = _check_float_input(x, "quantize_per_tensor")
+    _check_per_tensor_qparams(scale, zero_point, "quantize_per_tensor")
     _check_scale(scale, "quantize_per_tensor")
     _check_zero_point(zero_point, dtype, "quantize_per_tensor")
     _check_finite_input(x, "quantize_per_tensor")

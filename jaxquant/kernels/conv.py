@@ -186,7 +186,7 @@ def pack_conv(
     return PackedConv(
         native_weight=native_weight,
         weight=weight, w_grouped=w_grouped, w_taps=w_taps,
-        colsum=jnp.sum(w32 if w_taps is None else w_taps, axis=0), w_zero_point=zw,
+        colsum=jnp.sum(w32 if w_taps is None else w_taps, axis=0, dtype=jnp.int32), w_zero_point=zw,
         w_scale=jnp.broadcast_to(jnp.asarray(w_scale, jnp.float32), (cout,)), bias=bias,
         kind=kind, kernel_size=ks, in_channels=cin, out_channels=cout, strides=strides_t,
         padding=padding_t, dilation=dilation_t, groups=int(groups), has_w_zero_point=has_zw,
@@ -252,7 +252,7 @@ def _conv_acc(x_pad: jax.Array, zx: jax.Array, offset: jax.Array, p: PackedConv,
     acc = dot_general_u8s8(cols_g, p.w_grouped, (((2,), (2,)), ((0,), (0,))))  # (G, P, cout_g)
     acc = acc.transpose(1, 0, 2).reshape(pixels, p.out_channels) + offset
     if p.has_w_zero_point:
-        rowsum = jnp.sum(cols_g.astype(jnp.int32), axis=2).T  # (P, G)
+        rowsum = jnp.sum(cols_g, axis=2, dtype=jnp.int32).T  # (P, G)
         acc = acc - jnp.repeat(rowsum, p.out_channels // g, axis=1) * p.w_zero_point
     return acc.reshape(n, *out_sp, p.out_channels)
 

@@ -125,7 +125,7 @@ def pack_weight(w_int8: jax.Array, w_zero_point, layouts: Layouts = "both", *,
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         pass  # traced zero point: keep the general path
     if act_lhs_kn:
-        return PackedWeight(w_act_lhs=w, w_weight_lhs=None, colsum=jnp.sum(w.astype(jnp.int32), axis=0),
+        return PackedWeight(w_act_lhs=w, w_weight_lhs=None, colsum=jnp.sum(w, axis=0, dtype=jnp.int32),
                             w_zero_point=zw, in_features=int(k), out_features=int(n),
                             has_w_zero_point=has_zw, act_lhs_kn=True)
     wt = w.T
@@ -136,7 +136,7 @@ def pack_weight(w_int8: jax.Array, w_zero_point, layouts: Layouts = "both", *,
         w_weight_lhs=(jnp.concatenate([lax.bitcast_convert_type(wt ^ jnp.int8(-128), jnp.uint8),
                                        jnp.ones((1, k), jnp.uint8)])
                       if layouts in ("both", "weight_lhs") else None),
-        colsum=jnp.sum(w.astype(jnp.int32), axis=0),
+        colsum=jnp.sum(w, axis=0, dtype=jnp.int32),
         w_zero_point=zw,
         in_features=int(k), out_features=int(n), has_w_zero_point=has_zw,
         w_native=native_ops.pack_gemv_weight(w),
@@ -193,7 +193,7 @@ def int8_matmul_acc(x_u8: jax.Array, x_zero_point: jax.Array, pw: PackedWeight, 
         acc = dot_general_u8s8(x_u8, pw.w_act_lhs, (((1,), (0 if pw.act_lhs_kn else 1,)), ((), ())))
         rowsum = None
         if row_coeff is not None:
-            rowsum = jnp.sum(x_u8.astype(jnp.int32), axis=1, keepdims=True)
+            rowsum = jnp.sum(x_u8, axis=1, keepdims=True, dtype=jnp.int32)
     acc = acc + offset
     if row_coeff is not None:
         acc = acc - row_coeff * rowsum

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 from flax import nnx
+from flax.errors import TraceContextError
 
 from jaxquant.nn.variables import QuantStats
 
@@ -35,7 +36,17 @@ class ObserverModule(nnx.Module):
         self.stats = QuantStats(observer.init(example_or_shape))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        self.stats.set_value(self.observer.update(self.stats.get_value(), x))
+        state = self.observer.update(self.stats.get_value(), x)
+        try:
+            self.stats.set_value(state)
+        except TraceContextError as e:
+            # The model was closed over by jax.jit/vmap/grad: its QuantStats belong to the outer
+            # trace and cannot be written from this one (flax's own message does not say what to do).
+            raise ValueError(
+                f"a prepared model's observer ({type(self.observer).__name__}) was called inside jax.jit (or "
+                "vmap/grad) with the model closed over, so its statistics cannot be updated. Calibrate with "
+                "jaxquant.calibrate(model, batches) (one jitted step), call it through nnx.jit(lambda m, x: "
+                "m(x))(model, x), or split the state yourself (jaxquant.make_calibration_step)") from e
         return x
 
     def calculate_qparams(self) -> tuple[jax.Array, jax.Array]:

@@ -41,6 +41,9 @@ FLOAT32_EPS = float(np.finfo(np.float32).eps)
 State = Any  # a pytree of arrays (NamedTuple per observer family)
 
 
+# XLA:CPU flushes denormal float32 to zero, so a smaller eps does not keep scales positive.
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
 class NotCalibratedError(ValueError):
     """An observer's state cannot give qparams: it saw no data, or saw NaN/Inf."""
 
@@ -216,12 +219,23 @@ class UniformQuantizationObserverBase(ObserverBase):
         if self.has_customized_qrange:
             validate_qrange(self.quant_min, self.quant_max, self.dtype, where=me)  # type: ignore[arg-type]
         try:
-            calculate_qmin_qmax(self.quant_min, self.quant_max, self.has_customized_qrange, self.dtype,
-                                self.reduce_range)
+            qmin, qmax = calculate_qmin_qmax(self.quant_min, self.quant_max, self.has_customized_qrange,
+                                             self.dtype, self.reduce_range)
         except ValueError as e:
             raise ValueError(f"{me}: {e}") from None
+        if not qmin < qmax:
+            # e.g. quant_min=0, quant_max=1 with reduce_range: 1 // 2 == 0 leaves a single level
+            raise ValueError(
+                f"{me}: the quantization range [{self.quant_min}, {self.quant_max}] with reduce_range="
+                f"{self.reduce_range} collapses to [{qmin}, {qmax}], a single level; widen the range "
+                "or set reduce_range=False")
         if not self.eps > 0:
             raise ValueError(f"{me}: eps must be positive, got {self.eps}")
+        if not self.eps >= _FLOAT32_TINY:
+            raise ValueError(
+                f"{me}: eps={self.eps!r} is below float32's smallest normal ({_FLOAT32_TINY:.4g}); scales that "
+                "small are flushed to zero by XLA:CPU and give inf/NaN. Leave the default "
+                "(float32 machine epsilon) or use a value >= 1.2e-38")
 
     @property
     def computes_qparams(self) -> bool:

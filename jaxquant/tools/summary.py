@@ -108,6 +108,37 @@ def _unmatched(mapping: Any, modules: list[tuple[str, Any]]) -> list[str]:
     return unmatched
 
 
+def _definition_order(model: nnx.Module) -> dict[str, int]:
+    """Rank of each module path in depth-first definition order (the order ``__init__`` assigned the
+    attributes, children right after their parent), as PyTorch's ``named_modules`` lists them.
+    ``named_modules`` here is breadth-first and alphabetical within a level (NNX's graph order)."""
+    order: dict[str, int] = {"": 0}
+    seen: set[int] = {id(model)}
+
+    def visit(node: Any, prefix: str) -> None:
+        if isinstance(node, (nnx.List, list, tuple)):
+            items = [(str(i), v) for i, v in enumerate(node)]
+        elif isinstance(node, (nnx.Dict, dict)):
+            items = [(str(k), v) for k, v in node.items()]
+        elif isinstance(node, nnx.Module):
+            items = list(vars(node).items())
+        else:
+            return
+        for key, value in items:
+            if isinstance(value, nnx.Variable) or key.startswith("_"):
+                continue
+            path = f"{prefix}.{key}" if prefix else key
+            if isinstance(value, nnx.Module):
+                if id(value) in seen:
+                    continue
+                seen.add(id(value))
+                order.setdefault(path, len(order))
+            visit(value, path)
+
+    visit(model, "")
+    return order
+
+
 def summary(model: nnx.Module, qconfig_mapping: Any = None) -> ModelSummary:
     """Summarise a float, prepared or converted model.
 
@@ -119,11 +150,16 @@ def summary(model: nnx.Module, qconfig_mapping: Any = None) -> ModelSummary:
         keyed by functions or method names (``"reshape"``) are not checked: modules only.
     Returns:
       :class:`ModelSummary`: per module (that holds arrays or a quantization setting) its path, type,
-      status, QConfig, weight and activation dtypes, weight qscheme and own bytes.
+      status, QConfig, weight and activation dtypes, weight qscheme and own bytes. Rows are depth
+      first (each module right before its children; list items by index), attributes in the order
+      the module assigned them; ``prepare``/``convert`` return copies made by ``nnx.split``/``merge``,
+      whose attributes are in name order.
     """
     from jaxquant.tools.size import model_arrays
 
     modules = named_modules(model)
+    rank = _definition_order(model)
+    modules.sort(key=lambda item: rank.get(item[0], len(rank)))  # stable: unknown paths keep their order
     arrays = model_arrays(model)
     resolved = {}
     if qconfig_mapping is not None:

@@ -8,10 +8,12 @@ import os
 import jax
 import numpy as np
 from flax import nnx
+from flax.errors import TraceContextError
 
 from jaxquant.module_paths import named_modules
 from jaxquant.nn.observer_module import ObserverModule
 from jaxquant.nn.variables import QuantStats
+from jaxquant.transforms.checks import check_eval_mode, check_nnx_model
 
 
 def _default_forward(model: nnx.Module, batch: Any) -> Any:
@@ -101,7 +103,21 @@ def make_calibration_step(model: nnx.Module, forward: Callable[[nnx.Module, Any]
         m = nnx.merge(graphdef, stats, rest)
         try:
             forward(m, batch)
+        except TraceContextError as e:
+            # a module outside QuantStats (BatchNorm statistics, Dropout's RNG count) tried to
+            # change its state: name it instead of flax's trace-level message
+            check_eval_mode(m, "calibrate")
+            raise ValueError(f"calibrate: the model changed state other than observer statistics while "
+                             f"calibrating ({e}); only QuantStats may change. Put the model in eval mode "
+                             "(model.eval()) and check that its forward does not update other variables") from e
         except (TypeError, ValueError) as e:
+            if isinstance(batch, tuple) and len(batch) > 1 and forward is _default_forward \
+                    and "positional argument" in str(e):
+                raise TypeError(
+                    f"calibrate: a batch is a tuple of {len(batch)} arrays (shapes {_shape_of(batch)}), which "
+                    f"calibrate passes as {len(batch)} positional arguments to the model ({e}). If batches are "
+                    "(inputs, labels) pairs, pass the inputs only, e.g. (x for x, _ in batches), or "
+                    "forward=lambda model, batch: model(batch[0])") from e
             # at trace time only: name the layer a shape error came from (no cost per batch)
             layer_error = _failing_layer_error(m, batch, e)
             if layer_error is None:
@@ -139,6 +155,7 @@ def calibrate(
       CalibrationShapeError (a ValueError and TypeError) naming the batch and the layer whose op
       failed when a batch does not fit the model (e.g. the wrong number of features).
     """
+    check_nnx_model(model, "calibrate")
     if not observer_modules(model):
         raise ValueError("calibrate: the model has no observers; call prepare(model, qconfig) first")
     step = make_calibration_step(model, forward)

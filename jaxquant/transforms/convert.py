@@ -8,6 +8,7 @@ from flax import nnx
 from jaxquant.module_paths import copy_model, named_modules, replace_contents, set_submodule
 from jaxquant.nn.functional_modules import FloatFunctional
 from jaxquant.nn.observed import Observed
+from jaxquant.nn.quantized.dropout import Dropout as QDropout
 from jaxquant.nn.quantized.functional import QFunctional
 from jaxquant.quantization_mappings import get_default_static_quant_module_mappings
 
@@ -32,6 +33,9 @@ def convert(
       The int8 model. If any module fails (an observer that saw no data or saw NaN/Inf, an unsupported
       configuration), a ValueError names its path and the input model is left unchanged.
     """
+    from jaxquant.transforms.checks import check_nnx_model
+
+    check_nnx_model(model, "convert")
     mapping = get_default_static_quant_module_mappings() if mapping is None else mapping
     result = copy_model(model)
     converted = 0
@@ -48,6 +52,10 @@ def convert(
             elif hasattr(module, "to_quantized"):
                 # QAT modules know how to become their int8 version.
                 set_submodule(result, path, module.to_quantized(path))
+            elif type(module) is nnx.Dropout:
+                # identity on QTensors in training mode too (nnq.Dropout); not a conversion by itself
+                set_submodule(result, path, QDropout.from_float(module))
+                continue
             else:
                 continue
         except (ValueError, TypeError) as error:

@@ -14,6 +14,7 @@ from jaxquant.quantization_mappings import (
     get_default_static_quant_module_mappings,
     get_quantized_passthrough_types,
 )
+from jaxquant.transforms.checks import check_module_names, check_nnx_model, check_not_prepared
 from jaxquant.transforms.propagate import propagate_qconfig
 
 
@@ -58,8 +59,13 @@ def prepare(
       The observed model. On error the input model is left unchanged.
     Raises:
       ValueError naming the module path: a layer with parameters and a qconfig but no quantized
-      counterpart, a qconfig without an activation observer.
+      counterpart, a qconfig without an activation observer, a model that was prepared already.
+      TypeError for a Flax Linen module (use ``jaxquant.linen.prepare``). KeyError for a
+      ``set_module_name`` path that is not in the model.
     """
+    check_nnx_model(model, "prepare")
+    check_not_prepared(model, "prepare")
+    check_module_names(model, qconfig_or_mapping, "prepare")
     mapping = get_default_static_quant_module_mappings() if mapping is None else mapping
     passthrough = get_quantized_passthrough_types()
     result = copy_model(model)

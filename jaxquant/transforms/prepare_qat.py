@@ -100,6 +100,11 @@ def prepare_qat(
       mode (call ``model.train()`` first), a layer with parameters but no QAT or static counterpart,
       a qconfig whose entries are observers rather than fake quants.
     """
+    from jaxquant.transforms.checks import check_module_names, check_nnx_model, check_not_prepared
+
+    check_nnx_model(model, "prepare_qat")
+    check_not_prepared(model, "prepare_qat")
+    check_module_names(model, qconfig_or_mapping, "prepare_qat")
     mapping = get_default_qat_module_mappings() if mapping is None else mapping
     static = get_default_static_quant_module_mappings()
     passthrough = get_quantized_passthrough_types()

@@ -173,9 +173,11 @@ def quantize_dynamic(
       types found) if nothing matched. Raises with the module path when a module cannot take the
       requested dtype.
     """
+    from jaxquant.transforms.checks import check_nnx_model
     from jaxquant.transforms.propagate import propagate_qconfig
     from jaxquant.weight_only.api import WeightOnlyConfig, quantize_weight_only
 
+    check_nnx_model(model, "quantize_dynamic")
     if isinstance(qconfig_spec, WeightOnlyConfig) or isinstance(dtype, WeightOnlyConfig):
         # int8/int4 weight-only: activations stay float (never a silent w8a8).
         spec = qconfig_spec if isinstance(qconfig_spec, WeightOnlyConfig) else dtype

@@ -609,3 +609,201 @@ def test_W07_weight_only_config_out_of_range():
         jq.WeightOnlyConfig(bits=2)
     with _raises(ValueError, "WeightOnlyConfig", "group_size"):
         jq.int4_weight_only(group_size=0)
+
+# ------------------------------------------------- issue 15: usage errors found by a careless user
+
+
+def test_P13_quantize_per_tensor_non_integer_zero_point():
+    with _raises(ValueError, "quantize_per_tensor", "zero_point must be an integer", "3.5"):
+        jq.quantize_per_tensor(X, 0.1, 3.5, jq.quint8)
+    # an integral float is still the integer it spells (what a float32 qparams array holds)
+    np.testing.assert_array_equal(np.asarray(jq.quantize_per_tensor(X, 0.1, 3.0, jq.quint8).int_repr()),
+                                  np.asarray(jq.quantize_per_tensor(X, 0.1, 3, jq.quint8).int_repr()))
+
+
+def test_P14_quantize_per_tensor_vector_scale():
+    with _raises(ValueError, "quantize_per_tensor", "scale must be a single value", r"\(2,\)", "quantize_per_channel"):
+        jq.quantize_per_tensor(X, np.array([0.1, 0.2], np.float32), 0, jq.quint8)
+    with _raises(ValueError, "quantize_per_tensor", "zero_point must be a single value"):
+        jq.quantize_per_tensor(X, 0.1, np.array([0, 1]), jq.quint8)
+    with _raises(ValueError, "scale must be a single value"):  # static: under jit too
+        jax.jit(lambda x, s: jq.quantize_per_tensor(x, s, 0, jq.quint8).int_repr())(X, np.ones(2, np.float32))
+
+
+@pytest.mark.parametrize("eps", [1e-45, 1e-39])
+def test_O13_eps_below_float32_tiny(eps):
+    with _raises(ValueError, "MinMaxObserver", f"eps={eps!r}", "smallest normal"):
+        jq.MinMaxObserver(eps=eps)
+    jq.MinMaxObserver(eps=float(np.finfo(np.float32).tiny))  # the smallest allowed
+
+
+def test_O14_reduce_range_collapses_custom_range():
+    with _raises(ValueError, "MinMaxObserver", r"\[0, 1\]", "reduce_range=True", r"\[0, 0\]"):
+        jq.MinMaxObserver(quant_min=0, quant_max=1, reduce_range=True)
+    with _raises(ValueError, "HistogramObserver", "collapses"):
+        jq.HistogramObserver(dtype=jq.quint8, quant_min=0, quant_max=1, reduce_range=True)
+    assert jq.MinMaxObserver(quant_min=0, quant_max=3, reduce_range=True).quant_range == (0, 1)
+
+
+def test_T06_prepare_twice():
+    prepared = jq.prepare(Small(nnx.Rngs(0)), _qconfig())
+    snap = _snapshot(prepared)
+    with _raises(ValueError, "prepare", "'(quant|fc1|head|dequant)'", "prepared already", "float"):
+        jq.prepare(prepared, _qconfig())
+    _assert_untouched(prepared, snap)
+    with _raises(ValueError, "prepare_qat", "prepared already"):
+        jq.prepare_qat(prepared, jq.get_default_qat_qconfig("x86"))
+    with _raises(ValueError, "prepare", "quantized"):  # a converted model is not a float model either
+        jq.prepare(jq.convert(_calibrated()), _qconfig())
+
+
+class _LinenMLP:
+    @staticmethod
+    def make():
+        import flax.linen as nn
+
+        class MLP(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                return nn.Dense(3)(x)
+        return MLP()
+
+
+@pytest.mark.parametrize("fn", ["prepare", "quantize_dynamic", "prepare_qat", "convert", "calibrate"])
+def test_T07_nnx_transform_given_a_linen_module(fn):
+    args = {"prepare": (_qconfig(),), "prepare_qat": (jq.get_default_qat_qconfig("x86"),),
+            "quantize_dynamic": (), "convert": (), "calibrate": ([X[None, :6]],)}[fn]
+    with _raises(TypeError, fn, "Linen", f"jaxquant.linen.{fn}"):
+        getattr(jq, fn)(_LinenMLP.make(), *args)
+
+
+def test_T08_misspelled_set_module_name():
+    model = Small(nnx.Rngs(0))
+    mapping = jq.QConfigMapping().set_global(_qconfig()).set_module_name("hed", None)
+    with _raises(KeyError, "prepare", "'hed'", "not in the model", "did you mean 'head'"):
+        jq.prepare(model, mapping)
+    mapping = jq.QConfigMapping().set_global(jq.get_default_qat_qconfig("x86")).set_module_name("fc", None)
+    with _raises(KeyError, "prepare_qat", "'fc'", "'fc1'"):
+        jq.prepare_qat(model, mapping)
+    # a correct path keeps working (and only a path that exists counts)
+    prepared = jq.prepare(model, jq.QConfigMapping().set_global(_qconfig()).set_module_name("head", None)
+                          .set_module_name("dequant", None))
+    assert isinstance(prepared.head, nnx.Linear)
+
+
+class _WithBN(nnx.Module):
+    def __init__(self, rngs):
+        self.quant = jqnn.QuantStub()
+        self.fc1 = nnx.Linear(6, 8, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.dequant = jqnn.DeQuantStub()
+
+    def __call__(self, x):
+        return self.dequant(self.drop(self.bn(self.fc1(self.quant(x)))))
+
+
+def test_C07_batchnorm_in_training_mode_during_calibrate():
+    model = _WithBN(nnx.Rngs(0))
+    model.drop.deterministic = True          # only the BatchNorm is left in training mode
+    prepared = jq.prepare(model, _qconfig())
+    before = [np.array(a) for a in jax.tree.leaves(nnx.state(prepared, nnx.Param, nnx.BatchStat))]
+    with _raises(ValueError, "calibrate", "'bn.module'", "BatchNorm", "training mode", r"model\.eval\(\)"):
+        jq.calibrate(prepared, _data(), progress=False)
+    after = jax.tree.leaves(nnx.state(prepared, nnx.Param, nnx.BatchStat))
+    for a, b in zip(before, after):          # the running statistics did not move either
+        np.testing.assert_array_equal(a, np.asarray(b))
+    prepared.eval()
+    jq.calibrate(prepared, _data(), progress=False)
+
+
+def test_C08_dropout_in_training_mode_during_calibrate():
+    model = _WithBN(nnx.Rngs(0))
+    model.bn.use_running_average = True      # only the Dropout is left in training mode
+    prepared = jq.prepare(model, _qconfig())
+    with _raises(ValueError, "calibrate", "'drop'", "Dropout", r"model\.eval\(\)"):
+        jq.calibrate(prepared, _data(), progress=False)
+
+
+def test_C09_calibration_batches_given_as_x_y_tuples():
+    prepared = jq.prepare(Small(nnx.Rngs(0)), _qconfig())
+    pairs = [(x, np.zeros(len(x), np.int32)) for x in _data()]
+    with _raises(TypeError, "calibrate", "tuple of 2 arrays", r"\(inputs, labels\)", r"for x, _ in batches"):
+        jq.calibrate(prepared, pairs, progress=False)
+    jq.calibrate(prepared, (x for x, _ in pairs), progress=False)   # the fix the message gives
+    jq.convert(prepared)
+
+
+def test_C10_prepared_model_called_under_jax_jit():
+    prepared = jq.prepare(Small(nnx.Rngs(0)), _qconfig())
+    with _raises(ValueError, "MinMaxObserver", "jax.jit", r"jaxquant\.calibrate", r"nnx\.jit"):
+        jax.jit(lambda x: prepared(x))(_data()[0])
+    out = nnx.jit(lambda m, x: m(x))(prepared, _data()[0])      # what the message suggests works
+    assert out.shape == (8, 3)
+    assert np.isfinite(float(prepared.quant.activation_post_process.calculate_qparams()[0]))
+
+
+def test_I05_converted_dropout_after_train():
+    model = _WithBN(nnx.Rngs(0))
+    model.eval()
+    int8_model = jq.convert(jq.calibrate(jq.prepare(model, _qconfig()), _data(), progress=False))
+    x = _data()[0]
+    expected = np.asarray(int8_model(x))
+    int8_model.train()
+    # as torch.ao.nn.quantized.Dropout/BatchNorm2d: identity on quantized activations, running
+    # statistics, in training mode too
+    np.testing.assert_array_equal(np.asarray(int8_model(x)), expected)
+    np.testing.assert_array_equal(np.asarray(nnx.jit(lambda m, x: m(x))(int8_model, x)), expected)
+    # a Dropout on float values (after the DeQuantStub) still drops in training mode
+    dropout = jqnn.quantized.Dropout.from_float(nnx.Dropout(0.5, rngs=nnx.Rngs(0)))
+    y = np.asarray(dropout(jnp.ones((64,))))
+    assert set(np.unique(y)) == {0.0, 2.0}
+
+
+def test_I06_grad_through_an_int8_model():
+    int8_model = jq.convert(_calibrated())
+    x = jnp.asarray(_data()[0])
+    with _raises(TypeError, "Quantize 'quant'", "grad", "zero", "prepare_qat"):
+        jax.grad(lambda x: int8_model(x).sum())(x)
+    with _raises(TypeError, "Quantize 'quant'"):
+        nnx.grad(lambda m, x: m(x).sum(), argnums=1)(int8_model, x)
+    # inference, jitted or not, is unaffected
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda x: int8_model(x))(x)), np.asarray(int8_model(x)))
+
+
+class _ConvNet(nnx.Module):
+    def __init__(self, rngs):
+        self.quant = jqnn.QuantStub()
+        self.conv = nnx.Conv(2, 4, (3, 3), rngs=rngs)
+        self.relu = jqnn.ReLU()
+        self.flatten = jqnn.Flatten()
+        self.fc = nnx.Linear(6 * 6 * 4, 3, rngs=rngs)
+        self.dequant = jqnn.DeQuantStub()
+
+    def __call__(self, x):
+        return self.dequant(self.fc(self.flatten(self.relu(self.conv(self.quant(x))))))
+
+
+def _conv_int8():
+    data = [np.random.default_rng(i).normal(size=(2, 6, 6, 2)).astype(np.float32) for i in range(2)]
+    prepared = jq.prepare(_ConvNet(nnx.Rngs(0)), jq.get_default_qconfig("x86"))
+    return jq.convert(jq.calibrate(prepared, data, progress=False)), data[0]
+
+
+def test_I07_static_int8_under_jax_enable_x64():
+    int8_model, x = _conv_int8()
+    expected = np.asarray(int8_model(x))
+    with jax.enable_x64(True):
+        int8_x64, x = _conv_int8()           # the whole workflow with 64-bit types on
+        got = np.asarray(int8_x64(x))
+        jitted = np.asarray(jax.jit(lambda x: int8_x64(x))(x))
+        hlo = jax.jit(lambda x: int8_x64(x)).lower(x).compile().as_text()
+        wide = [(jax.tree_util.keystr(p), a.dtype) for p, a in jax.tree_util.tree_leaves_with_path(
+            nnx.state(int8_x64)) if getattr(a, "dtype", None) in (jnp.int64, jnp.float64)]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(jitted, expected)
+    assert not wide, f"64-bit arrays in the int8 model: {wide}"
+    # the int8 arithmetic survives: u8 x s8 dots accumulating in s32 (the conv's im2col and the Linear)
+    dots = [b.strip().splitlines()[0] for b in hlo.split("\n\n") if " dot(" in b]
+    assert len(dots) >= 2 and all("u8[" in d and "s8[" in d and "-> s32[" in d for d in dots), dots

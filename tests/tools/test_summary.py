@@ -40,3 +40,45 @@ def test_summary_of_prepared_model_and_unmatched_entries(cnn_models):
     assert set(s.unmatched_entries) == {"module_name 'fc3'", r"module_name_regex 'block9\\..*'",
                                         "object_type LSTMCell"}
     assert "fc3" in str(s)
+
+
+def test_rows_depth_first_in_definition_order():
+    """Rows read like the model's code: depth first (each module right before its children), list
+    items by index (blocks.2 before blocks.10), attributes in definition order on a model built by its
+    own __init__; NNX's graph order was breadth first and alphabetical ("blocks.10" < "blocks.2")."""
+    import jaxquant.nn as jqnn
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.zconv = nnx.Linear(2, 2, rngs=rngs)
+            self.act = jqnn.ReLU()
+
+        def __call__(self, x):
+            return self.act(self.zconv(x))
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.quant = jqnn.QuantStub()
+            self.stem = nnx.Linear(3, 2, rngs=rngs)
+            self.blocks = nnx.List([Block(rngs) for _ in range(11)])
+            self.head = nnx.Linear(2, 2, rngs=rngs)
+            self.dequant = jqnn.DeQuantStub()
+
+        def __call__(self, x):
+            x = self.stem(self.quant(x))
+            for b in self.blocks:
+                x = b(x)
+            return self.dequant(self.head(x))
+
+    model = Net(nnx.Rngs(0))
+    blocks = [f"blocks.{i}.zconv" for i in range(11)]
+    assert [r.path for r in summary(model).modules] == ["stem", *blocks, "head"]
+    # prepare copies the model through nnx.split/merge, which orders attributes by name: depth first
+    # by name, list items by index
+    prepared = jq.prepare(model, jq.get_default_qconfig("x86"))
+    paths = [r.path for r in summary(prepared).modules]
+    nested = [q for b in blocks for q in (b, b + ".module")]
+    expected = [*nested, "dequant", "head", "head.module", "quant", "stem", "stem.module"]
+    assert [q for q in paths if q in expected] == expected, paths
+    for b in blocks:  # an observed layer's observer sits right after its float module
+        assert paths.index(b + ".activation_post_process") == paths.index(b + ".module") + 1

@@ -1,5 +1,6 @@
 """Static quantized modules: what ``convert`` puts in place of observed float modules."""
 from jaxquant.nn.quantized.conv import Conv
+from jaxquant.nn.quantized.dropout import Dropout
 from jaxquant.nn.quantized.float_ops import (
     ELU,
     GELU,

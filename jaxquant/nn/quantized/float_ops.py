@@ -41,7 +41,14 @@ class FloatOpQuantized(nnx.Module):
 
 
 class BatchNorm(FloatOpQuantized):
-    pass
+    """Always normalises with the running statistics, as ``torch.ao.nn.quantized.BatchNorm2d``: an
+    int8 model switched to ``.train()`` must not start using (and updating) batch statistics."""
+
+    def __call__(self, x) -> QTensor:
+        x = require_qtensor(x, self.name, "quantized BatchNorm")
+        y = self.module(dequantize(x), use_running_average=True)
+        return quantize_per_tensor(y, self.out_scale.get_value(), self.out_zero_point.get_value(),
+                                   self.out_dtype)
 
 
 class LayerNorm(FloatOpQuantized):

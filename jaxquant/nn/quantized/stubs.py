@@ -7,6 +7,7 @@ from flax import nnx
 
 from jaxquant.dtypes import QDType
 from jaxquant.nn.quantized.common import observed_qparams
+from jaxquant.nn.quantized.grad_guard import refuse_gradient
 from jaxquant.nn.variables import QuantParams
 from jaxquant.qtensor import QTensor, dequantize, quantize_per_tensor
 
@@ -33,6 +34,7 @@ class Quantize(nnx.Module):
         if isinstance(x, QTensor):
             return x  # already quantized upstream, as PyTorch's Quantize of a quantized tensor
         try:
+            x = refuse_gradient(x, f"Quantize '{self.name}'")
             return quantize_per_tensor(x, self.scale.get_value(), self.zero_point.get_value(), self.dtype)
         except ValueError as e:  # eager-only value checks (NaN/Inf input, bad loaded qparams)
             raise ValueError(f"Quantize '{self.name}': {e}") from None
