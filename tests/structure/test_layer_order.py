@@ -19,6 +19,7 @@ LAYERS = {
     "jaxquant.fake_quant": (3, "fake quantize"),
     "jaxquant.qconfig": (4, "qconfig"), "jaxquant.qconfig_mapping": (4, "qconfig"),
     "jaxquant.kernels": (5, "kernels"),
+    "jaxquant.native": (5, "kernels"),  # the native backend the kernel ops dispatch to (imports no jaxquant layer)
     "jaxquant.core": (6, "core"), "jaxquant.fusion.bn_folding": (6, "core"), "jaxquant.module_paths": (6, "core"),
     "jaxquant.nn": (7, "front end nn"), "jaxquant.linen": (7, "front end linen"),
     "jaxquant.graph": (7, "front end graph"),
@@ -26,7 +27,7 @@ LAYERS = {
     # the module-swap tables name the front ends' module types
     "jaxquant.quantization_mappings": (8, "transforms"),
     "jaxquant.serialization": (9, "tools"), "jaxquant.export": (9, "tools"), "jaxquant.onnx_export": (9, "tools"),
-    "jaxquant.tools": (9, "tools"), "jaxquant.distributed": (9, "tools"),
+    "jaxquant.tools": (9, "tools"), "jaxquant.distributed": (9, "tools"), "jaxquant.serving": (9, "tools"),
     "jaxquant": (10, "package root"),
     "jaxquant.models": (11, "models and data"), "jaxquant.datasets": (11, "models and data"),
     # weight-only / LLM quantization (issue #17): its own package, spread over the same layers
