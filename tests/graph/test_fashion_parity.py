@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import jaxquant as jq
+from graph_hlo import assert_int8_dots
 from jaxquant.models.fashion_cnn import FashionCNN, fusion_patterns
 
 
@@ -62,9 +63,4 @@ def test_fashion_cnn_graph_int8_hlo_is_u8s8():
     observed = jq.graph.prepare(model, x, jq.get_default_qconfig("x86"))
     qprog = jq.graph.convert(observed, jq.graph.calibrate(observed, [x], progress=False))
     hlo = jax.jit(qprog.apply).lower(qprog.params, x).compile().as_text()
-    dots = re.findall(r"= (\w+)\[[^\]]*\]\{?[^=]*? dot\(([^)]*)\)", hlo)
-    kinds = re.findall(r"\b(u8|s8|s32|f32)\[[0-9,]*\][^ ]* %?[\w.]+, (u8|s8|s32|f32)\[", " ".join(d[1] for d in dots))
-    assert dots, "no dot in the compiled HLO"
-    assert len(dots) == 4
-    for _, operands in dots:
-        assert re.match(r"\s*u8\[", operands) and ", s8[" in operands, operands
+    assert_int8_dots(hlo, expected=4)
