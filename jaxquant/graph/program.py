@@ -300,7 +300,7 @@ class QuantizedProgram:
 
     @property
     def unit_paths(self) -> list:
-        return [self.analysis.units[i].path for i in self.static]
+        return [self.analysis.units[i].path for i in self.static if i != "acts"]
 
 
 def _run_int8(prog: QuantizedProgram, qp: dict, inputs_leaves):
