@@ -48,14 +48,17 @@ def prelude(a: Analysis, params_leaves, *, use_numpy: bool) -> dict:
             continue
         vals = [x.value if isinstance(x, Lit) else env[x] for x in op.inputs]
         out = None
-        if use_numpy:
+        numpy_ok = use_numpy and not any(jax.dtypes.issubdtype(g.avals[o].dtype, jax.dtypes.extended)
+                                         for o in op.outputs) and not any(
+            jax.dtypes.issubdtype(getattr(v, "dtype", np.float32), jax.dtypes.extended) for v in vals)
+        if numpy_ok:
             res = _np_op(op, vals)
             if res is not None:
                 dtype = g.avals[op.outputs[0]].dtype
                 out = [np.asarray(res, dtype)]
         if out is None:
             out = eval_op(op, vals)
-            if use_numpy:
+            if numpy_ok:
                 out = [np.asarray(o) for o in out]
         env.update(zip(op.outputs, out))
     return env

@@ -175,7 +175,8 @@ class ObservedProgram:
 
     def host_fold(self, params) -> tuple[dict, dict]:
         """``(param-derived values, folded (weight, bias) per unit)`` computed in numpy on concrete params."""
-        leaves = [np.asarray(x) if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.number) else x
+        leaves = [np.asarray(x) if hasattr(x, "dtype") and not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended)
+                  else x
                   for x in jax.tree_util.tree_leaves(params)]
         pre = prelude(self.analysis, leaves, use_numpy=True)
         folded = {i: fold_unit(self.analysis, self.analysis.units[i], pre, use_numpy=True)
