@@ -66,7 +66,7 @@ def _state_key(vid: int) -> str:
 
 
 def _run_float(a: Analysis, plan: Plan, pre: dict, folded: dict, inputs_leaves, state: dict, *,
-               fake_quant: bool):
+               fake_quant: bool, record: Optional[dict] = None):
     g = a.graph
     env = dict(pre)
     env.update(zip(g.input_ids, inputs_leaves))
@@ -98,13 +98,19 @@ def _run_float(a: Analysis, plan: Plan, pre: dict, folded: dict, inputs_leaves, 
             if fake_quant:
                 w = _fake_quant_weight(a, u, w, plan.unit_qconfigs[op.index])
             env[u.out] = post(u.out, unit_float(a, u, env[u.x], w, bias))
+            if record is not None:
+                record[u.path] = env[u.out]
             continue
         if op.index in a.units and a.units[op.index].kind != "matmul":
             u = a.units[op.index]
             w, bias = fold_unit(a, u, env, use_numpy=False) if op.index not in folded else folded[op.index]
             env[u.out] = unit_float(a, u, env[u.x], w, bias)
+            if record is not None:
+                record[u.path] = env[u.out]
             continue
         outs = eval_op(op, [_read(env, i) for i in op.inputs])
+        if record is not None and op.index in a.units:
+            record[a.units[op.index].path] = outs[0]
         for o, v in zip(op.outputs, outs):
             env[o] = post(o, v)
     outs = [_read(env, o) for o in g.output_atoms]
@@ -296,6 +302,7 @@ class QuantizedProgram:
     def apply(self, qparams, *inputs):
         return _run_int8(self, qparams, jax.tree_util.tree_leaves(inputs))
 
+
     def __call__(self, *inputs):
         return self.apply(self.params, *inputs)
 
@@ -304,7 +311,7 @@ class QuantizedProgram:
         return [self.analysis.units[i].path for i in self.static if i != "acts"]
 
 
-def _run_int8(prog: QuantizedProgram, qp: dict, inputs_leaves):
+def _run_int8(prog: QuantizedProgram, qp: dict, inputs_leaves, record: Optional[dict] = None):
     a, plan = prog.analysis.for_inputs(inputs_leaves), prog.plan
     g = a.graph
     env = {int(k[1:]): v for k, v in qp["floats"].items()}
@@ -334,6 +341,8 @@ def _run_int8(prog: QuantizedProgram, qp: dict, inputs_leaves):
             u = a.units[i]
             p = qp["units"][str(i)]
             env[u.out] = _run_unit(a, u, meta, p, get_q, get_f)
+            if record is not None:
+                record[u.path] = get_f(u.out)
             continue
         if i in a.units and a.units[i].kind != "matmul":  # a unit left float
             u = a.units[i]
@@ -422,3 +431,17 @@ def _int_clamp(y, p):
         return y
     lo, hi = p["clamp"]
     return jnp.clip(y, lo.astype(y.dtype), hi.astype(y.dtype))
+
+
+def _record_units(prog: QuantizedProgram, float_params, inputs) -> tuple[dict, dict, tuple]:
+    """Every quantized unit's output (float) in the float program and in the int8 program, by path; and
+    both programs' flattened outputs."""
+    leaves = jax.tree_util.tree_leaves(inputs)
+    a = prog.analysis.for_inputs(leaves)
+    float_plan = dataclasses.replace(prog.plan, observers={}, mode="float")
+    pre = prelude(a, jax.tree_util.tree_leaves(float_params), use_numpy=False)
+    f_rec, q_rec = {}, {}
+    y_float, _ = _run_float(a, float_plan, pre, {}, leaves, {}, fake_quant=False, record=f_rec)
+    y_q = _run_int8(prog, prog.params, leaves, record=q_rec)
+    flat = lambda t: jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(t)])
+    return f_rec, q_rec, (flat(y_float), flat(y_q))
