@@ -70,7 +70,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="64 sentences, 2 calibration batches")
     ap.add_argument("--sentences", type=int, default=256)
-    ap.add_argument("--plot", default="minilm_graph.png", help="bar plot of latencies ('' to skip)")
+    ap.add_argument("--plot", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "outputs",
+                                                   "minilm_graph.png"), help="bar plot of latencies ('' to skip)")
     args = ap.parse_args(argv)
     n = 64 if args.quick else args.sentences
     batch, length = 16, 64
@@ -123,6 +124,7 @@ def main(argv=None) -> dict:
             ax.set_ylabel("ms per batch of 16 (64 tokens)")
             ax.set_title("MiniLM-L6 through jq.graph")
             fig.tight_layout()
+            os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
             fig.savefig(args.plot)
             print(f"plot: {args.plot}")
     return results
