@@ -50,7 +50,9 @@ def fashion_rows(batches: list[int], repeats: int) -> list[dict]:
     rows = []
     for b in batches:
         x = jnp.asarray(rng.uniform(0, 1, (b, 28, 28, 1)), jnp.float32)
-        same = bool(np.array_equal(np.asarray(f_eager(st_e, x)), np.asarray(f_graph(qprog.params, x))))
+        # against the eager model called as is (its jitted call over split state can differ in the last
+        # bit of a requantization: a separate issue of the eager path, see the docs)
+        same = bool(np.array_equal(np.asarray(eager(x)), np.asarray(f_graph(qprog.params, x))))
         t = time_interleaved({"float": lambda: f_float(st_f, x), "eager_int8": lambda: f_eager(st_e, x),
                               "graph_int8": lambda: f_graph(qprog.params, x)}, repeats=repeats)
         rows.append({"model": "Fashion CNN (static)", "batch": b, "float_ms": median_ms(t["float"]),

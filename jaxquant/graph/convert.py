@@ -25,8 +25,11 @@ def _checked_qparams(obs, state, path):
     from jaxquant.dtypes import qint8, quint8
     from jaxquant.observers import check_observer_state
 
+    from jaxquant.nn.observer_module import calculate_qparams
+
     check_observer_state(obs, state, name=path)
-    scale, zp = obs.calculate_qparams(state)
+    # the same compiled function eager convert uses: the histogram search rounds the same way
+    scale, zp = calculate_qparams(obs, state)
     if obs.dtype not in (quint8, qint8):
         raise GraphQuantizationError(f"graph.convert: '{path}': static quantization needs quint8 or qint8 "
                                      f"activations, {obs!r} uses {obs.dtype!r}")

@@ -304,7 +304,11 @@ class QuantizedProgram:
 
 
     def __call__(self, *inputs):
-        return self.apply(self.params, *inputs)
+        # compiled once per input shape: interpreted op by op, every primitive would dispatch (and
+        # compile) on its own
+        if getattr(self, "_jitted", None) is None:
+            self._jitted = jax.jit(self.apply)
+        return self._jitted(self.params, *inputs)
 
     @property
     def unit_paths(self) -> list:
