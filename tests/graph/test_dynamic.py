@@ -32,6 +32,7 @@ def test_minilm_graph_dynamic_equals_quantize_dynamic():
     np.testing.assert_array_equal(np.asarray(y_graph), np.asarray(y_eager))
 
 
+@pytest.mark.slow
 def test_minilm_graph_dynamic_attention_int8_both_sides():
     model, ids, mask = _small_minilm()
     qprog = jq.graph.quantize_dynamic(model, (ids, mask))

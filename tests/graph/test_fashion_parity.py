@@ -27,7 +27,7 @@ def _trained_like_model():
     return model
 
 
-@pytest.mark.parametrize("backend_qconfig", ["x86_minmax", "x86"])
+@pytest.mark.parametrize("backend_qconfig", ["x86_minmax", pytest.param("x86", marks=pytest.mark.slow)])
 def test_fashion_cnn_graph_static_equals_eager(backend_qconfig):
     if backend_qconfig == "x86":
         qconfig = jq.get_default_qconfig("x86")
@@ -57,6 +57,7 @@ def test_fashion_cnn_graph_static_equals_eager(backend_qconfig):
     assert cos > 0.99
 
 
+@pytest.mark.slow
 def test_fashion_cnn_graph_int8_hlo_is_u8s8():
     model = _trained_like_model()
     x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (4, 28, 28, 1)), jnp.float32)
