@@ -83,3 +83,22 @@ def test_mapping_rules_on_op_paths():
     assert np.corrcoef(np.ravel(qprog(x)), np.ravel(mlp(params, x)))[0, 1] > 0.99
     mapping = jq.QConfigMapping().set_object_type("dot_general", jq.default_per_channel_qconfig)
     assert len(jq.graph.prepare(mlp, (params, x), mapping).units) == 2
+
+
+def test_object_type_rule_with_an_nnx_module_class():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(2, 4, (3, 3), rngs=rngs)
+            self.fc = nnx.Linear(4, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc(jnp.mean(self.conv(x), axis=(1, 2)))
+
+    x = jnp.ones((2, 6, 6, 2))
+    mapping = jq.QConfigMapping().set_object_type(nnx.Linear, jq.default_per_channel_qconfig)
+    observed = jq.graph.prepare(Net(nnx.Rngs(0)), x, mapping)
+    assert [(p, k) for p, k, _ in observed.units] == [("fc", "linear")]
+    mapping = jq.QConfigMapping().set_object_type("conv_general_dilated", jq.default_per_channel_qconfig)
+    assert [p for p, _, _ in jq.graph.prepare(Net(nnx.Rngs(0)), x, mapping).units] == ["conv"]
