@@ -20,9 +20,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
-from jaxquant.kernels.conv import prepack_static_conv, static_conv  # noqa: E402
-from jaxquant.kernels.linear import (dynamic_linear, prepack_dynamic_linear,  # noqa: E402
-                                     prepack_static_linear, static_linear)
+from jaxquant.dtypes import quint8  # noqa: E402
+from jaxquant.kernels.conv import pack_conv, quantized_conv  # noqa: E402
+from jaxquant.kernels.linear import pack_linear, quantized_linear, quantized_linear_dynamic  # noqa: E402
+from jaxquant.qtensor import QTensor  # noqa: E402
 from timing import (import_torch, markdown_table, median_ms, paired_ratio, time_interleaved,  # noqa: E402
                     write_json)
 
@@ -37,16 +38,15 @@ def bench_dense(shapes, ms, repeats):
     rows = []
     rng = np.random.default_rng(0)
     f32 = jax.jit(lambda x, w, b: x @ w + b)
-    dyn = jax.jit(dynamic_linear)
-    sta = jax.jit(static_linear)
+    dyn = jax.jit(quantized_linear_dynamic)
+    sta = jax.jit(lambda xq, p: quantized_linear(xq, p, jnp.float32(0.1), jnp.int32(128), out_dtype=quint8).int_data)
     for k, n in shapes:
         wf = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
         sw = (np.abs(wf).max(0) / 127).astype(np.float32)
         wq = np.clip(np.round(wf / sw), -127, 127).astype(np.int8)
         b = rng.standard_normal(n).astype(np.float32)
         wf_j, b_j = jnp.asarray(wf), jnp.asarray(b)
-        pd = prepack_dynamic_linear(wq, sw, 0, b)
-        ps = prepack_static_linear(wq, sw, 0, b, 0.05, 128, 0.1, 128)
+        pd = ps = pack_linear(wq, sw, 0, b)
         if torch is not None:
             wt = torch.quantize_per_channel(torch.tensor(wq.T.astype(np.float32) * sw[:, None]),
                                             torch.tensor(sw, dtype=torch.float64),
@@ -59,7 +59,7 @@ def bench_dense(shapes, ms, repeats):
         for m in ms:
             x = rng.standard_normal((m, k)).astype(np.float32)
             xq = rng.integers(0, 256, (m, k)).astype(np.uint8)
-            x_j, xq_j = jnp.asarray(x), jnp.asarray(xq)
+            x_j, xq_j = jnp.asarray(x), QTensor(jnp.asarray(xq), jnp.float32(0.05), jnp.int32(128), quint8)
             fns = {
                 "jax_f32": lambda: f32(x_j, wf_j, b_j),
                 "jq_dyn": lambda: dyn(x_j, pd),
@@ -122,12 +122,11 @@ def bench_conv(convs, batches, repeats):
         sw = (np.abs(wf).reshape(-1, cout).max(0) / 127).astype(np.float32)
         wq = np.clip(np.round(wf / sw), -127, 127).astype(np.int8)
         b = rng.standard_normal(cout).astype(np.float32)
-        p = prepack_static_conv(wq, sw, 0, b, 0.05, 128, 0.1, 128, strides=s,
-                                padding=((pad, pad), (pad, pad)), groups=g)
+        p = pack_conv(wq, sw, 0, b, strides=s, padding=((pad, pad), (pad, pad)), groups=g)
         f32 = jax.jit(lambda x, w, b: lax.conv_general_dilated(
             x, w, (s, s), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=g) + b)
-        q8 = jax.jit(static_conv)
+        q8 = jax.jit(lambda xq, p: quantized_conv(xq, p, jnp.float32(0.1), jnp.int32(128), out_dtype=quint8).int_data)
         wf_j, b_j = jnp.asarray(wf), jnp.asarray(b)
         depthwise = g == cin == cout
         if depthwise:
@@ -150,7 +149,7 @@ def bench_conv(convs, batches, repeats):
         for nb in batches:
             x = rng.standard_normal((nb, h, h, cin)).astype(np.float32)
             xq = rng.integers(0, 256, (nb, h, h, cin)).astype(np.uint8)
-            x_j, xq_j = jnp.asarray(x), jnp.asarray(xq)
+            x_j, xq_j = jnp.asarray(x), QTensor(jnp.asarray(xq), jnp.float32(0.05), jnp.int32(128), quint8)
             fns = {"jax_f32": lambda: f32(x_j, wf_j, b_j), "jq_int8": lambda: q8(xq_j, p)}
             if depthwise:
                 fns["jax_f32_taps"] = lambda: f32_taps(x_j, wf_j, b_j)

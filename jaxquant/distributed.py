@@ -32,6 +32,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxquant.kernels.linear import pack_linear, quantized_linear
 from jaxquant.observers.base import ObserverBase, StatsState, as_float32, finite_min_max
 from jaxquant.observers.histogram import HistogramObserver, HistogramState, histogram_update
 from jaxquant.observers.minmax import MinMaxObserver
@@ -333,16 +334,6 @@ def _placed(mesh: Mesh, specs: tuple, args: tuple) -> tuple:
     return tuple(put(s, a) for s, a in zip(specs, args))
 
 
-def _epilogue(acc: jax.Array, x: QTensor, w_scale: jax.Array, bias: Optional[jax.Array], linear: Any,
-              out_scale: jax.Array, out_zp: jax.Array) -> jax.Array:
-    # exactly the float32 ops of quantized Linear.__call__, column by column
-    from jaxquant.kernels.requantize import output_multiplier, requantize
-
-    act_times_w, multiplier = output_multiplier(x.scale, w_scale, out_scale)
-    return requantize(acc, multiplier, out_zp, bias_over_scale=None if bias is None else bias / act_times_w,
-                      relu=linear.relu, out_dtype=linear.out_dtype.storage)
-
-
 def column_parallel_linear(x: QTensor, linear: Any, mesh: Mesh, axis_name: AxisName) -> QTensor:
     """A converted int8 ``Linear`` with its output features split over mesh axis ``axis_name``.
 
@@ -357,8 +348,6 @@ def column_parallel_linear(x: QTensor, linear: Any, mesh: Mesh, axis_name: AxisN
     Returns:
       QTensor ``(..., out_features)`` of ``linear.out_dtype``, data sharded as ``P(..., axis_name)``.
     """
-    from jaxquant.kernels.linear import int8_matmul_acc, pack_weight, to_uint8_activation
-
     w, bias, out_scale, out_zp = _linear_parts(linear)
     _check_divisible(linear.out_features, mesh, axis_name, f"out_features of {linear.name or 'Linear'}")
     if x.shape[-1] != linear.in_features:
@@ -370,9 +359,8 @@ def column_parallel_linear(x: QTensor, linear: Any, mesh: Mesh, axis_name: AxisN
     in_specs = (P(), P(None, axis_name), col, col, None if bias is None else col, P(), P())
 
     def body(x2: QTensor, w_data, w_scale, w_zp, bias, out_scale, out_zp):
-        x_u8, zx = to_uint8_activation(x2.int_data, x2.zero_point)
-        acc = int8_matmul_acc(x_u8, zx, pack_weight(w_data, w_zp, "both"))
-        return _epilogue(acc, x2, w_scale, bias, linear, out_scale, out_zp)
+        return quantized_linear(x2, pack_linear(w_data, w_scale, w_zp, bias), out_scale, out_zp,
+                                out_dtype=linear.out_dtype, relu=linear.relu).int_data
 
     args = _placed(mesh, in_specs, (x2, w.int_data, w.scale, w.zero_point, bias, out_scale, out_zp))
     y = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=P(None, axis_name))(*args)
@@ -393,8 +381,6 @@ def row_parallel_linear(x: QTensor, linear: Any, mesh: Mesh, axis_name: AxisName
     Returns:
       QTensor ``(..., out_features)``, replicated.
     """
-    from jaxquant.kernels.linear import int8_matmul_acc, pack_weight, to_uint8_activation
-
     w, bias, out_scale, out_zp = _linear_parts(linear)
     _check_divisible(linear.in_features, mesh, axis_name, f"in_features of {linear.name or 'Linear'}")
     if x.shape[-1] != linear.in_features:
@@ -406,10 +392,10 @@ def row_parallel_linear(x: QTensor, linear: Any, mesh: Mesh, axis_name: AxisName
     in_specs = (x_spec, P(axis_name, None), P(), P(), None if bias is None else P(), P(), P())
 
     def body(x2: QTensor, w_data, w_scale, w_zp, bias, out_scale, out_zp):
-        x_u8, zx = to_uint8_activation(x2.int_data, x2.zero_point)
-        partial = int8_matmul_acc(x_u8, zx, pack_weight(w_data, w_zp, "both"))
-        acc = lax.psum(partial, axis_name)
-        return _epilogue(acc, x2, w_scale, bias, linear, out_scale, out_zp)
+        # the int32 partial accumulators (zero-point terms included) are summed before the epilogue
+        return quantized_linear(x2, pack_linear(w_data, w_scale, w_zp, bias), out_scale, out_zp,
+                                out_dtype=linear.out_dtype, relu=linear.relu,
+                                reduce_accumulator=lambda acc: lax.psum(acc, axis_name)).int_data
 
     args = _placed(mesh, in_specs, (x2, w.int_data, w.scale, w.zero_point, bias, out_scale, out_zp))
     y = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=P())(*args)

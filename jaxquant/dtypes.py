@@ -21,10 +21,6 @@ class QDType:
     min: int
     max: int
 
-    @property
-    def is_signed(self) -> bool:
-        return self.min < 0
-
     def __repr__(self) -> str:
         return f"jaxquant.{self.name}"
 

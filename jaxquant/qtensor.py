@@ -45,7 +45,14 @@ class QTensor:
     ``scale`` (float32, shape ``()`` per tensor or ``(C,)`` per channel) and ``zero_point``
     (int32 with the same shape as ``scale``; float32 for ``per_channel_affine_float_qparams``).
     Metadata (static, never traced): ``dtype`` (a :class:`~jaxquant.dtypes.QDType`),
-    ``qscheme`` and ``axis`` (the channel axis, or ``None`` per tensor).
+    ``qscheme``, ``axis`` (the channel axis, or ``None`` per tensor) and ``block_size``.
+
+    Granularity is one idea, :attr:`blocks`: the size of the block of elements that shares one
+    scale/zero point, one entry per data axis. Per tensor it is the data's shape, per channel 1 on
+    ``axis`` and the full size elsewhere. Per group (``block_size`` set, from
+    :func:`quantize_per_group`; int4 weights, GPTQ/AWQ) scales and zero points have the data's rank,
+    ``shape[i] // block_size[i]`` entries along axis ``i``; ``axis`` is None. :func:`dequantize`
+    broadcasts every granularity the same way (:func:`expand_qparams`).
     """
 
     int_data: jax.Array
@@ -54,10 +61,20 @@ class QTensor:
     dtype: QDType = dataclasses.field(metadata=dict(static=True), default=quint8)
     qscheme: QScheme = dataclasses.field(metadata=dict(static=True), default=per_tensor_affine)
     axis: Optional[int] = dataclasses.field(metadata=dict(static=True), default=None)
+    block_size: Optional[tuple[int, ...]] = dataclasses.field(metadata=dict(static=True), default=None)
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.int_data.shape)
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """Elements sharing one scale along each axis (see the class docstring)."""
+        if self.block_size is not None:
+            return tuple(self.block_size)
+        if self.axis is None:
+            return self.shape
+        return tuple(1 if i == self.axis else d for i, d in enumerate(self.shape))
 
     @property
     def ndim(self) -> int:
@@ -116,6 +133,8 @@ class QTensor:
 
     def __repr__(self) -> str:
         where = "" if self.axis is None else f", axis={self.axis}"
+        if self.block_size is not None:
+            where += f", block_size={tuple(self.block_size)}"
         return f"QTensor(shape={self.shape}, dtype={self.dtype!r}, qscheme={self.qscheme!r}{where})"
 
 
@@ -300,20 +319,83 @@ def quantize_per_channel(
     return QTensor(q.astype(dtype.storage), scales, zp, dtype, per_channel_affine, axis)
 
 
+def _expand(a: jax.Array, shape: tuple[int, ...], block_size: tuple[int, ...]) -> jax.Array:
+    # per group: repeat each scale over its block (data-rank scales, so a repeat per grouped axis)
+    for i, b in enumerate(block_size):
+        if b > 1 and a.shape[i] != shape[i]:
+            a = jnp.repeat(a, b, axis=i, total_repeat_length=shape[i])
+    return a
+
+
+def expand_qparams(q: QTensor) -> tuple[jax.Array, jax.Array]:
+    """``(scale, zero_point)`` of ``q`` shaped to broadcast against ``q.int_data``, for every
+    granularity: ``()`` per tensor, 1 on all axes but ``axis`` per channel, the data's shape per
+    group. Dtypes as stored."""
+    if q.block_size is not None:
+        return (_expand(q.scale, q.shape, q.block_size), _expand(q.zero_point, q.shape, q.block_size))
+    if q.axis is None:
+        return q.scale, q.zero_point
+    bshape = _channel_shape(q.int_data.ndim, q.axis)
+    return q.scale.reshape(bshape), q.zero_point.reshape(bshape)
+
+
 def dequantize(q: QTensor) -> jax.Array:
-    """float32 ``(int_data - zero_point) * scale``, broadcast along ``q.axis`` when per channel."""
+    """float32 ``(int_data - zero_point) * scale``, the qparams broadcast by :func:`expand_qparams`."""
     if not isinstance(q, QTensor):
         raise TypeError(f"dequantize expects a QTensor, got {type(q).__name__}")
-    if q.dtype == qint32:
-        # q - zero_point can leave int32 at the range ends; float32 is what the result is anyway.
-        bshape = () if q.axis is None else _channel_shape(q.int_data.ndim, q.axis)
-        zp = q.zero_point.astype(jnp.float32).reshape(bshape)
-        return (q.int_data.astype(jnp.float32) - zp) * q.scale.reshape(bshape)
-    if q.axis is None:
-        return (q.int_data.astype(jnp.int32) - q.zero_point).astype(jnp.float32) * q.scale
-    bshape = _channel_shape(q.int_data.ndim, q.axis)
-    s = q.scale.reshape(bshape)
-    zp = q.zero_point.reshape(bshape)
-    if q.qscheme == per_channel_affine_float_qparams:
-        return (q.int_data.astype(jnp.float32) - zp) * s
+    s, zp = expand_qparams(q)
+    if q.dtype == qint32 or q.qscheme == per_channel_affine_float_qparams:
+        # qint32: q - zero_point can leave int32 at the range ends; float32 is the result anyway.
+        return (q.int_data.astype(jnp.float32) - zp.astype(jnp.float32)) * s
     return (q.int_data.astype(jnp.int32) - zp).astype(jnp.float32) * s
+
+
+def group_qparams_shape(shape: tuple[int, ...], block_size: tuple[int, ...], where: str) -> tuple[int, ...]:
+    """The scale shape ``shape[i] // block_size[i]`` of a per-group tensor; ValueError naming ``where``
+    unless every block size is positive and divides its axis."""
+    shape, block_size = tuple(int(d) for d in shape), tuple(int(b) for b in block_size)
+    if len(block_size) != len(shape) or any(b <= 0 or d % b for d, b in zip(shape, block_size)):
+        raise ValueError(f"{where}: block_size {block_size} must have one positive entry per axis of shape "
+                         f"{shape}, each dividing its axis (pad the axis to a multiple of the group size)")
+    return tuple(d // b for d, b in zip(shape, block_size))
+
+
+def quantize_per_group(
+    x: ArrayLike,
+    scales: ArrayLike,
+    zero_points: ArrayLike,
+    block_size: tuple[int, ...],
+    dtype: QDType = qint8,
+    qscheme: QScheme = per_channel_affine,
+) -> QTensor:
+    """Quantize with one scale and zero point per block (per group along an axis; torchao's
+    ``quantize_affine`` granularity), with PyTorch's per-channel rounding
+    (``round(fl(x * (1/scale)) + zero_point)``, clamped to ``dtype``'s range).
+
+    Args:
+      x: float array.
+      scales: float32 of ``x``'s rank, ``x.shape[i] // block_size[i]`` along axis ``i``.
+      zero_points: integers of the same shape.
+      block_size: elements per block along each axis, e.g. ``(32, 1)`` for a ``(K, N)`` weight with
+        groups of 32 input features per output channel.
+      dtype: the quantized dtype (its range clamps: ``qint4`` gives 4-bit integers in int8 storage).
+      qscheme: recorded as metadata (``per_channel_affine`` or ``per_channel_symmetric``).
+    Returns:
+      A per-group :class:`QTensor` (``block_size`` set, ``axis`` None).
+    """
+    _check_dtype(dtype, "quantize_per_group")
+    x = _check_float_input(x, "quantize_per_group")
+    block_size = tuple(int(b) for b in block_size)
+    qshape = group_qparams_shape(x.shape, block_size, "quantize_per_group")
+    scales = jnp.asarray(scales, jnp.float32)
+    zero_points = jnp.asarray(zero_points)
+    if scales.shape != qshape or zero_points.shape != qshape:
+        raise ValueError(f"quantize_per_group: scales and zero points must have shape {qshape} for block_size "
+                         f"{block_size} over {x.shape}, got {scales.shape} and {zero_points.shape}")
+    _check_scale(scales, "quantize_per_group")
+    _check_zero_point(zero_points, dtype, "quantize_per_group")
+    _check_finite_input(x, "quantize_per_group")
+    zero_points = zero_points.astype(jnp.int32)
+    q = _scalar_kernel_codes(x, _expand(scales, x.shape, block_size), _expand(zero_points, x.shape, block_size),
+                             dtype.min, dtype.max)
+    return QTensor(q.astype(dtype.storage), scales, zero_points, dtype, qscheme, None, block_size)

@@ -358,18 +358,6 @@ class LearnableFakeQuantize(FakeQuantizeBase):
 
     # PyTorch's mode switches, as pure functions of the state
     @staticmethod
-    def toggle_observer_update(state: LearnableFakeQuantizeState, enabled: bool = True) -> LearnableFakeQuantizeState:
-        return dataclasses.replace(state, static_enabled=_flag(enabled))
-
-    @staticmethod
-    def toggle_qparam_learning(state: LearnableFakeQuantizeState, enabled: bool = True) -> LearnableFakeQuantizeState:
-        return dataclasses.replace(state, learning_enabled=_flag(enabled))
-
-    @staticmethod
-    def toggle_fake_quant(state: LearnableFakeQuantizeState, enabled: bool = True) -> LearnableFakeQuantizeState:
-        return dataclasses.replace(state, fake_quant_enabled=_flag(enabled))
-
-    @staticmethod
     def enable_param_learning(state: LearnableFakeQuantizeState) -> LearnableFakeQuantizeState:
         """Learn scale/zero point by gradient; observer off; fake quant on."""
         return dataclasses.replace(state, learning_enabled=_flag(1), fake_quant_enabled=_flag(1),

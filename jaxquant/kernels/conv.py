@@ -29,12 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxquant.dtypes import QDType
 from jaxquant.kernels.linear import PackedWeight, int8_matmul_acc, pack_weight, to_uint8_activation
 from jaxquant.kernels.mixed_dot import dot_general_u8s8
-from jaxquant.kernels.requantize import output_multiplier, quant_range, requantize
+from jaxquant.kernels.requantize import output_multiplier, requantize
+from jaxquant.qtensor import QTensor
 
-__all__ = ["StaticConvParams", "prepack_static_conv", "refold_input_qparams", "static_conv",
-           "prepack_static_conv_transpose", "static_conv_transpose", "IM2COL_TILE_BYTES"]
+__all__ = ["PackedConv", "pack_conv", "quantized_conv", "pack_conv_transpose", "quantized_conv_transpose",
+           "IM2COL_TILE_BYTES"]
 
 Padding = Union[str, Sequence[tuple[int, int]]]
 
@@ -61,27 +63,25 @@ def _tuple(v, n: int, name: str) -> tuple[int, ...]:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class StaticConvParams:
-    """Prepacked static int8 convolution.
+class PackedConv:
+    """An int8 convolution's weight, packed once; nothing in it depends on the input or output qparams.
 
     Leaves: ``weight`` (a :class:`PackedWeight` of the ``(taps*cin, cout)`` matrix for
     "dot"/"im2col"), ``w_grouped`` (int8 ``(G, cout/G, taps*cin/G)`` for "grouped"),
-    ``w_taps`` (int32 ``(taps, cout)`` = ``w - zw`` for "depthwise"), ``offset`` int32
-    ``(cout,)``, ``bias_over_scale`` float32 ``(cout,)`` or None, ``multiplier`` float32
-    ``(cout,)``, ``x_zero_point`` / ``out_zero_point`` int32 ``()``, ``colsum`` / ``w_zero_point``
-    int32 ``(cout,)``. Everything else is static metadata.
+    ``w_taps`` (int32 ``(taps, cout)`` = ``w - zw`` for "depthwise"), ``colsum`` int32 ``(cout,)``
+    (``sum w`` over taps and input channels; for "depthwise" ``sum (w - zw)``), ``w_zero_point``
+    int32 ``(cout,)``, ``w_scale`` float32 ``(cout,)``, ``bias`` float32 ``(cout,)`` or None.
+    Static: the formulation ``kind``, the geometry (``padding`` may hold negative pairs, which crop,
+    and ``input_dilation`` > 1 inserts zero-point pixels: a transposed convolution).
     """
 
     weight: Optional[PackedWeight]
     w_grouped: Optional[jax.Array]
     w_taps: Optional[jax.Array]
-    offset: jax.Array
-    bias_over_scale: Optional[jax.Array]
-    multiplier: jax.Array
-    x_zero_point: jax.Array
-    out_zero_point: jax.Array
     colsum: jax.Array
     w_zero_point: jax.Array
+    w_scale: jax.Array
+    bias: Optional[jax.Array]
     kind: str = _field(static=True)
     kernel_size: tuple[int, ...] = _field(static=True)
     in_channels: int = _field(static=True)
@@ -91,42 +91,37 @@ class StaticConvParams:
     dilation: tuple[int, ...] = _field(static=True)
     groups: int = _field(static=True)
     has_w_zero_point: bool = _field(static=True)
-    relu: bool = _field(static=True)
-    out_dtype: str = _field(static=True)
+    input_dilation: tuple[int, ...] = _field(static=True)
 
 
-def prepack_static_conv(
+def pack_conv(
     w_int8: jax.Array,
     w_scale: jax.Array,
     w_zero_point: jax.Array,
-    bias: Optional[jax.Array],
-    x_scale: jax.Array,
-    x_zero_point: jax.Array,
-    out_scale: jax.Array,
-    out_zero_point: jax.Array,
+    bias: Optional[jax.Array] = None,
     *,
     strides: Union[int, Sequence[int]] = 1,
     padding: Padding = "VALID",
     dilation: Union[int, Sequence[int]] = 1,
     groups: int = 1,
-    relu: bool = False,
-    out_dtype=jnp.uint8,
-) -> StaticConvParams:
-    """Prepack an int8 conv weight and fold the zero-point terms (once, at convert time).
+    input_dilation: Union[int, Sequence[int]] = 1,
+    act_lhs_kn: bool = False,
+) -> PackedConv:
+    """Pack an int8 conv weight once (at convert time) for :func:`quantized_conv`.
 
     Args:
       w_int8: int8 ``(k_1, ..., k_d, cin/groups, cout)`` (flax ``nnx.Conv`` kernel layout).
       w_scale: float32 ``()`` or ``(cout,)``; w_zero_point: int32 ``()`` or ``(cout,)``.
       bias: float32 ``(cout,)`` or None.
-      x_scale, x_zero_point: static input qparams (zero point in the input's own dtype).
-      out_scale, out_zero_point: output qparams.
       strides, dilation: ints or one per spatial dim.
       padding: ``"SAME"``, ``"VALID"`` or explicit ``((lo, hi), ...)`` per spatial dim
-        (PyTorch's ``padding=p`` is ``((p, p),) * d``).
+        (PyTorch's ``padding=p`` is ``((p, p),) * d``); negative pairs crop.
       groups: feature groups; ``groups == cin`` with ``cin/groups == 1`` is depthwise.
-      relu: fused ReLU; out_dtype: ``jnp.uint8`` or ``jnp.int8``.
+      input_dilation: ints or one per spatial dim: ``s - 1`` zero-point pixels inserted between
+        input pixels (``lax.conv_transpose``'s strides; see :func:`pack_conv_transpose`).
+      act_lhs_kn: keep the dot weight untransposed (for packing inside a traced function, see
+        :class:`PackedWeight`).
     """
-    quant_range(out_dtype)
     w = jnp.asarray(w_int8)
     if w.dtype != jnp.int8 or w.ndim < 3:
         raise TypeError(f"conv weight must be int8 (k..., cin/groups, cout), got "
@@ -139,6 +134,7 @@ def prepack_static_conv(
     cin = cin_g * groups
     strides_t = _tuple(strides, nd, "strides")
     dilation_t = _tuple(dilation, nd, "dilation")
+    input_dilation_t = _tuple(input_dilation, nd, "input_dilation")
     if isinstance(padding, str):
         if padding.upper() not in ("SAME", "VALID"):
             raise ValueError(f"padding must be 'SAME', 'VALID' or explicit pairs, got {padding!r}")
@@ -147,31 +143,25 @@ def prepack_static_conv(
         padding_t = tuple((int(lo), int(hi)) for lo, hi in padding)
         if len(padding_t) != nd:
             raise ValueError(f"padding needs {nd} (lo, hi) pairs, got {padding}")
+    if (isinstance(padding_t, str) or any(s != 1 for s in strides_t)) and any(s != 1 for s in input_dilation_t):
+        raise ValueError("input_dilation needs explicit padding and strides 1 (a transposed convolution)")
     taps = int(np.prod(ks))
-    zx = jnp.asarray(x_zero_point, jnp.int32)
     zw = jnp.broadcast_to(jnp.asarray(w_zero_point, jnp.int32), (cout,))
     w32 = w.astype(jnp.int32).reshape(taps * cin_g, cout)
-    colsum = jnp.sum(w32, axis=0)
-    k_red = taps * cin_g
-    offset = k_red * zx * zw - zx * colsum
-    act_times_w, mult = output_multiplier(x_scale, w_scale, out_scale)
-    bias_over_scale = None
     if bias is not None:
         bias = jnp.asarray(bias, jnp.float32)
         if bias.shape != (cout,):
             raise ValueError(f"bias must have shape ({cout},), got {bias.shape}")
-        bias_over_scale = jnp.broadcast_to(bias / act_times_w, (cout,))
 
     weight = w_grouped = w_taps = None
     pointwise = all(k == 1 for k in ks) and all(s == 1 for s in strides_t) and (
-        padding_t in ("VALID", "SAME") or all(p == (0, 0) for p in padding_t))
+        padding_t in ("VALID", "SAME") or all(max(lo, 0) == max(hi, 0) == 0 for lo, hi in padding_t))
     if groups == 1:
         kind = "dot" if pointwise else "im2col"
-        weight = pack_weight(w.reshape(taps * cin_g, cout), zw, layouts="act_lhs")
+        weight = pack_weight(w.reshape(taps * cin_g, cout), zw, layouts="act_lhs", act_lhs_kn=act_lhs_kn)
     elif cin_g == 1 and groups == cin:
         kind = "depthwise"
         w_taps = w32 - zw  # (taps, cout)
-        offset = -zx * jnp.sum(w_taps, axis=0)
     else:
         kind = "grouped"
         cout_g = cout // groups
@@ -183,47 +173,33 @@ def prepack_static_conv(
         has_zw = bool(np.any(np.asarray(zw) != 0))
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         pass
-    return StaticConvParams(
-        weight=weight, w_grouped=w_grouped, w_taps=w_taps, offset=offset,
-        bias_over_scale=bias_over_scale,
-        multiplier=jnp.broadcast_to(mult, (cout,)).astype(jnp.float32),
-        x_zero_point=zx, out_zero_point=jnp.asarray(out_zero_point, jnp.int32),
-        colsum=colsum, w_zero_point=zw,
+    return PackedConv(
+        weight=weight, w_grouped=w_grouped, w_taps=w_taps,
+        colsum=jnp.sum(w32 if w_taps is None else w_taps, axis=0), w_zero_point=zw,
+        w_scale=jnp.broadcast_to(jnp.asarray(w_scale, jnp.float32), (cout,)), bias=bias,
         kind=kind, kernel_size=ks, in_channels=cin, out_channels=cout, strides=strides_t,
         padding=padding_t, dilation=dilation_t, groups=int(groups), has_w_zero_point=has_zw,
-        relu=bool(relu), out_dtype=np.dtype(out_dtype).name,
+        input_dilation=input_dilation_t,
     )
 
 
-def refold_input_qparams(p: StaticConvParams, x_scale: jax.Array, x_zero_point: jax.Array,
-                         w_scale: jax.Array, out_scale: jax.Array,
-                         bias: Optional[jax.Array]) -> StaticConvParams:
-    """``p`` with the terms that depend on the input's qparams recomputed (O(cout), traceable).
-
-    The quantized Conv module prepacks once and calls this per call with its input QTensor's
-    ``x_scale`` float32 ``()`` and ``x_zero_point`` int32 ``()``; ``w_scale`` float32 ``(cout,)``,
-    ``out_scale`` float32 ``()``, ``bias`` float32 ``(cout,)`` or None.
-    """
-    zx = jnp.asarray(x_zero_point).astype(jnp.int32)
+def _input_offset(p: PackedConv, zx: jax.Array) -> jax.Array:
+    """int32 ``(cout,)``: the zero-point terms ``K zx zw - zx colsum(W)`` of an input with (uint8)
+    zero point ``zx`` (for depthwise, whose taps already hold ``w - zw``: ``-zx sum(w - zw)``)."""
     if p.kind == "depthwise":
-        offset = -zx * jnp.sum(p.w_taps, axis=0)
-    else:
-        k_red = int(np.prod(p.kernel_size)) * (p.in_channels // p.groups)
-        offset = k_red * zx * p.w_zero_point - zx * p.colsum
-    act_times_w, multiplier = output_multiplier(x_scale, w_scale, out_scale)
-    return dataclasses.replace(
-        p, offset=offset, multiplier=multiplier, x_zero_point=zx,
-        bias_over_scale=None if bias is None else bias / act_times_w)
+        return -zx * p.colsum
+    k_red = int(np.prod(p.kernel_size)) * (p.in_channels // p.groups)
+    return k_red * zx * p.w_zero_point - zx * p.colsum
 
 
-def _resolve_padding(p: StaticConvParams, spatial: Sequence[int]) -> list[tuple[int, int]]:
+def _resolve_padding(p: PackedConv, spatial: Sequence[int]) -> list[tuple[int, int]]:
     if isinstance(p.padding, str):
         eff = [(k - 1) * d + 1 for k, d in zip(p.kernel_size, p.dilation)]
         return lax.padtype_to_pads(tuple(spatial), eff, p.strides, p.padding)
     return list(p.padding)
 
 
-def _taps(x_pad: jax.Array, p: StaticConvParams, out_sp: Sequence[int]):
+def _taps(x_pad: jax.Array, p: PackedConv, out_sp: Sequence[int]):
     """Yield, per kernel tap (row-major over kernel dims), the strided input slice
     ``(N, *out_sp, C)`` that the tap multiplies."""
     nd = len(p.kernel_size)
@@ -234,7 +210,7 @@ def _taps(x_pad: jax.Array, p: StaticConvParams, out_sp: Sequence[int]):
         yield lax.slice(x_pad, start, limit, [1] + list(p.strides) + [1])
 
 
-def _conv_acc(x_pad: jax.Array, zx: jax.Array, offset: jax.Array, p: StaticConvParams,
+def _conv_acc(x_pad: jax.Array, zx: jax.Array, offset: jax.Array, p: PackedConv,
               out_sp: Sequence[int]) -> jax.Array:
     """int32 accumulator ``(N, *out_sp, cout)`` of one batch tile (x_pad uint8, padded)."""
     n = x_pad.shape[0]
@@ -282,29 +258,40 @@ def _batch_tile(n: int, bytes_per_image: int) -> int:
     return best
 
 
-def static_conv(x_q: jax.Array, params: StaticConvParams) -> jax.Array:
-    """Static int8 convolution, channels last.
+def quantized_conv(x: QTensor, packed: PackedConv, out_scale: jax.Array, out_zero_point: jax.Array, *,
+                   out_dtype: QDType, relu: bool = False) -> QTensor:
+    """Static int8 convolution (or transposed convolution, see :func:`pack_conv_transpose`), channels
+    last, PyTorch's x86 ``quantized::conv{1,2,3}d`` (fbgemm's output pipeline).
+
+    Padding is done with the input's zero point (real 0), so padded taps contribute exactly 0; the
+    terms that depend on the input's qparams (O(cout)) are folded per call.
 
     Args:
-      x_q: uint8 or int8 ``(N, *spatial, cin)`` quantized with the prepacked input qparams.
-      params: from :func:`prepack_static_conv`.
+      x: per-tensor QTensor ``(N, *spatial, cin)``, uint8 or int8 data.
+      packed: from :func:`pack_conv` or :func:`pack_conv_transpose`.
+      out_scale, out_zero_point: float32 ``()`` / int32 ``()`` output qparams.
+      out_dtype: ``quint8`` or ``qint8``; relu: fused ReLU.
 
     Returns:
-      ``(N, *out_spatial, cout)`` of ``params.out_dtype``.
+      QTensor ``(N, *out_spatial, cout)`` of ``out_dtype``.
     """
-    p = params
+    p = packed
     nd = len(p.kernel_size)
-    if x_q.ndim != nd + 2 or x_q.shape[-1] != p.in_channels:
-        raise ValueError(f"static_conv expects (N, {nd} spatial dims, {p.in_channels}) input, "
-                         f"got shape {x_q.shape}")
-    offset = p.offset
-    if x_q.dtype == jnp.int8:
-        k_red = int(np.prod(p.kernel_size)) * (p.in_channels // p.groups)
-        if p.kind == "depthwise":
-            offset = offset - 128 * jnp.sum(p.w_taps, axis=0)
-        else:
-            offset = offset + 128 * (k_red * p.w_zero_point - p.colsum)
-    x_u8, zx = to_uint8_activation(x_q, p.x_zero_point)
+    if x.axis is not None:
+        raise ValueError("quantized_conv: activations must be quantized per tensor, got a per-channel QTensor")
+    if x.ndim != nd + 2 or x.shape[-1] != p.in_channels:
+        raise ValueError(f"quantized_conv expects (N, {nd} spatial dims, {p.in_channels}) input, "
+                         f"got shape {x.shape}")
+    x_u8, zx = to_uint8_activation(x.int_data, x.zero_point)
+    pads = None if isinstance(p.padding, str) else p.padding
+    if any(s > 1 for s in p.input_dilation) or (pads and any(lo < 0 or hi < 0 for lo, hi in pads)):
+        # interior padding inserts stride-1 copies of the zero point (real 0); negative pads crop
+        x_u8 = lax.pad(x_u8, zx.astype(jnp.uint8), [(0, 0, 0)] + [
+            (min(lo, 0), min(hi, 0), s - 1) for (lo, hi), s in zip(pads, p.input_dilation)] + [(0, 0, 0)])
+        p = dataclasses.replace(p, padding=tuple((max(lo, 0), max(hi, 0)) for lo, hi in pads))
+    offset = _input_offset(p, zx)
+    act_times_w, multiplier = output_multiplier(x.scale, p.w_scale, out_scale)
+    bias_over_scale = None if p.bias is None else p.bias / act_times_w
     if p.kind != "dot":
         # Every tap slice reads the input; without the barrier XLA fuses the producer (the quantize
         # of a QuantStub, or the previous layer's requantize) into each slice and recomputes it
@@ -315,7 +302,7 @@ def static_conv(x_q: jax.Array, params: StaticConvParams) -> jax.Array:
     out_sp = [(s + lo + hi - ((k - 1) * d + 1)) // st + 1 for s, (lo, hi), k, d, st in
               zip(spatial, pads, p.kernel_size, p.dilation, p.strides)]
     if any(o <= 0 for o in out_sp):
-        raise ValueError(f"static_conv: input spatial {tuple(spatial)} is smaller than the "
+        raise ValueError(f"quantized_conv: input spatial {tuple(spatial)} is smaller than the "
                          f"dilated kernel {p.kernel_size} (dilation {p.dilation})")
     n = x_u8.shape[0]
 
@@ -326,9 +313,10 @@ def static_conv(x_q: jax.Array, params: StaticConvParams) -> jax.Array:
             xt = lax.pad(xt, zx.astype(jnp.uint8), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads]
                          + [(0, 0, 0)])
         acc = _conv_acc(xt, zx, offset, p, out_sp)
-        return requantize(acc, p.multiplier, p.out_zero_point,
-                          bias_over_scale=p.bias_over_scale, relu=p.relu, out_dtype=p.out_dtype)
+        return requantize(acc, multiplier, out_zero_point, bias_over_scale=bias_over_scale, relu=relu,
+                          out_dtype=out_dtype.storage)
 
+    y = None
     if p.kind in ("dot", "im2col", "grouped"):
         # Per image: the uint8 im2col and the int32 accumulator the dot writes and the epilogue reads.
         im2col_row = 0 if p.kind == "dot" else int(np.prod(p.kernel_size)) * (p.in_channels // p.groups) * (
@@ -336,42 +324,37 @@ def static_conv(x_q: jax.Array, params: StaticConvParams) -> jax.Array:
         per_image = int(np.prod(out_sp)) * (im2col_row + 4 * p.out_channels)
         tile = _batch_tile(n, per_image)
         if tile is not n and tile < n:
-            xt = x_u8.reshape(n // tile, tile, *x_u8.shape[1:])
-            y = lax.map(body, xt)
-            return y.reshape(n, *y.shape[2:])
-    return body(x_u8)
+            y = lax.map(body, x_u8.reshape(n // tile, tile, *x_u8.shape[1:]))
+            y = y.reshape(n, *y.shape[2:])
+    if y is None:
+        y = body(x_u8)
+    return QTensor(y, out_scale, out_zero_point, out_dtype)
 
 
 # -------------------------------------------------------------------- transposed conv
 
 
-def prepack_static_conv_transpose(
+def pack_conv_transpose(
     w_int8: jax.Array,
     w_scale: jax.Array,
     w_zero_point: jax.Array,
-    bias: Optional[jax.Array],
-    x_scale: jax.Array,
-    x_zero_point: jax.Array,
-    out_scale: jax.Array,
-    out_zero_point: jax.Array,
+    bias: Optional[jax.Array] = None,
     *,
     strides: Union[int, Sequence[int]] = 1,
     padding: Union[int, Sequence[int]] = 0,
     output_padding: Union[int, Sequence[int]] = 0,
     dilation: Union[int, Sequence[int]] = 1,
     groups: int = 1,
-    relu: bool = False,
-    out_dtype=jnp.uint8,
-) -> tuple[StaticConvParams, tuple[int, ...]]:
-    """Prepack a transposed conv with PyTorch ``ConvTranspose{1,2,3}d`` semantics.
+) -> PackedConv:
+    """Pack a transposed conv with PyTorch ``ConvTranspose{1,2,3}d`` semantics for
+    :func:`quantized_conv_transpose`.
 
     ``w_int8`` is int8 ``(k..., cin, cout/groups)``: PyTorch's ``(cin, cout/groups, k...)``
     with the kernel dims moved first. ``padding``/``output_padding`` are PyTorch's ints.
-    Returns ``(params, strides)``; pass both to :func:`static_conv_transpose`.
 
     Formulation: dilate the input by ``strides`` (filling with the input zero point), pad by
     ``dilation*(k-1) - padding`` (+ ``output_padding`` at the end), and run the stride-1
-    static conv with the spatially flipped kernel.
+    int8 conv with the spatially flipped kernel (:func:`pack_conv` with ``input_dilation``).
     """
     w = jnp.asarray(w_int8)
     if w.dtype != jnp.int8 or w.ndim < 3:
@@ -379,11 +362,10 @@ def prepack_static_conv_transpose(
                         f"{w.dtype}{tuple(w.shape)}")
     nd = w.ndim - 2
     ks = w.shape[:nd]
-    cin, cout_g = int(w.shape[-2]), int(w.shape[-1])
+    cin = int(w.shape[-2])
     if cin % groups:
         raise ValueError(f"in channels {cin} not divisible by groups={groups}")
     cin_g = cin // groups
-    strides_t = _tuple(strides, nd, "strides")
     pad_t = _tuple(padding, nd, "padding")
     opad_t = _tuple(output_padding, nd, "output_padding")
     dil_t = _tuple(dilation, nd, "dilation")
@@ -392,31 +374,16 @@ def prepack_static_conv_transpose(
     wc = jnp.concatenate([wf[..., g * cin_g:(g + 1) * cin_g, :] for g in range(groups)], axis=-1)
     pads = tuple((d * (k - 1) - p, d * (k - 1) - p + op)
                  for k, p, op, d in zip(ks, pad_t, opad_t, dil_t))
-    params = prepack_static_conv(
-        wc, w_scale, w_zero_point, bias, x_scale, x_zero_point, out_scale, out_zero_point,
-        strides=1, padding=pads, dilation=dil_t, groups=groups, relu=relu, out_dtype=out_dtype)
-    return params, strides_t
+    return pack_conv(wc, w_scale, w_zero_point, bias, strides=1, padding=pads, dilation=dil_t, groups=groups,
+                     input_dilation=_tuple(strides, nd, "strides"))
 
 
-def static_conv_transpose(x_q: jax.Array, params: StaticConvParams,
-                          strides: Sequence[int]) -> jax.Array:
-    """Static int8 transposed convolution, channels last.
+def quantized_conv_transpose(x: QTensor, packed: PackedConv, out_scale: jax.Array, out_zero_point: jax.Array,
+                             *, out_dtype: QDType, relu: bool = False) -> QTensor:
+    """Static int8 transposed convolution, channels last: :func:`quantized_conv` of a
+    :func:`pack_conv_transpose` weight.
 
-    ``x_q``: uint8/int8 ``(N, *spatial, cin)``; returns ``(N, *out_spatial, cout)`` with
+    ``x``: per-tensor QTensor ``(N, *spatial, cin)``; returns ``(N, *out_spatial, cout)`` with
     ``out = (in - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1``.
     """
-    nd = len(strides)
-    if any(s > 1 for s in strides):
-        zx = jnp.asarray(params.x_zero_point).astype(x_q.dtype)
-        # interior padding inserts stride-1 copies of the zero point (real 0) between pixels
-        x_q = lax.pad(x_q, zx, [(0, 0, 0)] + [(0, 0, s - 1) for s in strides] + [(0, 0, 0)])
-    # negative explicit pads (padding > dilation*(k-1)) crop; lax.pad handles both signs
-    pads = params.padding
-    if any(lo < 0 or hi < 0 for lo, hi in pads):
-        zx = jnp.asarray(params.x_zero_point).astype(x_q.dtype)
-        x_q = lax.pad(x_q, zx, [(0, 0, 0)] + [(min(lo, 0), min(hi, 0), 0) for lo, hi in pads]
-                      + [(0, 0, 0)])
-        params = dataclasses.replace(params, padding=tuple((max(lo, 0), max(hi, 0))
-                                                           for lo, hi in pads))
-    del nd
-    return static_conv(x_q, params)
+    return quantized_conv(x, packed, out_scale, out_zero_point, out_dtype=out_dtype, relu=relu)

@@ -22,20 +22,22 @@ uint8 (``x ^ 0x80``, zero point + 128) so the VNNI path is always used.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxquant.choose_qparams import choose_qparams_from_min_max
+from jaxquant.dtypes import QDType
 from jaxquant.kernels.mixed_dot import dot_general_u8s8
-from jaxquant.kernels.requantize import (dequantize_accumulator, output_multiplier, quant_range,
-                                         requantize)
+from jaxquant.kernels.requantize import dequantize_accumulator, output_multiplier, requantize
+from jaxquant.qtensor import QTensor
 
 __all__ = [
-    "StaticLinearParams", "DynamicLinearParams", "prepack_static_linear", "static_linear",
-    "prepack_dynamic_linear", "dynamic_linear", "WEIGHT_LHS_MAX_M", "int8_matmul_acc",
+    "PackedWeight", "PackedLinear", "pack_weight", "pack_linear", "quantized_linear",
+    "quantized_linear_dynamic", "choose_activation_qparams", "WEIGHT_LHS_MAX_M", "int8_matmul_acc",
     "to_uint8_activation",
 ]
 
@@ -58,10 +60,12 @@ def _field(static: bool = False):
 class PackedWeight:
     """An int8 weight of logical shape (K, N) in the layouts the dot kernels want.
 
-    ``w_act_lhs``: int8 ``(N, K)`` or None; ``w_weight_lhs``: uint8 ``(N + 1, K)`` holding
-    ``w + 128`` and a last row of ones, or None. ``colsum``: int32 ``(N,)`` = ``sum_k w[k, n]``;
-    ``w_zero_point``: int32 ``(N,)``. ``has_w_zero_point`` is static: False skips the
-    ``zw * rowsum(x)`` term.
+    ``w_act_lhs``: int8 ``(N, K)`` (or ``(K, N)`` when ``act_lhs_kn``) or None; ``w_weight_lhs``:
+    uint8 ``(N + 1, K)`` holding ``w + 128`` and a last row of ones, or None. ``colsum``: int32
+    ``(N,)`` = ``sum_k w[k, n]``; ``w_zero_point``: int32 ``(N,)``. ``has_w_zero_point`` is static:
+    False skips the ``zw * rowsum(x)`` term. ``act_lhs_kn`` is static: the act-LHS weight kept in the
+    flax ``(K, N)`` layout, for weights packed inside a traced function (Linen's ``apply``), where a
+    transpose would be folded into the dot by XLA, which then upcasts both operands to s32.
     """
 
     w_act_lhs: Optional[jax.Array]
@@ -71,6 +75,7 @@ class PackedWeight:
     in_features: int = _field(static=True)
     out_features: int = _field(static=True)
     has_w_zero_point: bool = _field(static=True)
+    act_lhs_kn: bool = dataclasses.field(default=False, metadata={"static": True})
 
     def choose_layout(self, m: int, layout: Optional[Layout] = None) -> Layout:
         if layout is None:
@@ -88,12 +93,15 @@ class PackedWeight:
         return layout
 
 
-def pack_weight(w_int8: jax.Array, w_zero_point, layouts: Layouts = "both") -> PackedWeight:
+def pack_weight(w_int8: jax.Array, w_zero_point, layouts: Layouts = "both", *,
+                act_lhs_kn: bool = False) -> PackedWeight:
     """Pack an int8 ``(K, N)`` weight (flax layout) for :func:`int8_matmul_acc`.
 
     ``w_zero_point`` is int32 ``()`` or ``(N,)``. ``layouts`` picks which stored copies to
     keep: ``"both"`` (fastest at every M, 2 bytes per weight), or one of them (1 byte per
     weight; ``"weight_lhs"`` alone costs ~15 % at M >= 256, ``"act_lhs"`` alone ~2x at M = 1).
+    ``act_lhs_kn`` keeps the act-LHS copy untransposed (see :class:`PackedWeight`); it needs
+    ``layouts="act_lhs"``.
     """
     w = jnp.asarray(w_int8)
     if w.dtype != jnp.int8 or w.ndim != 2:
@@ -105,12 +113,18 @@ def pack_weight(w_int8: jax.Array, w_zero_point, layouts: Layouts = "both") -> P
                          f"split the contraction into chunks of at most {MAX_K}")
     if layouts not in ("both", "weight_lhs", "act_lhs"):
         raise ValueError(f"layouts must be 'both', 'weight_lhs' or 'act_lhs', got {layouts!r}")
+    if act_lhs_kn and layouts != "act_lhs":
+        raise ValueError("act_lhs_kn=True packs only the act-LHS layout; pass layouts='act_lhs'")
     zw = jnp.broadcast_to(jnp.asarray(w_zero_point, jnp.int32), (n,))
     has_zw = True
     try:
         has_zw = bool(np.any(np.asarray(zw) != 0))
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         pass  # traced zero point: keep the general path
+    if act_lhs_kn:
+        return PackedWeight(w_act_lhs=w, w_weight_lhs=None, colsum=jnp.sum(w.astype(jnp.int32), axis=0),
+                            w_zero_point=zw, in_features=int(k), out_features=int(n),
+                            has_w_zero_point=has_zw, act_lhs_kn=True)
     wt = w.T
     return PackedWeight(
         w_act_lhs=wt if layouts in ("both", "act_lhs") else None,
@@ -167,7 +181,7 @@ def int8_matmul_acc(x_u8: jax.Array, x_zero_point: jax.Array, pw: PackedWeight, 
         offset = offset + (128 * pw.colsum + 16384 * k)
         row_coeff = 128 if row_coeff is None else row_coeff + 128
     else:
-        acc = dot_general_u8s8(x_u8, pw.w_act_lhs, (((1,), (1,)), ((), ())))
+        acc = dot_general_u8s8(x_u8, pw.w_act_lhs, (((1,), (0 if pw.act_lhs_kn else 1,)), ((), ())))
         rowsum = None
         if row_coeff is not None:
             rowsum = jnp.sum(x_u8.astype(jnp.int32), axis=1, keepdims=True)
@@ -177,159 +191,104 @@ def int8_matmul_acc(x_u8: jax.Array, x_zero_point: jax.Array, pw: PackedWeight, 
     return acc
 
 
-# ----------------------------------------------------------------------------- static
+# ------------------------------------------------------------------------ the linear ops
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class StaticLinearParams:
-    """Prepacked static int8 linear. Arrays are leaves; flags are static metadata.
-
-    ``offset``: int32 ``(N,)`` = ``K zx zw - zx colsum(W)`` for a uint8 input with zero
-    point ``x_zero_point``; ``bias_over_scale``: float32 ``(N,)`` = ``bias / (x_scale w_scale)``
-    or None; ``multiplier``: float32 ``(N,)``; ``out_zero_point``: int32 ``()``.
-    """
+class PackedLinear:
+    """An int8 linear layer's weight, packed once: :class:`PackedWeight`, float32 ``w_scale (N,)``
+    and float32 ``bias (N,)`` or None. Nothing in it depends on the input or output qparams."""
 
     weight: PackedWeight
-    offset: jax.Array
-    bias_over_scale: Optional[jax.Array]
-    multiplier: jax.Array
-    x_zero_point: jax.Array
-    out_zero_point: jax.Array
-    relu: bool = _field(static=True)
-    out_dtype: str = _field(static=True)
+    w_scale: jax.Array
+    bias: Optional[jax.Array]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.out_features
 
 
-def prepack_static_linear(
-    w_int8: jax.Array,
-    w_scale: jax.Array,
-    w_zero_point: jax.Array,
-    bias: Optional[jax.Array],
-    x_scale: jax.Array,
-    x_zero_point: jax.Array,
-    out_scale: jax.Array,
-    out_zero_point: jax.Array,
-    *,
-    relu: bool = False,
-    out_dtype=jnp.uint8,
-    layouts: Layouts = "both",
-) -> StaticLinearParams:
-    """Fold everything that does not depend on the activations, once, at convert time.
+def pack_linear(w_int8: jax.Array, w_scale: jax.Array, w_zero_point: jax.Array,
+                bias: Optional[jax.Array] = None, *, layouts: Layouts = "both",
+                act_lhs_kn: bool = False) -> PackedLinear:
+    """Pack an int8 linear weight once (at convert time) for :func:`quantized_linear` and
+    :func:`quantized_linear_dynamic`.
 
     Args:
       w_int8: int8 ``(K, N)`` (flax ``nnx.Linear`` kernel layout).
       w_scale: float32 ``()`` per tensor or ``(N,)`` per output channel.
       w_zero_point: int32 ``()`` or ``(N,)`` (usually 0).
       bias: float32 ``(N,)`` or None.
-      x_scale, x_zero_point: the input's static qparams (``x_zero_point`` in the input's own
-        dtype: ``[0, 255]`` for uint8 input, ``[-128, 127]`` for int8 input).
-      out_scale, out_zero_point: the output's qparams.
-      relu: fuse a ReLU (clamp at the output zero point).
-      out_dtype: ``jnp.uint8`` or ``jnp.int8``.
-      layouts: which weight copies to store (see :func:`pack_weight`).
+      layouts, act_lhs_kn: which weight copies to store (see :func:`pack_weight`).
     """
-    quant_range(out_dtype)  # validates
-    pw = pack_weight(w_int8, w_zero_point, layouts)
-    k, n = pw.in_features, pw.out_features
-    zx = jnp.asarray(x_zero_point, jnp.int32)
-    if zx.ndim != 0:
-        raise ValueError(f"x_zero_point must be a scalar for a static linear, got shape {zx.shape}")
-    act_times_w, mult = output_multiplier(x_scale, w_scale, out_scale)
-    bias_over_scale = None
-    if bias is not None:
-        bias = jnp.asarray(bias, jnp.float32)
-        if bias.shape != (n,):
-            raise ValueError(f"bias must have shape ({n},), got {bias.shape}")
-        bias_over_scale = jnp.broadcast_to(bias / act_times_w, (n,))
-    return StaticLinearParams(
-        weight=pw,
-        offset=k * zx * pw.w_zero_point - zx * pw.colsum,
-        bias_over_scale=bias_over_scale,
-        multiplier=jnp.broadcast_to(mult, (n,)).astype(jnp.float32),
-        x_zero_point=zx,
-        out_zero_point=jnp.asarray(out_zero_point, jnp.int32),
-        relu=bool(relu), out_dtype=np.dtype(out_dtype).name,
-    )
-
-
-def static_linear(x_q: jax.Array, params: StaticLinearParams, *,
-                  layout: Optional[Layout] = None) -> jax.Array:
-    """Quantized linear with static activation qparams.
-
-    Args:
-      x_q: uint8 or int8 ``(..., K)`` quantized with the ``x_scale``/``x_zero_point`` given
-        to :func:`prepack_static_linear`.
-      params: from :func:`prepack_static_linear`.
-      layout: force ``"weight_lhs"`` or ``"act_lhs"`` (default: by row count).
-
-    Returns:
-      ``(..., N)`` of ``params.out_dtype``.
-    """
-    pw = params.weight
-    if x_q.shape[-1] != pw.in_features:
-        raise ValueError(f"static_linear: input has {x_q.shape[-1]} features, the weight "
-                         f"expects {pw.in_features}")
-    lead = x_q.shape[:-1]
-    x2 = x_q.reshape(-1, pw.in_features)
-    offset = params.offset
-    if x2.dtype == jnp.int8:
-        # zero point was given in the int8 domain: the uint8 shift adds 128 to it
-        offset = offset + 128 * (pw.in_features * pw.w_zero_point - pw.colsum)
-    x_u8, zx = to_uint8_activation(x2, params.x_zero_point)
-    acc = int8_matmul_acc(x_u8, zx, pw, offset=offset, layout=layout)
-    y = requantize(acc, params.multiplier, params.out_zero_point,
-                   bias_over_scale=params.bias_over_scale, relu=params.relu,
-                   out_dtype=params.out_dtype)
-    return y.reshape(*lead, pw.out_features)
-
-
-# ---------------------------------------------------------------------------- dynamic
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DynamicLinearParams:
-    """Prepacked dynamic int8 linear: packed weight, float32 ``w_scale (N,)``, ``bias (N,)``."""
-
-    weight: PackedWeight
-    w_scale: jax.Array
-    bias: Optional[jax.Array]
-
-
-def prepack_dynamic_linear(
-    w_int8: jax.Array,
-    w_scale: jax.Array,
-    w_zero_point: jax.Array,
-    bias: Optional[jax.Array],
-    *,
-    layouts: Layouts = "both",
-) -> DynamicLinearParams:
-    """Prepack an int8 ``(K, N)`` weight with float32 ``w_scale`` / int32 ``w_zero_point``
-    (``()`` or ``(N,)``) and float32 ``bias (N,)`` or None for :func:`dynamic_linear`."""
-    pw = pack_weight(w_int8, w_zero_point, layouts)
+    pw = pack_weight(w_int8, w_zero_point, layouts, act_lhs_kn=act_lhs_kn)
     n = pw.out_features
     if bias is not None:
         bias = jnp.asarray(bias, jnp.float32)
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},), got {bias.shape}")
-    return DynamicLinearParams(
-        weight=pw, w_scale=jnp.broadcast_to(jnp.asarray(w_scale, jnp.float32), (n,)), bias=bias)
+    return PackedLinear(weight=pw, w_scale=jnp.broadcast_to(jnp.asarray(w_scale, jnp.float32), (n,)),
+                        bias=bias)
+
+
+def _flat_input(x: jax.Array, packed: PackedLinear, op: str) -> jax.Array:
+    if x.shape[-1] != packed.in_features:
+        raise ValueError(f"{op}: input has {x.shape[-1]} features, the weight expects {packed.in_features}")
+    return x.reshape(-1, packed.in_features)
+
+
+def quantized_linear(x: QTensor, packed: PackedLinear, out_scale: jax.Array, out_zero_point: jax.Array, *,
+                     out_dtype: QDType, relu: bool = False, layout: Optional[Layout] = None,
+                     reduce_accumulator: Optional[Callable[[jax.Array], jax.Array]] = None) -> QTensor:
+    """Static int8 linear, PyTorch's x86 ``quantized::linear`` (fbgemm's output pipeline).
+
+    The input's qparams come with ``x`` per call; the zero-point terms and the output multiplier
+    that depend on them are folded here, inside the fused epilogue (O(N) work).
+
+    Args:
+      x: per-tensor QTensor ``(..., K)``, uint8 or int8 data.
+      packed: from :func:`pack_linear`.
+      out_scale, out_zero_point: float32 ``()`` / int32 ``()`` output qparams.
+      out_dtype: ``quint8`` or ``qint8``.
+      relu: fuse a ReLU (clamp at the output zero point).
+      layout: force ``"weight_lhs"`` or ``"act_lhs"`` (default: by row count).
+      reduce_accumulator: applied to the exact int32 accumulator ``(M, N)`` before the epilogue, e.g.
+        ``lambda acc: lax.psum(acc, axis)`` for a contraction split over devices.
+
+    Returns:
+      QTensor ``(..., N)`` of ``out_dtype`` with the given output qparams.
+    """
+    if x.axis is not None:
+        raise ValueError("quantized_linear: activations must be quantized per tensor, got a per-channel QTensor")
+    x_u8, zx = to_uint8_activation(_flat_input(x.int_data, packed, "quantized_linear"), x.zero_point)
+    acc = int8_matmul_acc(x_u8, zx, packed.weight, layout=layout)
+    if reduce_accumulator is not None:
+        acc = reduce_accumulator(acc)
+    act_times_w, multiplier = output_multiplier(x.scale, packed.w_scale, out_scale)
+    y = requantize(acc, multiplier, out_zero_point,
+                   bias_over_scale=None if packed.bias is None else packed.bias / act_times_w,
+                   relu=relu, out_dtype=out_dtype.storage)
+    return QTensor(y.reshape(*x.shape[:-1], packed.out_features), out_scale, out_zero_point, out_dtype)
 
 
 def choose_activation_qparams(x2: jax.Array, *, reduce_range: bool, per_token: bool):
     """fbgemm's dynamic activation qparams: min/max (with 0) -> ChooseQuantizationParams over
     ``[0, 255]`` (``[0, 127]`` with ``reduce_range``). ``x2`` is float32 ``(M, K)``; returns
     float32 scale and int32 zero point of shape ``()`` or, per token, ``(M, 1)``."""
-    from jaxquant.choose_qparams import choose_qparams_from_min_max
     axis = 1 if per_token else None
     lo = jnp.min(x2, axis=axis, keepdims=per_token)
     hi = jnp.max(x2, axis=axis, keepdims=per_token)
     return choose_qparams_from_min_max(lo, hi, 0, 255, reduce_range)
 
 
-def dynamic_linear(x: jax.Array, params: DynamicLinearParams, *, reduce_range: bool = True,
-                   per_token: bool = False, relu: bool = False,
-                   layout: Optional[Layout] = None) -> jax.Array:
+def quantized_linear_dynamic(x: jax.Array, packed: PackedLinear, *, reduce_range: bool = True,
+                             per_token: bool = False, relu: bool = False,
+                             layout: Optional[Layout] = None) -> jax.Array:
     """Dynamically quantized linear, PyTorch's fbgemm ``quantized::linear_dynamic``.
 
     The activation is quantized per call to uint8 with qparams from its own min/max (one
@@ -338,7 +297,7 @@ def dynamic_linear(x: jax.Array, params: DynamicLinearParams, *, reduce_range: b
 
     Args:
       x: float32 ``(..., K)`` (other float dtypes are cast).
-      params: from :func:`prepack_dynamic_linear`.
+      packed: from :func:`pack_linear`.
       reduce_range: quantize to ``[0, 127]`` as PyTorch's x86 engine does by default.
       per_token: one scale/zero point per row of ``x`` (not in PyTorch; more accurate).
       relu: fused ReLU on the float output.
@@ -347,17 +306,10 @@ def dynamic_linear(x: jax.Array, params: DynamicLinearParams, *, reduce_range: b
     Returns:
       float32 ``(..., N)``.
     """
-    pw = params.weight
-    if x.shape[-1] != pw.in_features:
-        raise ValueError(f"dynamic_linear: input has {x.shape[-1]} features, the weight "
-                         f"expects {pw.in_features}")
-    lead = x.shape[:-1]
-    x2 = jnp.asarray(x, jnp.float32).reshape(-1, pw.in_features)
+    x2 = _flat_input(jnp.asarray(x, jnp.float32), packed, "quantized_linear_dynamic")
     scale, zp = choose_activation_qparams(x2, reduce_range=reduce_range, per_token=per_token)
     qmax = 127 if reduce_range else 255
     q = jnp.clip(jnp.round(x2 * (jnp.float32(1.0) / scale)) + zp.astype(jnp.float32), 0, qmax)
-    x_u8 = q.astype(jnp.uint8)
-    acc = int8_matmul_acc(x_u8, zp, pw, layout=layout)
-    act_times_w = scale * params.w_scale
-    y = dequantize_accumulator(acc, act_times_w, params.bias, relu=relu)
-    return y.reshape(*lead, pw.out_features)
+    acc = int8_matmul_acc(q.astype(jnp.uint8), zp, packed.weight, layout=layout)
+    y = dequantize_accumulator(acc, scale * packed.w_scale, packed.bias, relu=relu)
+    return y.reshape(*x.shape[:-1], packed.out_features)

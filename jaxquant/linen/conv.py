@@ -1,7 +1,7 @@
 """Float and int8 forward passes of ``nn.Conv`` (1-D/2-D/3-D, grouped, depthwise) and
 ``nn.ConvTranspose``, channels last.
 
-The int8 convolution is :func:`jaxquant.kernels.conv.static_conv` (im2col / 1x1 dot / depthwise taps /
+The int8 convolution is :func:`jaxquant.kernels.conv.quantized_conv` (im2col / 1x1 dot / depthwise taps /
 grouped dot chosen from the static shapes), the arithmetic of :class:`jaxquant.nn.quantized.Conv`.
 A transposed convolution is run as JAX's ``lax.conv_transpose`` defines it: the input dilated by the
 strides (filled with the input zero point, i.e. real 0), padded, and convolved at stride 1.
@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxquant.kernels.conv import prepack_static_conv, static_conv
+from jaxquant.dtypes import QDType
+from jaxquant.kernels.conv import pack_conv, quantized_conv
 from jaxquant.qtensor import QTensor
 
 
@@ -45,6 +46,15 @@ def _batched(x: jax.Array, nd: int) -> tuple[jax.Array, tuple[int, ...]]:
     return x.reshape((-1,) + x.shape[x.ndim - (nd + 1):]), batch
 
 
+def _batched_int8(xq: QTensor, packed: Any, qp: dict, out_dtype: QDType) -> QTensor:
+    """:func:`jaxquant.kernels.conv.quantized_conv` over ``(*batch, *spatial, C)`` (Linen allows any
+    number of batch dims, or none)."""
+    x, batch = _batched(xq.int_data, len(packed.kernel_size))
+    y = quantized_conv(QTensor(x, xq.scale, xq.zero_point, xq.dtype), packed, qp["output_scale"],
+                       qp["output_zero_point"], out_dtype=out_dtype)
+    return QTensor(y.int_data.reshape(batch + y.shape[1:]), y.scale, y.zero_point, y.dtype)
+
+
 class ConvLayer:
     """``nn.Conv``: kernel ``(*k, C_in/groups, C_out)``, bias ``(C_out,)``."""
 
@@ -70,18 +80,15 @@ class ConvLayer:
             raise ValueError(f"'{path}': masked convolutions have no int8 kernel; keep this conv float (qconfig None)")
         conv_padding(g, path)
 
-    def int8_apply(self, module: Any, path: str, xq: QTensor, qp: dict, out_storage) -> jax.Array:
+    def int8_apply(self, module: Any, path: str, xq: QTensor, qp: dict, out_dtype: QDType) -> QTensor:
         from jaxquant.nn.quantized.conv import conv_padding
 
         g = conv_geometry(module)
         self.check_module(module, path)
-        x, batch = _batched(xq.int_data, len(g.kernel_size))
-        p = prepack_static_conv(
-            qp["weight_int"], qp["weight_scale"], qp["weight_zero_point"], qp.get("bias"), xq.scale, xq.zero_point,
-            qp["output_scale"], qp["output_zero_point"], strides=g.strides, padding=conv_padding(g, path),
-            dilation=g.kernel_dilation, groups=g.feature_group_count, out_dtype=out_storage)
-        y = static_conv(x, p)
-        return y.reshape(batch + y.shape[1:])
+        packed = pack_conv(qp["weight_int"], qp["weight_scale"], qp["weight_zero_point"], qp.get("bias"),
+                           strides=g.strides, padding=conv_padding(g, path), dilation=g.kernel_dilation,
+                           groups=g.feature_group_count, act_lhs_kn=True)
+        return _batched_int8(xq, packed, qp, out_dtype)
 
 
 def conv_transpose_padding(k: int, s: int, padding: Any) -> tuple[int, int]:
@@ -143,18 +150,10 @@ class ConvTransposeLayer:
         y = y.reshape(batch + y.shape[1:])
         return y if bias is None else y + bias
 
-    def int8_apply(self, module: Any, path: str, xq: QTensor, qp: dict, out_storage) -> jax.Array:
+    def int8_apply(self, module: Any, path: str, xq: QTensor, qp: dict, out_dtype: QDType) -> QTensor:
         w = qp["weight_int"]
-        nd = w.ndim - 2
-        pads, strides, dil = self._pads(module, path, w.shape[:nd])
-        x, batch = _batched(xq.int_data, nd)
-        zx = xq.zero_point.astype(x.dtype)
-        # interior padding inserts stride-1 copies of the zero point (real 0); negative pads crop
-        x = lax.pad(x, zx, [(0, 0, 0)] + [(min(lo, 0), min(hi, 0), s - 1) for (lo, hi), s in zip(pads, strides)]
-                    + [(0, 0, 0)])
-        p = prepack_static_conv(
-            w, qp["weight_scale"], qp["weight_zero_point"], qp.get("bias"), xq.scale, xq.zero_point,
-            qp["output_scale"], qp["output_zero_point"], strides=1,
-            padding=tuple((max(lo, 0), max(hi, 0)) for lo, hi in pads), dilation=dil, groups=1, out_dtype=out_storage)
-        y = static_conv(x, p)
-        return y.reshape(batch + y.shape[1:])
+        pads, strides, dil = self._pads(module, path, w.shape[:w.ndim - 2])
+        # lax.conv_transpose: the input dilated by the strides (zero-point pixels), padded, stride-1 conv
+        packed = pack_conv(w, qp["weight_scale"], qp["weight_zero_point"], qp.get("bias"), strides=1, padding=pads,
+                           dilation=dil, input_dilation=strides, act_lhs_kn=True)
+        return _batched_int8(xq, packed, qp, out_dtype)

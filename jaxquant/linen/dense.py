@@ -14,33 +14,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxquant.kernels.linear import (dynamic_linear, int8_matmul_acc, pack_weight, prepack_dynamic_linear,
-                                     to_uint8_activation)
-from jaxquant.kernels.requantize import output_multiplier, requantize
+from jaxquant.dtypes import QDType
+from jaxquant.kernels.einsum import pack_einsum, quantized_einsum
+from jaxquant.kernels.linear import PackedLinear, pack_linear, quantized_linear, quantized_linear_dynamic
 from jaxquant.qtensor import QTensor
 
 
-def int8_linear(xq: QTensor, w_int8: jax.Array, w_scale: jax.Array, w_zero_point: jax.Array,
-                bias: Optional[jax.Array], out_scale: jax.Array, out_zero_point: jax.Array, out_storage) -> jax.Array:
-    """Static int8 linear: per-tensor QTensor ``(..., K)`` (uint8/int8) and int8 ``(K, N)`` -> ``(..., N)``
-    of ``out_storage``; the arithmetic of :class:`jaxquant.nn.quantized.Linear`."""
-    k, n = w_int8.shape
-    if xq.shape[-1] != k:
-        raise ValueError(f"input has {xq.shape[-1]} features, the int8 weight expects {k}")
-    lead = xq.shape[:-1]
-    x_u8, zx = to_uint8_activation(xq.int_data.reshape(-1, k), xq.zero_point)
-    acc = int8_matmul_acc(x_u8, zx, pack_weight(w_int8, w_zero_point, "act_lhs"))
-    act_times_w, multiplier = output_multiplier(xq.scale, w_scale, out_scale)
-    y = requantize(acc, multiplier, out_zero_point,
-                   bias_over_scale=None if bias is None else bias / act_times_w, out_dtype=out_storage)
-    return y.reshape(*lead, n)
-
-
-def dynamic_int8_linear(x: jax.Array, w_int8: jax.Array, w_scale: jax.Array, w_zero_point: jax.Array,
-                        bias: Optional[jax.Array], *, reduce_range: bool, per_token: bool) -> jax.Array:
-    """float ``(..., K)`` -> float32 ``(..., N)``: :func:`jaxquant.kernels.linear.dynamic_linear`."""
-    params = prepack_dynamic_linear(w_int8, w_scale, w_zero_point, bias, layouts="act_lhs")
-    return dynamic_linear(jnp.asarray(x, jnp.float32), params, reduce_range=reduce_range, per_token=per_token)
+def _packed(qp: dict) -> PackedLinear:
+    # Packed inside the traced apply: the (K, N) weight is contracted as stored, because a transpose
+    # here would be folded into the dot by XLA, which then upcasts both operands to s32.
+    return pack_linear(qp["weight_int"], qp["weight_scale"], qp["weight_zero_point"], qp.get("bias"),
+                       layouts="act_lhs", act_lhs_kn=True)
 
 
 class DenseLayer:
@@ -56,17 +40,12 @@ class DenseLayer:
     def stored_kernel(self, module: Any, kernel: jax.Array) -> jax.Array:
         return kernel
 
-    def flat_input(self, module: Any, x: jax.Array, k: int):
-        return x, None
-
-    def int8_apply(self, module: Any, path: str, xq: QTensor, qp: dict, out_storage) -> jax.Array:
-        return int8_linear(xq, qp["weight_int"], qp["weight_scale"], qp["weight_zero_point"], qp.get("bias"),
-                           qp["output_scale"], qp["output_zero_point"], out_storage)
+    def int8_apply(self, module: Any, path: str, xq: QTensor, qp: dict, out_dtype: QDType) -> QTensor:
+        return quantized_linear(xq, _packed(qp), qp["output_scale"], qp["output_zero_point"], out_dtype=out_dtype)
 
     def dynamic_apply(self, module: Any, path: str, x: jax.Array, qp: dict, *, reduce_range: bool,
                       per_token: bool) -> jax.Array:
-        return dynamic_int8_linear(x, qp["weight_int"], qp["weight_scale"], qp["weight_zero_point"], qp.get("bias"),
-                                   reduce_range=reduce_range, per_token=per_token)
+        return quantized_linear_dynamic(x, _packed(qp), reduce_range=reduce_range, per_token=per_token)
 
 
 def _dense_general_axes(module: Any, x_ndim: int, path: str) -> tuple[int, ...]:
@@ -104,11 +83,11 @@ class DenseGeneralLayer(DenseLayer):
             y = y + bias.reshape(-1)
         return y.reshape(*lead, *self._features(module))
 
-    def int8_apply(self, module: Any, path: str, xq: QTensor, qp: dict, out_storage) -> jax.Array:
+    def int8_apply(self, module: Any, path: str, xq: QTensor, qp: dict, out_dtype: QDType) -> QTensor:
         data, lead = self._flatten(module, xq.int_data, path)
         xq2 = QTensor(data, xq.scale, xq.zero_point, xq.dtype)
-        y = super().int8_apply(module, path, xq2, _flat_bias(qp), out_storage)
-        return y.reshape(*lead, *self._features(module))
+        y = super().int8_apply(module, path, xq2, _flat_bias(qp), out_dtype)
+        return QTensor(y.int_data.reshape(*lead, *self._features(module)), y.scale, y.zero_point, y.dtype)
 
     def dynamic_apply(self, module: Any, path: str, x: jax.Array, qp: dict, *, reduce_range: bool,
                       per_token: bool) -> jax.Array:
@@ -158,16 +137,12 @@ class EinsumLayer:
                              f"last index to be the output's last index; use a per-tensor weight qconfig "
                              f"(e.g. jaxquant.default_qconfig) for this module")
 
-    def int8_apply(self, module: Any, path: str, xq: QTensor, qp: dict, out_storage) -> jax.Array:
+    def int8_apply(self, module: Any, path: str, xq: QTensor, qp: dict, out_dtype: QDType) -> QTensor:
         x_spec, w_spec, out = _einsum_parts(module, path)
-        x32 = xq.int_data.astype(jnp.int32) - xq.zero_point
-        w32 = qp["weight_int"].astype(jnp.int32) - qp["weight_zero_point"]
-        acc = jnp.einsum(f"{x_spec},{w_spec}->{out}", x32, w32, preferred_element_type=jnp.int32)
-        act_times_w, multiplier = output_multiplier(xq.scale, qp["weight_scale"], qp["output_scale"])
-        bias_over_scale = None
-        if qp.get("bias") is not None:
-            dummy_x = jnp.zeros(xq.shape, jnp.float32)
-            _, broadcast_shape = module._get_bias_shape(f"{x_spec},{w_spec}->{out}", dummy_x, qp["weight_int"])
-            bias_over_scale = jnp.reshape(qp["bias"], broadcast_shape) / act_times_w
-        return requantize(acc, multiplier, qp["output_zero_point"], bias_over_scale=bias_over_scale,
-                          out_dtype=out_storage)
+        equation = f"{x_spec},{w_spec}->{out}"
+        bias = qp.get("bias")
+        if bias is not None:
+            _, broadcast_shape = module._get_bias_shape(equation, jnp.zeros(xq.shape, jnp.float32), qp["weight_int"])
+            bias = jnp.reshape(bias, broadcast_shape)
+        packed = pack_einsum(equation, qp["weight_int"], qp["weight_scale"], qp["weight_zero_point"], bias)
+        return quantized_einsum(xq, packed, qp["output_scale"], qp["output_zero_point"], out_dtype=out_dtype)

@@ -27,7 +27,7 @@ from jaxquant.linen import stubs
 from jaxquant.linen.names import QUANT_PARAMS, QUANT_STATS, display_path, module_path
 from jaxquant.linen.quant_state import (activation_qparams, fake_quant, observe, quantize_kernel,
                                         quantize_kernel_with_fake_quant)
-from jaxquant.qtensor import QTensor, dequantize, quantize_per_tensor
+from jaxquant.qtensor import dequantize, quantize_per_tensor
 
 MODES = ("float", "observe", "qat", "convert_static", "static", "convert_dynamic", "dynamic", "record")
 
@@ -271,8 +271,7 @@ class QuantInterceptor:
 
     def _static_forward(self, spec, module, path, x, qp, dtype) -> jax.Array:
         xq = quantize_per_tensor(jnp.asarray(x, jnp.float32), qp["input_scale"], qp["input_zero_point"], dtype)
-        y = spec.int8_apply(module, display_path(path), xq, qp, dtype.storage)
-        return dequantize(QTensor(y, qp["output_scale"], qp["output_zero_point"], dtype))
+        return dequantize(spec.int8_apply(module, display_path(path), xq, qp, dtype))
 
     def _dynamic_options(self, qconfig: Any) -> tuple[bool, bool]:
         from jaxquant.nn.dynamic.weights import activation_per_token

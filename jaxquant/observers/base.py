@@ -311,7 +311,7 @@ class UniformQuantizationObserverBase(ObserverBase):
 # ----------------------------------------------------------------------------------------------
 
 
-def finite_min_max(x: jax.Array, axis: Optional[int] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def finite_min_max(x: jax.Array, axis: Optional[Union[int, tuple[int, ...]]] = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Min and max of the finite entries of ``x`` (over all of it, or over ``axis``) and a bool
     "some entry was NaN/Inf" flag.
 

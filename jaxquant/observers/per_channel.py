@@ -4,7 +4,7 @@ default ``ch_axis=0`` is the output channel."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,7 @@ from jaxquant.observers.base import (
 )
 from jaxquant.dtypes import QScheme, per_channel_affine
 from jaxquant.observers.minmax import moving_average
+from jaxquant.qtensor import group_qparams_shape
 
 
 def _shape_of(example_or_shape: Any, who: str) -> tuple[int, ...]:
@@ -34,10 +35,17 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
     """Running min/max per slice along ``ch_axis``; qparams per channel by PyTorch's formula.
 
     State: :class:`~jaxquant.observers.base.StatsState` with ``min_val``/``max_val`` of shape ``(C,)``.
+
+    ``block_size`` (one entry per axis of the observed tensor) makes it a per-group observer:
+    min/max, and so the qparams, are kept per block, with the data's rank
+    (``shape[i] // block_size[i]`` along axis ``i``; ``ch_axis`` is then unused), as
+    :func:`jaxquant.qtensor.quantize_per_group` takes them. E.g. ``(1, 32)`` for a weight in
+    PyTorch's ``(out, in)`` layout: one scale per output channel and group of 32 input features.
     """
 
     ch_axis: int = 0
     qscheme: QScheme = per_channel_affine
+    block_size: Optional[tuple[int, ...]] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,6 +58,8 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
         if self.is_dynamic:
             raise ValueError(f"{me} doesn't support dynamic quantization; use is_dynamic=False")
         self._reject_symmetric_reduced_quint8()
+        if self.block_size is not None:
+            object.__setattr__(self, "block_size", tuple(int(b) for b in self.block_size))
 
     def _channels(self, shape: tuple[int, ...]) -> int:
         if not -len(shape) <= self.ch_axis < len(shape):
@@ -59,9 +69,19 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
     def init(self, example_or_shape: Any = None) -> StatsState:
         """State with ``(C,)`` entries, ``C = shape[ch_axis]`` of the example (or shape) given."""
         shape = _shape_of(example_or_shape, type(self).__name__)
+        if self.block_size is not None:
+            return fresh_stats(group_qparams_shape(shape, self.block_size, type(self).__name__))
         return fresh_stats((self._channels(shape),))
 
     def _channel_min_max(self, state: StatsState, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        if self.block_size is not None:
+            qshape = group_qparams_shape(x.shape, self.block_size, type(self).__name__)
+            if qshape != tuple(state.min_val.shape):
+                raise ValueError(f"{type(self).__name__}: input of shape {x.shape} has blocks {qshape} but the state "
+                                 f"was initialised for {tuple(state.min_val.shape)}; re-run init with this shape")
+            # (q0, b0, q1, b1, ...): one reduction over every block axis
+            y = x.reshape(tuple(d for q, b in zip(qshape, self.block_size) for d in (q, b)))
+            return finite_min_max(y, axis=tuple(range(1, y.ndim, 2)))
         channels = self._channels(tuple(x.shape))
         if channels != state.min_val.shape[-1]:
             raise ValueError(

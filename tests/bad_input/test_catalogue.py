@@ -18,6 +18,7 @@ from flax import nnx
 import jaxquant as jq
 import jaxquant.nn as jqnn
 from jaxquant.nn.variables import QuantParams
+from jaxquant.qtensor import QTensor, quint8
 from jaxquant.observers import NotCalibratedError
 
 
@@ -524,15 +525,16 @@ def test_K03_mixed_dot_wrong_operand_dtypes():
 
 
 def test_K04_conv_groups_do_not_divide_channels():
-    from jaxquant.kernels.conv import prepack_static_conv
+    from jaxquant.kernels.conv import pack_conv
 
     with _raises(ValueError, "groups=3"):
-        prepack_static_conv(jnp.zeros((3, 3, 2, 8), jnp.int8), 1.0, 0, None, 1.0, 0, 1.0, 0, groups=3)
+        pack_conv(jnp.zeros((3, 3, 2, 8), jnp.int8), 1.0, 0, None, groups=3)
 
 
 def test_K05_static_linear_input_width():
-    from jaxquant.kernels.linear import prepack_static_linear, static_linear
+    from jaxquant.kernels.linear import pack_linear, quantized_linear
 
-    params = prepack_static_linear(jnp.zeros((4, 2), jnp.int8), 1.0, 0, None, 1.0, 0, 1.0, 0)
-    with _raises(ValueError, "static_linear", "5 features", "expects 4"):
-        static_linear(jnp.zeros((1, 5), jnp.uint8), params)
+    packed = pack_linear(jnp.zeros((4, 2), jnp.int8), 1.0, 0, None)
+    x = QTensor(jnp.zeros((1, 5), jnp.uint8), jnp.float32(1), jnp.int32(0), quint8)
+    with _raises(ValueError, "quantized_linear", "5 features", "expects 4"):
+        quantized_linear(x, packed, 1.0, 0, out_dtype=quint8)

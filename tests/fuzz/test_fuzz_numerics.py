@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jaxquant as jq
-from jaxquant.kernels.conv import prepack_static_conv, static_conv
-from jaxquant.kernels.linear import prepack_static_linear, static_linear
+from jaxquant.kernels.conv import pack_conv, quantized_conv
+from jaxquant.kernels.linear import pack_linear, quantized_linear
+from jaxquant.qtensor import QTensor, qint8, quint8
 
 FAST = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -318,13 +319,19 @@ def test_static_linear_matches_numpy(data, m, k, n, x_dtype, out_dtype, per_chan
     w_scale = (np.asarray([data.draw(kernel_scales) for _ in range(n)], np.float32) if per_channel
                else np.float32(data.draw(kernel_scales)))
     bias = rng.normal(size=n).astype(np.float32) * 3 if with_bias else None
-    params = prepack_static_linear(w, w_scale, 0, bias, x_scale, zx, out_scale, out_zp, relu=relu,
-                                   out_dtype=out_dtype)
-    got = np.asarray(static_linear(jnp.asarray(x), params))
+    got = np.asarray(quantized_linear(_qtensor(x, x_scale, zx), pack_linear(w, w_scale, 0, bias), out_scale, out_zp,
+                                      out_dtype=_QDTYPE[np.dtype(out_dtype)], relu=relu).int_data)
     acc = (x.astype(np.int64) - zx) @ w.astype(np.int64)
     assert np.abs(acc).max(initial=0) < 2**31
     np.testing.assert_array_equal(got, _requantize_ref(acc, x_scale, w_scale, out_scale, out_zp, bias, relu,
                                                        out_dtype))
+
+
+_QDTYPE = {np.dtype(np.uint8): quint8, np.dtype(np.int8): qint8}
+
+
+def _qtensor(x, scale, zero_point):
+    return QTensor(jnp.asarray(x), jnp.float32(scale), jnp.int32(zero_point), _QDTYPE[np.dtype(x.dtype)])
 
 
 def _conv_acc_ref(x, w, zx, stride, pad, groups):
@@ -366,8 +373,8 @@ def test_static_conv_matches_numpy(data, size, cin, k, stride, pad, kind, x_dtyp
     x_scale, out_scale = np.float32(0.05), data.draw(kernel_scales)
     bias = rng.normal(size=cout).astype(np.float32)
     pads = ((pad, pad), (pad, pad))
-    params = prepack_static_conv(w, w_scale, 0, bias, x_scale, zx, out_scale, 3, strides=stride, padding=pads,
-                                 groups=groups, relu=relu)
-    got = np.asarray(static_conv(jnp.asarray(x), params))
+    packed = pack_conv(w, w_scale, 0, bias, strides=stride, padding=pads, groups=groups)
+    got = np.asarray(quantized_conv(_qtensor(x, x_scale, zx), packed, out_scale, 3, out_dtype=quint8,
+                                    relu=relu).int_data)
     acc = _conv_acc_ref(x, w, zx, stride, pads, groups)
     np.testing.assert_array_equal(got, _requantize_ref(acc, x_scale, w_scale, out_scale, 3, bias, relu, np.uint8))

@@ -6,10 +6,24 @@ from jax import lax
 
 import jaxquant.kernels.conv as conv_mod
 from conftest import dot_signatures, entry_fusions, requantize_ref
-from jaxquant.kernels.conv import (prepack_static_conv, prepack_static_conv_transpose, static_conv,
-                                   static_conv_transpose)
+from jaxquant.dtypes import qint8, quint8
+from jaxquant.kernels.conv import pack_conv, pack_conv_transpose, quantized_conv, quantized_conv_transpose
+from jaxquant.qtensor import QTensor
 
-_conv = jax.jit(static_conv)
+_conv_op = jax.jit(quantized_conv, static_argnames=("out_dtype", "relu"))
+
+
+def _qdtype(dtype):
+    return {np.dtype(np.uint8): quint8, np.dtype(np.int8): qint8}[np.dtype(dtype)]
+
+
+def _conv(x, packed, sx, zx, so, zo, *, relu=False, out_dtype=np.uint8, op=_conv_op):
+    """quantized_conv on integer data ``x`` with input qparams (sx, zx): its output's integers."""
+    x = jnp.asarray(x)
+    y = op(QTensor(x, jnp.float32(sx), jnp.int32(zx), _qdtype(x.dtype)), packed, jnp.float32(so),
+           jnp.int32(zo), out_dtype=_qdtype(out_dtype), relu=relu)
+    assert y.dtype == _qdtype(out_dtype) and y.int_data.dtype == np.dtype(out_dtype)
+    return y.int_data
 
 
 def acc_ref(x, zx, w, zw, strides, padding, dilation, groups):
@@ -54,16 +68,15 @@ def test_static_conv_exact(rng, case, x_dtype, per_channel):
     bias = rng.standard_normal(cout).astype(np.float32)
     relu = bool(rng.integers(0, 2))
     x_in, zx_in = (x, zx) if x_dtype == np.uint8 else ((x.astype(np.int16) - 128).astype(np.int8), zx - 128)
-    p = prepack_static_conv(w, sw, zw, bias, 0.02, zx_in, 0.7, 90, strides=st, padding=pad,
-                            dilation=dil, groups=g, relu=relu)
-    got = np.asarray(_conv(x_in, p))
+    p = pack_conv(w, sw, zw, bias, strides=st, padding=pad, dilation=dil, groups=g)
+    got = np.asarray(_conv(x_in, p, 0.02, zx_in, 0.7, 90, relu=relu))
     want = requantize_ref(acc_ref(x, zx, w, zw, st, pad, dil, g), 0.02, sw, 0.7, 90, bias, relu)
     np.testing.assert_array_equal(got, want)
 
 
 def test_kinds(rng):
     w = lambda *s: np.zeros(s, np.int8)
-    kind = lambda wt, **kw: prepack_static_conv(wt, 1.0, 0, None, 1.0, 0, 1.0, 0, **kw).kind
+    kind = lambda wt, **kw: pack_conv(wt, 1.0, 0, None, **kw).kind
     assert kind(w(1, 1, 8, 4)) == "dot"
     assert kind(w(3, 3, 8, 4), padding="SAME") == "im2col"
     assert kind(w(1, 1, 1, 8)) == "dot"
@@ -75,18 +88,18 @@ def test_batch_tiling_and_int8_output(rng, monkeypatch):
     monkeypatch.setattr(conv_mod, "IM2COL_TILE_BYTES", 3000)  # forces lax.map over batch tiles
     x = rng.integers(0, 256, (6, 8, 8, 4)).astype(np.uint8)
     w = rng.integers(-128, 128, (3, 3, 4, 5), dtype=np.int8)
-    p = prepack_static_conv(w, 0.01, 0, None, 0.05, 17, 0.4, -3, padding="SAME", out_dtype=jnp.int8)
-    jaxpr = str(jax.make_jaxpr(static_conv)(x, p))
+    p = pack_conv(w, 0.01, 0, None, padding="SAME")
+    jaxpr = str(jax.make_jaxpr(lambda x: _conv(x, p, 0.05, 17, 0.4, -3, out_dtype=np.int8, op=quantized_conv))(x))
     assert "while" in jaxpr or "scan" in jaxpr
     want = requantize_ref(acc_ref(x, 17, w, 0, (1, 1), "SAME", (1, 1), 1), 0.05, 0.01, 0.4, -3, out_dtype=np.int8)
-    np.testing.assert_array_equal(np.asarray(jax.jit(static_conv)(x, p)), want)
+    np.testing.assert_array_equal(np.asarray(_conv(x, p, 0.05, 17, 0.4, -3, out_dtype=np.int8)), want)
 
 
 def test_vmap(rng):
     x = rng.integers(0, 256, (3, 2, 6, 6, 4)).astype(np.uint8)
     w = rng.integers(-128, 128, (3, 3, 4, 5), dtype=np.int8)
-    p = prepack_static_conv(w, 0.01, 0, None, 0.05, 17, 0.4, 3, padding="SAME")
-    got = jax.jit(jax.vmap(static_conv, (0, None)))(x, p)
+    p = pack_conv(w, 0.01, 0, None, padding="SAME")
+    got = jax.jit(jax.vmap(lambda xi: _conv(xi, p, 0.05, 17, 0.4, 3, op=quantized_conv)))(x)
     want = requantize_ref(acc_ref(x.reshape(6, 6, 6, 4), 17, w, 0, (1, 1), "SAME", (1, 1), 1), 0.05, 0.01, 0.4, 3)
     np.testing.assert_array_equal(np.asarray(got).reshape(6, 6, 6, 5), want)
 
@@ -95,18 +108,19 @@ def test_vmap(rng):
 def test_hlo(rng, ks, groups, cin):
     x = rng.integers(0, 256, (2, 14, 14, cin)).astype(np.uint8)
     w = rng.integers(-128, 128, ks + (cin // groups, 32), dtype=np.int8)
-    p = prepack_static_conv(w, 0.01, 0, np.zeros(32, np.float32), 0.05, 17, 0.4, 3,
-                            padding="SAME", groups=groups, relu=True)
-    hlo = jax.jit(static_conv).lower(x, p).compile().as_text()
+    p = pack_conv(w, 0.01, 0, np.zeros(32, np.float32), padding="SAME", groups=groups)
+    xq = QTensor(jnp.asarray(x), jnp.float32(0.05), jnp.int32(17), quint8)
+    hlo = _conv_op.lower(xq, p, jnp.float32(0.4), jnp.int32(3), out_dtype=quint8, relu=True).compile().as_text()
     assert "convolution(" not in hlo  # never XLA's int8 conv (no VNNI there)
     if groups == 1:
         sig, = dot_signatures(hlo)
         assert "(param_0: u8[" in sig and "param_1: s8[" in sig and "-> s32[" in sig
-        fusions = entry_fusions(hlo)
+        # O(cout) float32 fusions fold the per-call input scale into the multiplier and bias
+        fusions = [l for l in entry_fusions(hlo) if "= f32[32]{0} fusion" not in l]
         ynn = [i for i, l in enumerate(fusions) if "__ynn_fusion" in l]
         assert len(ynn) == 1 and len(fusions) - ynn[0] - 1 == 1  # one epilogue loop
     else:
-        assert " dot(" not in hlo and len(entry_fusions(hlo)) <= 2
+        assert " dot(" not in hlo and len([l for l in entry_fusions(hlo) if "= f32[32]{0} fusion" not in l]) <= 2
 
 
 def _torch_conv_case(torch, rng, cin, cout, k, stride, pad, dil, groups, per_channel, transpose=False):
@@ -141,9 +155,8 @@ def test_static_conv2d_vs_torch(rng, cin, cout, k, stride, pad, dil, groups, per
     xq = torch._make_per_tensor_quantized_tensor(torch.tensor(x).permute(0, 3, 1, 2).contiguous(), sx, zx)
     want = mod(xq).int_repr().permute(0, 2, 3, 1).numpy().astype(np.int32)
     w = wq.int_repr().permute(2, 3, 1, 0).numpy()  # (kh, kw, cin/g, cout)
-    p = prepack_static_conv(w, sw, 0, b, sx, zx, so, zo, strides=stride, padding=((pad, pad),) * 2,
-                            dilation=dil, groups=groups)
-    got = np.asarray(_conv(x, p)).astype(np.int32)
+    p = pack_conv(w, sw, 0, b, strides=stride, padding=((pad, pad),) * 2, dilation=dil, groups=groups)
+    got = np.asarray(_conv(x, p, sx, zx, so, zo)).astype(np.int32)
     assert got.shape == want.shape
     diff = np.abs(got - want)
     assert diff.max() <= 1 and (diff == 0).mean() >= 0.99
@@ -166,9 +179,10 @@ def test_static_conv_transpose2d_vs_torch(rng, cin, cout, k, stride, pad, opad, 
     xq = torch._make_per_tensor_quantized_tensor(torch.tensor(x).permute(0, 3, 1, 2).contiguous(), sx, zx)
     want = mod(xq).int_repr().permute(0, 2, 3, 1).numpy().astype(np.int32)
     w = wq.int_repr().permute(2, 3, 0, 1).numpy()  # (kh, kw, cin, cout/g)
-    p, st = prepack_static_conv_transpose(w, sw, 0, b, sx, zx, so, zo, strides=stride, padding=pad,
-                                          output_padding=opad, dilation=dil, groups=groups)
-    got = np.asarray(jax.jit(static_conv_transpose, static_argnums=2)(x, p, st)).astype(np.int32)
+    p = pack_conv_transpose(w, sw, 0, b, strides=stride, padding=pad, output_padding=opad, dilation=dil,
+                            groups=groups)
+    got = np.asarray(_conv(x, p, sx, zx, so, zo, op=jax.jit(quantized_conv_transpose,
+                                                             static_argnames=("out_dtype", "relu")))).astype(np.int32)
     assert got.shape == want.shape
     diff = np.abs(got - want)
     assert diff.max() <= 1 and (diff == 0).mean() >= 0.99
@@ -176,11 +190,13 @@ def test_static_conv_transpose2d_vs_torch(rng, cin, cout, k, stride, pad, opad, 
 
 def test_errors():
     with pytest.raises(TypeError, match="int8"):
-        prepack_static_conv(np.zeros((3, 3, 4, 4), np.float32), 1.0, 0, None, 1.0, 0, 1.0, 0)
+        pack_conv(np.zeros((3, 3, 4, 4), np.float32), 1.0, 0, None)
     with pytest.raises(ValueError, match="padding"):
-        prepack_static_conv(np.zeros((3, 3, 4, 4), np.int8), 1.0, 0, None, 1.0, 0, 1.0, 0, padding="FULL")
-    p = prepack_static_conv(np.zeros((3, 3, 4, 4), np.int8), 1.0, 0, None, 1.0, 0, 1.0, 0)
+        pack_conv(np.zeros((3, 3, 4, 4), np.int8), 1.0, 0, None, padding="FULL")
+    with pytest.raises(ValueError, match="input_dilation"):
+        pack_conv(np.zeros((3, 3, 4, 4), np.int8), 1.0, 0, None, padding="SAME", input_dilation=2)
+    p = pack_conv(np.zeros((3, 3, 4, 4), np.int8), 1.0, 0, None)
     with pytest.raises(ValueError, match="expects"):
-        static_conv(np.zeros((1, 5, 5, 3), np.uint8), p)
+        _conv(np.zeros((1, 5, 5, 3), np.uint8), p, 1.0, 0, 1.0, 0)
     with pytest.raises(ValueError, match="smaller than"):
-        static_conv(np.zeros((1, 2, 2, 4), np.uint8), p)
+        _conv(np.zeros((1, 2, 2, 4), np.uint8), p, 1.0, 0, 1.0, 0)

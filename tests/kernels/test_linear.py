@@ -5,11 +5,29 @@ import pytest
 
 from jaxquant.choose_qparams import choose_qparams_from_min_max
 from conftest import dot_signatures, entry_fusions, requantize_ref
-from jaxquant.kernels.linear import (dynamic_linear, prepack_dynamic_linear, prepack_static_linear,
-                                     static_linear)
+from jaxquant.dtypes import qint8, quint8
+from jaxquant.kernels.linear import pack_linear, quantized_linear, quantized_linear_dynamic
+from jaxquant.qtensor import QTensor
 
-_dyn = jax.jit(dynamic_linear, static_argnames=("reduce_range", "per_token", "relu", "layout"))
-_static = jax.jit(static_linear, static_argnames="layout")
+_dyn = jax.jit(quantized_linear_dynamic, static_argnames=("reduce_range", "per_token", "relu", "layout"))
+_static_op = jax.jit(quantized_linear, static_argnames=("out_dtype", "relu", "layout"))
+
+
+def _qdtype(dtype):
+    return {np.dtype(np.uint8): quint8, np.dtype(np.int8): qint8}[np.dtype(dtype)]
+
+
+def _xq(x, sx, zx):
+    x = jnp.asarray(x)
+    return QTensor(x, jnp.float32(sx), jnp.int32(zx), _qdtype(x.dtype))
+
+
+def _static(x, packed, sx, zx, so, zo, *, relu=False, out_dtype=np.uint8, layout=None):
+    """quantized_linear on integer data ``x`` with input qparams (sx, zx): its output's integers."""
+    y = _static_op(_xq(x, sx, zx), packed, jnp.float32(so), jnp.int32(zo), out_dtype=_qdtype(out_dtype),
+                   relu=relu, layout=layout)
+    assert y.scale == np.float32(so) and y.zero_point == zo and y.dtype == _qdtype(out_dtype)
+    return y.int_data
 _choose = jax.jit(choose_qparams_from_min_max, static_argnums=(2, 3, 4))
 
 SHAPES = [(1, 7, 5), (2, 33, 17), (3, 64, 1), (130, 100, 3)]
@@ -43,8 +61,8 @@ def test_static_linear_exact(rng, m, k, n, x_dtype, per_channel, nonzero_zw, lay
     relu = bool(rng.integers(0, 2))
     out_dtype = [np.uint8, np.int8][int(rng.integers(0, 2))]
     zo = int(rng.integers(0, 256)) if out_dtype == np.uint8 else int(rng.integers(-128, 128))
-    p = prepack_static_linear(w, sw, zw, bias, 0.02, zx, 0.5, zo, relu=relu, out_dtype=out_dtype)
-    got = _static(x, p, layout=layout)
+    p = pack_linear(w, sw, zw, bias)
+    got = _static(x, p, 0.02, zx, 0.5, zo, relu=relu, out_dtype=out_dtype, layout=layout)
     want = requantize_ref(acc_ref(x, zx, w, zw), 0.02, sw, 0.5, zo, bias, relu, out_dtype)
     assert got.dtype == out_dtype
     np.testing.assert_array_equal(np.asarray(got), want)
@@ -52,23 +70,26 @@ def test_static_linear_exact(rng, m, k, n, x_dtype, per_channel, nonzero_zw, lay
 
 def test_static_linear_no_bias_batch_dims_auto_layout(rng):
     x, zx, w, sw, zw, _ = _case(rng, 24, 40, 12, np.uint8, True, False)
-    p = prepack_static_linear(w, sw, zw, None, 0.03, zx, 0.2, 7)
-    got = jax.jit(static_linear)(x.reshape(2, 3, 4, 40), p)
+    p = pack_linear(w, sw, zw, None)
+    got = _static(x.reshape(2, 3, 4, 40), p, 0.03, zx, 0.2, 7)
     want = requantize_ref(acc_ref(x, zx, w, zw), 0.03, sw, 0.2, 7).reshape(2, 3, 4, 12)
     np.testing.assert_array_equal(np.asarray(got), want)
     for layouts in ["weight_lhs", "act_lhs"]:
-        p1 = prepack_static_linear(w, sw, zw, None, 0.03, zx, 0.2, 7, layouts=layouts)
-        np.testing.assert_array_equal(np.asarray(_static(x, p1)), want.reshape(24, 12))
+        p1 = pack_linear(w, sw, zw, None, layouts=layouts)
+        np.testing.assert_array_equal(np.asarray(_static(x, p1, 0.03, zx, 0.2, 7)), want.reshape(24, 12))
         other = {"weight_lhs": "act_lhs", "act_lhs": "weight_lhs"}[layouts]
         with pytest.raises(ValueError, match="not stored"):
-            static_linear(x, p1, layout=other)
+            _static(x, p1, 0.03, zx, 0.2, 7, layout=other)
+    # the untransposed (K, N) act-LHS layout (weights packed inside a traced function) agrees
+    p_kn = pack_linear(w, sw, zw, None, layouts="act_lhs", act_lhs_kn=True)
+    np.testing.assert_array_equal(np.asarray(_static(x, p_kn, 0.03, zx, 0.2, 7)), want.reshape(24, 12))
 
 
 def test_static_linear_vmap_over_params(rng):
     x, zx, w, sw, zw, bias = _case(rng, 5, 16, 8, np.uint8, False, False)
     ws = np.stack([w, -w.clip(-127)])
-    ps = jax.vmap(lambda w: prepack_static_linear(w, sw, zw, bias, 0.02, zx, 0.5, 100))(ws)
-    got = jax.jit(jax.vmap(static_linear, (None, 0)))(x, ps)
+    ps = jax.vmap(lambda w: pack_linear(w, sw, zw, bias))(ws)
+    got = jax.vmap(lambda p: _static(x, p, 0.02, zx, 0.5, 100))(ps)
     for i in range(2):
         want = requantize_ref(acc_ref(x, zx, ws[i], zw), 0.02, sw, 0.5, 100, bias)
         np.testing.assert_array_equal(np.asarray(got[i]), want)
@@ -77,17 +98,23 @@ def test_static_linear_vmap_over_params(rng):
 @pytest.mark.parametrize("m", [1, 8, 256])
 def test_static_linear_hlo_one_dot_one_epilogue(rng, m):
     x, zx, w, sw, zw, bias = _case(rng, m, 256, 128, np.uint8, True, False)
-    p = prepack_static_linear(w, sw, zw, bias, 0.02, zx, 0.5, 100, relu=True)
-    hlo = jax.jit(static_linear).lower(x, p).compile().as_text()
+    p = pack_linear(w, sw, zw, bias)
+    hlo = _static_op.lower(_xq(x, 0.02, zx), p, jnp.float32(0.5), jnp.int32(100), out_dtype=quint8,
+                           relu=True).compile().as_text()
     fusions = entry_fusions(hlo)
     assert sum("__ynn_fusion" in l for l in fusions) == 1
     sig, = dot_signatures(hlo)
     assert "(param_0: u8[" in sig and "param_1: s8[" in sig and "-> s32[" in sig
     # the dot, then ONE loop fusion for offsets/bias/multiplier/round/clamp/cast
     # (small M adds the x -> x-128 shift/pad before the dot)
-    after = fusions[[i for i, l in enumerate(fusions) if "__ynn_fusion" in l][0] + 1:]
+    # besides: at most two O(N) float32 fusions folding the per-call input scale into the
+    # multiplier and bias (the input qparams travel with the input QTensor)
+    per_column = [l for l in fusions if "= f32[128]{0} fusion" in l]
+    assert len(per_column) <= 2
+    after = [l for l in fusions[[i for i, l in enumerate(fusions) if "__ynn_fusion" in l][0] + 1:]
+             if l not in per_column]
     assert len(after) == 1 and "u8[" in after[0].split("=")[1], fusions
-    assert len(fusions) <= (2 if m > 128 else 3), fusions
+    assert len(fusions) - len(per_column) <= (2 if m > 128 else 3), fusions
 
 
 def dyn_ref(x, w, sw, zw, bias, reduce_range, per_token):
@@ -113,7 +140,7 @@ def test_dynamic_linear_matches_reference(rng, m, k, n, per_token, layout):
     sw = rng.uniform(1e-3, 1e-2, n).astype(np.float32)
     zw = rng.integers(-2, 3, n).astype(np.int32)
     bias = rng.standard_normal(n).astype(np.float32)
-    p = prepack_dynamic_linear(w, sw, zw, bias)
+    p = pack_linear(w, sw, zw, bias)
     got = np.asarray(_dyn(x, p, per_token=per_token, layout=layout))
     want = dyn_ref(x, w, sw, zw, bias, True, per_token)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
@@ -125,7 +152,7 @@ def test_dynamic_linear_per_token_more_accurate(rng):
     wf = rng.standard_normal((256, 64)).astype(np.float32)
     sw = np.abs(wf).max(0) / 127
     w = np.round(wf / sw).astype(np.int8)
-    p = prepack_dynamic_linear(w, sw, 0, None)
+    p = pack_linear(w, sw, 0, None)
     exact = x @ (w.astype(np.float32) * sw)
     err = lambda y: np.abs(np.asarray(y) - exact).mean()
     assert err(_dyn(x, p, per_token=True)) < 0.5 * err(_dyn(x, p))
@@ -154,7 +181,7 @@ def test_dynamic_linear_vs_torch(rng, m, k, n, per_channel, reduce_range):
     packed = torch.ops.quantized.linear_prepack(wq, torch.tensor(b))
     x = (rng.standard_normal((m, k)) * 2 + 0.5).astype(np.float32)
     want = torch.ops.quantized.linear_dynamic(torch.tensor(x), packed, reduce_range).numpy()
-    p = prepack_dynamic_linear(w, sw, 0, b)
+    p = pack_linear(w, sw, 0, b)
     qmax = 127 if reduce_range else 255
     x_step = (max(x.max(), 0) - min(x.min(), 0)) / qmax
     # one activation step moves each output by at most x_step * sum_k |w_kn| * w_scale
@@ -183,8 +210,7 @@ def test_static_linear_vs_torch(rng, m, k, n, per_channel, relu):
     x = rng.integers(0, 256, (m, k)).astype(np.uint8)
     xq = torch._make_per_tensor_quantized_tensor(torch.tensor(x), sx, zx)
     want = mod(xq).int_repr().numpy().astype(np.int32)
-    p = prepack_static_linear(w, sw, 0, b, sx, zx, so, zo, relu=relu)
-    got = np.asarray(_static(x, p)).astype(np.int32)
+    got = np.asarray(_static(x, pack_linear(w, sw, 0, b), sx, zx, so, zo, relu=relu)).astype(np.int32)
     diff = np.abs(got - want)
     assert diff.max() <= 1 and (diff == 0).mean() >= 0.99
 
@@ -192,11 +218,17 @@ def test_static_linear_vs_torch(rng, m, k, n, per_channel, relu):
 def test_errors(rng):
     w = rng.integers(-128, 128, (8, 4), dtype=np.int8)
     with pytest.raises(TypeError, match="int8"):
-        prepack_static_linear(w.astype(np.int32), 1.0, 0, None, 1.0, 0, 1.0, 0)
+        pack_linear(w.astype(np.int32), 1.0, 0, None)
     with pytest.raises(ValueError, match="bias must have shape"):
-        prepack_dynamic_linear(w, 1.0, 0, np.zeros(5, np.float32))
-    p = prepack_static_linear(w, 1.0, 0, None, 1.0, 0, 1.0, 0)
+        pack_linear(w, 1.0, 0, np.zeros(5, np.float32))
+    with pytest.raises(ValueError, match="act_lhs_kn"):
+        pack_linear(w, 1.0, 0, None, act_lhs_kn=True)
+    p = pack_linear(w, 1.0, 0, None)
     with pytest.raises(ValueError, match="features"):
-        static_linear(np.zeros((2, 9), np.uint8), p)
+        _static(np.zeros((2, 9), np.uint8), p, 1.0, 0, 1.0, 0)
+    with pytest.raises(ValueError, match="per tensor"):
+        quantized_linear(QTensor(jnp.zeros((2, 8), jnp.uint8), jnp.ones(8), jnp.zeros(8, jnp.int32), quint8,
+                                 axis=1), p, 1.0, 0, out_dtype=quint8)
     with pytest.raises(TypeError, match="uint8 or int8"):
-        static_linear(np.zeros((2, 8), np.int16), p)
+        quantized_linear(QTensor(jnp.zeros((2, 8), jnp.int32), jnp.float32(1), jnp.int32(0), quint8), p,
+                         1.0, 0, out_dtype=quint8)

@@ -2,7 +2,7 @@
 quantized on every call from their own min/max (PyTorch's ``torch.ao.nn.quantized.dynamic.Linear``).
 
 Input and output are float32; only the dot runs in integers (u8 x s8 -> s32 through
-``jaxquant.kernels.linear.dynamic_linear``). As PyTorch's x86/fbgemm engine does, activations are
+``jaxquant.kernels.linear.quantized_linear_dynamic``). As PyTorch's x86/fbgemm engine does, activations are
 quantized to 7 bits (``reduce_range=True``) by default, because fbgemm's ``vpmaddubsw`` path could
 saturate 16-bit pair sums with full 8-bit activations; our VNNI path accumulates straight to int32
 and cannot overflow, so ``reduce_range=False`` is safe here and a bit more accurate, but
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxquant.dtypes import bfloat16, float16, qint8
-from jaxquant.kernels.linear import dynamic_linear, prepack_dynamic_linear
+from jaxquant.kernels.linear import pack_linear, quantized_linear_dynamic
 from jaxquant.nn.dynamic.weights import activation_per_token, quantize_float_weight, weight_dtype
 from jaxquant.nn.variables import QuantCache, QuantParams, refresh_cache, seal_cache
 from jaxquant.qtensor import QTensor
@@ -63,7 +63,7 @@ class Linear(nnx.Module):
         self.weight_zero_point = QuantParams(jnp.broadcast_to(weight.zero_point, (n,)).astype(jnp.int32))
         self.bias_float = QuantParams(None if bias is None else jnp.asarray(bias, jnp.float32))
         # Both packed layouts, derived from the int8 weight (not part of the model's definition).
-        self.params = QuantCache(prepack_dynamic_linear(weight.int_data, weight.scale, weight.zero_point, bias))
+        self.params = QuantCache(pack_linear(weight.int_data, weight.scale, weight.zero_point, bias))
         self.weight_qscheme = weight.qscheme
         self.reduce_range = bool(reduce_range)
         self.per_token = bool(per_token)
@@ -119,8 +119,8 @@ class Linear(nnx.Module):
             raise ValueError(f"dynamic Linear '{self.name}': input has {x.shape[-1]} features, expected "
                              f"{self.in_features}")
         refresh_cache(self, self.name)  # loaded QuantParams (nnx.update): repack, or say why not
-        return dynamic_linear(x, self.params.get_value(), reduce_range=self.reduce_range,
-                              per_token=self.per_token, relu=self.relu)
+        return quantized_linear_dynamic(x, self.params.get_value(), reduce_range=self.reduce_range,
+                                        per_token=self.per_token, relu=self.relu)
 
     def __repr__(self) -> str:
         return (f"DynamicLinear(in_features={self.in_features}, out_features={self.out_features}, "

@@ -12,7 +12,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxquant.dtypes import FloatDType, qint8, quint8
 from jaxquant.nn.quantized.weights import quantize_weight, weight_observer  # noqa: F401 (re-exported)
@@ -54,6 +53,3 @@ def float_weight_dtype(qconfig: Any, path: str) -> FloatDType:
         raise ValueError(f"'{path}': expected a float16/bfloat16 weight observer, got {dtype!r}")
     return dtype
 
-
-def as_numpy_f32(x: Any) -> np.ndarray:
-    return np.asarray(x, np.float32)

@@ -98,12 +98,6 @@ class FakeQuantModule(nnx.Module):
         ``FakeQuantize.calculate_qparams``), or the learned values for LSQ in learning mode."""
         return self.fake_quant.calculate_qparams(self._current_state())
 
-    def observer_was_fed(self) -> bool:
-        """False if the observer never saw a batch (so its qparams are meaningless)."""
-        obs_state = self.stats.get_value().observer
-        n = getattr(obs_state, "num_batches", None)
-        return True if n is None else bool(np.asarray(n).sum() > 0)
-
     def checked_qparams(self, path: str) -> tuple[jax.Array, jax.Array]:
         """Concrete qparams for ``convert``; raises ValueError naming ``path`` if the fake quant was never
         run (no training or calibration step) or its state went NaN/Inf."""

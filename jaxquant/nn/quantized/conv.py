@@ -1,8 +1,9 @@
 """Static int8 ``Conv`` (1-D/2-D/3-D, grouped, depthwise; and ``ConvReLU``) over NHWC QTensors.
 
 The kernel formulation (1x1 dot, im2col + u8 x s8 dot, depthwise tap loop, grouped dot) is chosen
-from the static shapes at convert time by :func:`jaxquant.kernels.conv.prepack_static_conv`; the few
-per-channel terms that depend on the input's qparams are refolded per call (O(out_channels)).
+from the static shapes at convert time by :func:`jaxquant.kernels.conv.pack_conv`; the few
+per-channel terms that depend on the input's qparams are folded per call (O(out_channels)) by
+:func:`jaxquant.kernels.conv.quantized_conv`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxquant.dtypes import QDType
-from jaxquant.kernels.conv import prepack_static_conv, refold_input_qparams, static_conv
+from jaxquant.kernels.conv import pack_conv, quantized_conv
 from jaxquant.nn.quantized.common import Int8WeightLayer, observed_qparams, require_qtensor
 from jaxquant.nn.quantized.weights import quantize_weight
 from jaxquant.nn.variables import QuantCache, refresh_cache, seal_cache
@@ -54,11 +55,10 @@ class Conv(Int8WeightLayer):
         nd = weight.ndim - 2
         out_channels = weight.shape[-1]
         w_scale = jnp.broadcast_to(weight.scale, (out_channels,)).astype(jnp.float32)
-        # Prepacked with placeholder input qparams; __call__ refolds them from the input QTensor.
-        self.params = QuantCache(prepack_static_conv(
-            weight.int_data, w_scale, weight.zero_point, bias, 1.0, 0, out_scale, out_zero_point,
+        self.params = QuantCache(pack_conv(
+            weight.int_data, w_scale, weight.zero_point, None if bias is None else jnp.asarray(bias, jnp.float32),
             strides=_spatial_tuple(strides, nd), padding=padding, dilation=_spatial_tuple(dilation, nd),
-            groups=groups, relu=relu, out_dtype=out_dtype.storage))
+            groups=groups))
         self._set_weight_and_output(weight, bias, out_scale, out_zero_point, out_dtype, relu, name)
         seal_cache(self)
 
@@ -90,7 +90,5 @@ class Conv(Int8WeightLayer):
     def __call__(self, x) -> QTensor:
         x = require_qtensor(x, self.name, "quantized Conv")
         refresh_cache(self, self.name)  # loaded QuantParams (nnx.update): repack, or say why not
-        p = refold_input_qparams(self.params.get_value(), x.scale, x.zero_point, self.weight_scale.get_value(),
-                                 self.out_scale.get_value(), self.bias.get_value())
-        y = static_conv(x.int_data, p)
-        return QTensor(y, self.out_scale.get_value(), self.out_zero_point.get_value(), self.out_dtype)
+        return quantized_conv(x, self.params.get_value(), self.out_scale.get_value(),
+                              self.out_zero_point.get_value(), out_dtype=self.out_dtype, relu=self.relu)

@@ -11,8 +11,7 @@ from typing import Optional
 import jax
 
 from jaxquant.dtypes import QDType
-from jaxquant.kernels.linear import int8_matmul_acc, pack_weight, to_uint8_activation
-from jaxquant.kernels.requantize import output_multiplier, requantize
+from jaxquant.kernels.linear import pack_linear, quantized_linear
 from jaxquant.nn.quantized.common import Int8WeightLayer, observed_qparams, require_qtensor
 from jaxquant.nn.quantized.weights import quantize_weight
 from jaxquant.nn.variables import QuantCache, refresh_cache, seal_cache
@@ -32,7 +31,8 @@ class Linear(Int8WeightLayer):
         k, n = weight.shape
         self.in_features, self.out_features = int(k), int(n)
         self._set_weight_and_output(weight, bias, out_scale, out_zero_point, out_dtype, relu, name)
-        self.packed = QuantCache(pack_weight(weight.int_data, weight.zero_point, "both"))
+        self.packed = QuantCache(pack_linear(weight.int_data, self.weight_scale.get_value(), weight.zero_point,
+                                             self.bias.get_value()))
         seal_cache(self)
 
     @classmethod
@@ -55,16 +55,8 @@ class Linear(Int8WeightLayer):
     def __call__(self, x) -> QTensor:
         x = require_qtensor(x, self.name, "quantized Linear")
         refresh_cache(self, self.name)  # loaded QuantParams (nnx.update): repack, or say why not
-        pw = self.packed.get_value()
         if x.shape[-1] != self.in_features:
             raise ValueError(f"quantized Linear '{self.name}': input has {x.shape[-1]} features, "
                              f"expected {self.in_features}")
-        lead = x.shape[:-1]
-        x_u8, zx = to_uint8_activation(x.int_data.reshape(-1, self.in_features), x.zero_point)
-        acc = int8_matmul_acc(x_u8, zx, pw)
-        out_scale, out_zp = self.out_scale.get_value(), self.out_zero_point.get_value()
-        act_times_w, multiplier = output_multiplier(x.scale, self.weight_scale.get_value(), out_scale)
-        bias = self.bias.get_value()
-        y = requantize(acc, multiplier, out_zp, bias_over_scale=None if bias is None else bias / act_times_w,
-                       relu=self.relu, out_dtype=self.out_dtype.storage)
-        return QTensor(y.reshape(*lead, self.out_features), out_scale, out_zp, self.out_dtype)
+        return quantized_linear(x, self.packed.get_value(), self.out_scale.get_value(),
+                                self.out_zero_point.get_value(), out_dtype=self.out_dtype, relu=self.relu)
