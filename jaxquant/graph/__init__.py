@@ -165,7 +165,11 @@ def compare(program: QuantizedProgram, float_params: Any, *inputs) -> list:
 
     ``float_params``: the float params the program was converted from."""
     from jaxquant.graph.program import _record_units
-    from jaxquant.tools.numeric_debugger import compute_sqnr
+
+    def compute_sqnr(x, y):  # PyTorch's compute_sqnr (jaxquant.tools sits above the front ends)
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        signal, noise = np.linalg.norm(x), np.linalg.norm(x - y)
+        return np.inf if noise == 0 else (-np.inf if signal == 0 else 20.0 * np.log10(signal / noise))
 
     float_vals, q_vals, outs = _record_units(program, float_params, inputs)
     rows = [(path, float(compute_sqnr(float_vals[path], q_vals[path]))) for path in q_vals]

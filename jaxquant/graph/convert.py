@@ -46,10 +46,10 @@ def _check_unit_weight(a: Analysis, u: Unit) -> None:
             f"(in, out) weight can be identified; keep it float with QConfigMapping().set_module_name('{u.path}', None)")
     if u.kind == "conv":
         p = u.op.params
-        if any(d != 1 for d in p["lhs_dilation"]) or p["batch_group_count"] != 1:
+        if p["batch_group_count"] != 1:
             raise GraphQuantizationError(
-                f"graph: '{u.path}' (conv_general_dilated at op {u.op.index}): input dilation (a transposed conv) "
-                f"or batch_group_count has no int8 kernel here; keep it float with "
+                f"graph: '{u.path}' (conv_general_dilated at op {u.op.index}): batch_group_count "
+                f"{p['batch_group_count']} has no int8 kernel; keep it float with "
                 f"QConfigMapping().set_module_name('{u.path}', None)")
 
 
@@ -117,15 +117,15 @@ def convert_static(program: ObservedProgram, state: dict, params=None) -> Quanti
             entry["clamp"] = clamp
         if u.kind == "conv":
             p = u.op.params
-            entry["packed"] = K.pack_conv(wq.int_data, w_scale, w_zp, b, x_scale, x_zp, out_scale, out_zp,
-                                          strides=tuple(p["window_strides"]), padding=tuple(map(tuple, p["padding"])),
-                                          dilation=tuple(p["rhs_dilation"]), groups=int(p["feature_group_count"]),
-                                          relu=relu, out_dtype=out_dtype.storage)
-            static[i] = {"mode": "static", "perms": _conv_perms(u), "out_dtype": out_dtype}
+            entry["packed"] = K.pack_conv(wq.int_data, w_scale, w_zp, b, strides=tuple(p["window_strides"]),
+                                          padding=tuple(map(tuple, p["padding"])), dilation=tuple(p["rhs_dilation"]),
+                                          groups=int(p["feature_group_count"]),
+                                          input_dilation=tuple(p["lhs_dilation"]))
+            static[i] = {"mode": "static", "perms": _conv_perms(u), "out_dtype": out_dtype, "relu": relu}
         else:
-            entry["packed"] = K.pack_linear(wq.int_data, w_scale, w_zp, b, x_scale, x_zp, out_scale, out_zp,
-                                            relu=relu, out_dtype=out_dtype.storage)
+            entry["packed"] = K.pack_linear(wq.int_data, w_scale, w_zp, b)
             static[i] = _linear_meta(a, u, "static", out_dtype)
+            static[i]["relu"] = relu
         qp["units"][str(i)] = entry
     return QuantizedProgram(a, plan, qp, static, "static")
 
@@ -169,7 +169,7 @@ def convert_without_calibration(a: Analysis, plan, params, mode: str, *, reduce_
         meta = _linear_meta(a, u, "dynamic")
         meta["reduce_range"] = bool(reduce_range)
         meta["per_token"] = activation_per_token(qconfig) if per_token is None else bool(per_token)
-        qp["units"][str(i)] = {"packed": K.pack_dynamic_linear(wq.int_data, wq.scale, wq.zero_point, b)}
+        qp["units"][str(i)] = {"packed": K.pack_linear(wq.int_data, wq.scale, wq.zero_point, b)}
         static[i] = meta
     return QuantizedProgram(a, plan, qp, static, mode)
 

@@ -13,47 +13,41 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxquant.kernels.conv import prepack_static_conv, refold_input_qparams, static_conv
-from jaxquant.kernels.linear import (choose_activation_qparams, dynamic_linear, prepack_dynamic_linear,
-                                     prepack_static_linear, static_linear, to_uint8_activation)
+from jaxquant.kernels import (pack_conv as _pack_conv, pack_linear as _pack_linear, quantized_conv,
+                              quantized_linear, quantized_linear_dynamic)
+from jaxquant.kernels.linear import choose_activation_qparams, to_uint8_activation
 from jaxquant.kernels.mixed_dot import dot_general_u8s8
+from jaxquant.qtensor import QTensor
 
-__all__ = ["pack_linear", "run_linear", "pack_conv", "run_conv", "pack_dynamic_linear", "run_dynamic_linear",
-           "int8_dot_general", "dynamic_qparams"]
-
-
-def pack_linear(w_q, w_scale, w_zp, bias, x_scale, x_zp, out_scale, out_zp, *, relu: bool, out_dtype):
-    """Static linear: int8 ``(K, N)`` weight, per-channel float32 ``(N,)`` scales -> prepacked params."""
-    return prepack_static_linear(w_q, w_scale, w_zp, bias, x_scale, x_zp, out_scale, out_zp, relu=relu,
-                                 out_dtype=out_dtype)
+__all__ = ["pack_linear", "run_linear", "pack_conv", "run_conv", "run_dynamic_linear", "int8_dot_general",
+           "dynamic_qparams"]
 
 
-def run_linear(x_q: jax.Array, packed) -> jax.Array:
-    """uint8/int8 ``(M, K)`` -> ``(M, N)`` of the packed output dtype."""
-    return static_linear(x_q, packed)
+def pack_linear(w_q, w_scale, w_zp, bias):
+    """int8 ``(K, N)`` weight, float32 ``(N,)`` scales, int32 ``(N,)`` zero points, float32 bias -> packed
+    (once, at convert; static and dynamic linears share the packing)."""
+    return _pack_linear(w_q, w_scale, w_zp, bias)
 
 
-def pack_conv(w_q, w_scale, w_zp, bias, x_scale, x_zp, out_scale, out_zp, *, strides, padding, dilation,
-              groups: int, relu: bool, out_dtype):
-    """Static conv, prepacked exactly as the eager quantized ``Conv`` does (placeholder input qparams,
-    then refolded with the real ones), so both give the same integers."""
-    p = prepack_static_conv(w_q, w_scale, w_zp, bias, 1.0, 0, out_scale, out_zp, strides=strides,
-                            padding=padding, dilation=dilation, groups=groups, relu=relu, out_dtype=out_dtype)
-    return refold_input_qparams(p, x_scale, x_zp, w_scale, out_scale, bias)
+def run_linear(x: QTensor, packed, out_scale, out_zp, *, out_dtype, relu: bool) -> QTensor:
+    """Static int8 linear: per-tensor QTensor ``(M, K)`` -> QTensor ``(M, N)`` with the given qparams."""
+    return quantized_linear(x, packed, out_scale, out_zp, out_dtype=out_dtype, relu=relu)
 
 
-def run_conv(x_q: jax.Array, packed) -> jax.Array:
-    """NHWC uint8 ``(N, *spatial, cin)`` -> ``(N, *out_spatial, cout)``."""
-    return static_conv(x_q, packed)
+def pack_conv(w_q, w_scale, w_zp, bias, *, strides, padding, dilation, groups: int, input_dilation):
+    """int8 conv kernel ``(*k, cin/groups, cout)`` -> packed (once, at convert)."""
+    return _pack_conv(w_q, w_scale, w_zp, bias, strides=strides, padding=padding, dilation=dilation,
+                      groups=groups, input_dilation=input_dilation)
 
 
-def pack_dynamic_linear(w_q, w_scale, w_zp, bias):
-    return prepack_dynamic_linear(w_q, w_scale, w_zp, bias)
+def run_conv(x: QTensor, packed, out_scale, out_zp, *, out_dtype, relu: bool) -> QTensor:
+    """Static int8 conv: NHWC QTensor ``(N, *spatial, cin)`` -> QTensor ``(N, *out_spatial, cout)``."""
+    return quantized_conv(x, packed, out_scale, out_zp, out_dtype=out_dtype, relu=relu)
 
 
 def run_dynamic_linear(x: jax.Array, packed, *, reduce_range: bool, per_token: bool, relu: bool) -> jax.Array:
     """float ``(M, K)`` -> float32 ``(M, N)``, activation qparams chosen per call."""
-    return dynamic_linear(x, packed, reduce_range=reduce_range, per_token=per_token, relu=relu)
+    return quantized_linear_dynamic(x, packed, reduce_range=reduce_range, per_token=per_token, relu=relu)
 
 
 def dynamic_qparams(x: jax.Array, reduce_range: bool = False):

@@ -399,8 +399,10 @@ def _run_unit(a: Analysis, u: Unit, meta: dict, p: dict, get_q, get_f):
     if u.kind == "conv":
         q = get_q(u.x)
         to_nhwc, from_nhwc = meta["perms"]
-        x = q.int_data if to_nhwc == tuple(range(len(to_nhwc))) else jnp.transpose(q.int_data, to_nhwc)
-        y = K.run_conv(x, p["packed"])
+        if to_nhwc != tuple(range(len(to_nhwc))):
+            q = QTensor(jnp.transpose(q.int_data, to_nhwc), q.scale, q.zero_point, q.dtype)
+        y = K.run_conv(q, p["packed"], p["out_scale"], p["out_zp"], out_dtype=meta["out_dtype"],
+                       relu=meta["relu"]).int_data
         y = _int_clamp(y, p)
         if from_nhwc != tuple(range(len(from_nhwc))):
             y = jnp.transpose(y, from_nhwc)
@@ -420,8 +422,10 @@ def _run_unit(a: Analysis, u: Unit, meta: dict, p: dict, get_q, get_f):
         q = get_q(u.x)
         xt = q.int_data if xperm == list(range(len(xperm))) else jnp.transpose(q.int_data, xperm)
         lead = xt.shape[:nxf]
-        x2 = xt.reshape(int(np.prod(lead)) if lead else 1, -1)
-        y = _int_clamp(K.run_linear(x2, p["packed"]), p)
+        x2 = QTensor(xt.reshape(int(np.prod(lead)) if lead else 1, -1), q.scale, q.zero_point, q.dtype)
+        y = K.run_linear(x2, p["packed"], p["out_scale"], p["out_zp"], out_dtype=meta["out_dtype"],
+                         relu=meta["relu"]).int_data
+        y = _int_clamp(y, p)
     y = y.reshape(tuple(lead) + meta["wfree_shape"])
     if u.w_side == 0:  # dot_general puts the weight's free axes first
         y = jnp.transpose(y, tuple(range(nxf, nxf + nwf)) + tuple(range(nxf)))
