@@ -102,3 +102,19 @@ def test_object_type_rule_with_an_nnx_module_class():
     assert [(p, k) for p, k, _ in observed.units] == [("fc", "linear")]
     mapping = jq.QConfigMapping().set_object_type("conv_general_dilated", jq.default_per_channel_qconfig)
     assert [p for p, _, _ in jq.graph.prepare(Net(nnx.Rngs(0)), x, mapping).units] == ["conv"]
+
+
+def test_transposed_conv_runs_int8():
+    def up(params, x):  # lax.conv_transpose: an input-dilated conv_general_dilated
+        y = jax.lax.conv_transpose(x, params["w"], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.nn.relu(y + params["b"])
+
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(0, 0.3, (3, 3, 4, 6)), jnp.float32), "b": jnp.zeros(6)}
+    x = jnp.asarray(rng.normal(size=(2, 5, 5, 4)), jnp.float32)
+    observed = jq.graph.prepare(up, (params, x), jq.default_per_channel_qconfig)
+    assert observed.units == [("w", "conv", ("add", "relu"))]
+    qprog = jq.graph.convert(observed, jq.graph.calibrate(observed, [x], progress=False))
+    y, ref = np.asarray(qprog(x)), np.asarray(up(params, x))
+    assert y.shape == ref.shape
+    assert np.corrcoef(y.ravel(), ref.ravel())[0, 1] > 0.99
