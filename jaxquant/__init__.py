@@ -114,6 +114,7 @@ from jaxquant.qconfig_mapping import (
 from jaxquant.qtensor import QTensor, dequantize, quantize_per_channel, quantize_per_tensor
 from jaxquant.quantization_mappings import get_default_static_quant_module_mappings
 from jaxquant.export import export, load_exported
+from jaxquant import graph
 from jaxquant.onnx_export import export_onnx
 from jaxquant.serialization import CheckpointError, converted_template, load, rebuild_cache, save
 from jaxquant.serving import CompiledModel, ModelChangedError, ModelMutatesStateError, compile

@@ -45,6 +45,12 @@ KNOWN_UPWARD = {
     ("jaxquant.linen.transforms", "jaxquant.transforms.quantize_dynamic"),
     ("jaxquant.qconfig_mapping", "jaxquant.nn"),
     ("jaxquant.serialization", "jaxquant"),  # __version__
+    # graph mode quantizes weights and reads activation qparams with the very functions eager convert uses
+    # (bit-identical results); they move with the rest of weight quantization to the core layer
+    ("jaxquant.graph.convert", "jaxquant.nn.dynamic.weights"),
+    ("jaxquant.graph.convert", "jaxquant.nn.observer_module"),
+    ("jaxquant.graph.convert", "jaxquant.nn.quantized.weights"),
+    ("jaxquant.graph.program", "jaxquant.nn.quantized.weights"),
 }
 
 

@@ -1,0 +1,67 @@
+"""Graph-mode static PTQ of the unmodified Fashion-MNIST CNN equals eager fuse -> prepare -> calibrate ->
+convert bit for bit (same qconfig, same calibration batches), and its int8 dots are u8 x s8."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxquant as jq
+from graph_hlo import assert_int8_dots
+from jaxquant.models.fashion_cnn import FashionCNN, fusion_patterns
+
+
+def _trained_like_model():
+    model = FashionCNN(width=8, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    # non-trivial BatchNorm statistics, so the fold is exercised
+    for blk in (model.block1, model.block2):
+        c = blk.bn.mean.get_value().shape[0]
+        blk.bn.mean.set_value(jnp.asarray(rng.normal(0, 0.3, c), jnp.float32))
+        blk.bn.var.set_value(jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32))
+        blk.bn.scale.set_value(jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32))
+        blk.bn.bias.set_value(jnp.asarray(rng.normal(0, 0.2, c), jnp.float32))
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("backend_qconfig", ["x86_minmax", pytest.param("x86", marks=pytest.mark.slow)])
+def test_fashion_cnn_graph_static_equals_eager(backend_qconfig):
+    if backend_qconfig == "x86":
+        qconfig = jq.get_default_qconfig("x86")
+    else:
+        qconfig = jq.QConfig(activation=jq.MinMaxObserver.with_args(reduce_range=True),
+                             weight=jq.default_per_channel_weight_observer)
+    model = _trained_like_model()
+    rng = np.random.default_rng(2)
+    batches = [jnp.asarray(rng.uniform(0, 1, (8, 28, 28, 1)), jnp.float32) for _ in range(3)]
+    x_test = jnp.asarray(rng.uniform(0, 1, (16, 28, 28, 1)), jnp.float32)
+
+    fused = jq.fuse_modules(model, fusion_patterns(model))
+    prepared = jq.prepare(fused, qconfig)
+    jq.calibrate(prepared, batches, progress=False)
+    eager = jq.convert(prepared)
+    y_eager = eager(x_test)
+
+    observed = jq.graph.prepare(model, batches[0], qconfig)
+    assert [p for p, _, _ in observed.units] == ["block1.conv", "block2.conv", "fc1", "fc2"]
+    state = jq.graph.calibrate(observed, batches, progress=False)
+    qprog = jq.graph.convert(observed, state)
+    y_graph = jax.jit(qprog.apply)(qprog.params, x_test)
+    np.testing.assert_array_equal(np.asarray(y_graph), np.asarray(y_eager))
+    # the float model is close too (sanity: the int8 model is a model of the float one)
+    y_float = model(x_test)
+    cos = float(jnp.sum(y_float * y_graph) / (jnp.linalg.norm(y_float) * jnp.linalg.norm(y_graph)))
+    assert cos > 0.99
+
+
+@pytest.mark.slow
+def test_fashion_cnn_graph_int8_hlo_is_u8s8():
+    model = _trained_like_model()
+    x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (4, 28, 28, 1)), jnp.float32)
+    observed = jq.graph.prepare(model, x, jq.get_default_qconfig("x86"))
+    qprog = jq.graph.convert(observed, jq.graph.calibrate(observed, [x], progress=False))
+    hlo = jax.jit(qprog.apply).lower(qprog.params, x).compile().as_text()
+    assert_int8_dots(hlo, expected=4)
