@@ -1,15 +1,21 @@
 // jaxquant's native int8 kernels, called from XLA as FFI custom calls (jax.ffi.ffi_call).
 //
 // * JqConvU8S8: a 2-D NHWC convolution, uint8 activations x int8 weights, on oneDNN. The output
-//   pipeline is fbgemm's (jaxquant/kernels/requantize.py), expressed as oneDNN attributes so that
-//   every step rounds exactly like the pure-XLA kernel:
+//   pipeline is fbgemm's (jaxquant/kernels/requantize.py), expressed so that every step rounds
+//   exactly like the pure-XLA kernel:
 //     y = f32(sum x * w) + f32(-zx * colsum(w)[oc])      (int32 accumulator; the input is padded
-//                                                          with zx by the caller; the add is exact)
+//                                                          with zx by the caller; the compensation
+//                                                          is oneDNN's f32 bias argument: the add
+//                                                          of two exact integers rounds once)
 //     y = y + bias_over_scale[oc]                        (binary-add post-op, if a bias)
 //     y = y * multiplier[oc]                             (binary-mul post-op, one f32 rounding)
 //     y = round_half_even(y)                             (eltwise round post-op)
 //     y = max(y, 0)                                      (eltwise ReLU post-op, if fused)
-//     out = saturate(y + zo)                             (dst zero point)
+//     out = saturate(y + zo)                             (eltwise linear post-op 1 * y + zo: exact)
+//   Why not oneDNN's own quantization attributes: a dst zero point or a src zero point makes
+//   oneDNN 3.2 skip its brgemm AMX kernels (measured 2x slower per conv, see
+//   docs/cpu_performance.md), and its scales multiply before the bias is added (another rounding
+//   order than fbgemm's). zo is baked into the primitive (it is part of the cache key).
 //   The weight is reordered into oneDNN's preferred blocked layout once (jq_conv_pack, at
 //   convert time) and the primitives are cached per shape behind a mutex.
 // * JqGemvU8S8: the decode GEMV (M <= 8 rows), an AVX512-VNNI loop over a weight packed as
@@ -51,11 +57,12 @@ enum CfgIndex {
 struct ConvShape {
   int64_t cfg[CFG_LEN];
   int64_t n, h, w;
+  int64_t zo = 0;  // output zero point, baked into the last post-op
   int64_t oh() const { return (h + cfg[PT] + cfg[PB] - ((cfg[KH] - 1) * cfg[DH] + 1)) / cfg[SH] + 1; }
   int64_t ow() const { return (w + cfg[PL] + cfg[PR] - ((cfg[KW] - 1) * cfg[DW] + 1)) / cfg[SW] + 1; }
   std::string key() const {
     std::string k(reinterpret_cast<const char*>(cfg), sizeof(cfg));
-    int64_t nhw[3] = {n, h, w};
+    int64_t nhw[4] = {n, h, w, zo};
     k.append(reinterpret_cast<const char*>(nhw), sizeof(nhw));
     return k;
   }
@@ -83,25 +90,21 @@ dnnl::convolution_forward::primitive_desc make_conv_pd(const ConvShape& s) {
   memory::desc wei(weight_dims(s), dt::s8, tag::any);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-  attr.set_zero_points_mask(DNNL_ARG_DST, 0);
-  // No src zero point and no bias argument: oneDNN's kernels add the zero-point compensation
-  // after the bias (and its AMX kernels fold both together), which rounds differently from
-  // f32(sum (x - zx) w) + bias. The caller pads with zx itself, and the compensation
-  // -zx * colsum(w) (an integer, exact in f32) is the first binary-add post-op.
   memory::desc per_oc({1, c[COUT], 1, 1}, dt::f32, tag::abcd);
   dnnl::post_ops po;
-  po.append_binary(dnnl::algorithm::binary_add, per_oc);
   if (c[HAS_BIAS]) po.append_binary(dnnl::algorithm::binary_add, per_oc);
   po.append_binary(dnnl::algorithm::binary_mul, per_oc);
-  // Round before the dst zero point is added: round(y) + zo, not round(y + zo) (in f32 the sum can
-  // round to a .5 first: 5.499998 + 90 is 95.5).
+  // Round before the output zero point is added: round(y) + zo, not round(y + zo) (in f32 the sum
+  // can round to a .5 first: 5.499998 + 90 is 95.5). After the round both terms are integers, so
+  // the linear post-op is exact.
   po.append_eltwise(dnnl::algorithm::eltwise_round, 0.f, 0.f);
   if (c[RELU]) po.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+  if (s.zo != 0) po.append_eltwise(dnnl::algorithm::eltwise_linear, 1.f, static_cast<float>(s.zo));
   attr.set_post_ops(po);
   memory::dims strides{c[SH], c[SW]}, dil{c[DH] - 1, c[DW] - 1}, pl{c[PT], c[PL]}, pr{c[PB], c[PR]};
   return dnnl::convolution_forward::primitive_desc(
-      cpu_engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, src, wei, dst,
-      strides, dil, pl, pr, attr);
+      cpu_engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, src, wei,
+      memory::desc({c[COUT]}, dt::f32, tag::a), dst, strides, dil, pl, pr, attr);
 }
 
 // The shape the weight is packed for at convert time (the input size is not known then; oneDNN's
@@ -181,6 +184,9 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp
       return ffi::Error::InvalidArgument("JqConvU8S8: per-channel vectors must be float32 (cout,)");
   if (zo.element_type() != ffi::DataType::S32 || zo.element_count() != 1)
     return ffi::Error::InvalidArgument("JqConvU8S8: the output zero point must be one int32");
+  s.zo = *static_cast<const int32_t*>(zo.untyped_data());
+  if (s.zo < -255 || s.zo > 255)  // a uint8/int8 zero point; also bounds the number of cached primitives
+    return ffi::Error::InvalidArgument("JqConvU8S8: the output zero point is out of the 8-bit range");
   try {
     auto e = get_conv(s);
     auto& eng = cpu_engine();
@@ -203,12 +209,11 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp
     memory m_wei(wmd, eng, wptr);
     memory m_dst(e->pd.dst_desc(), eng, y->untyped_data());
     memory m_scr(e->pd.scratchpad_desc(), eng, scratch.data());
-    memory::desc zp_md({1}, dt::s32, tag::a), per_oc({1, s.cfg[COUT], 1, 1}, dt::f32, tag::abcd);
+    memory::desc per_oc({1, s.cfg[COUT], 1, 1}, dt::f32, tag::abcd);
     std::unordered_map<int, memory> args{
         {DNNL_ARG_SRC, m_src}, {DNNL_ARG_WEIGHTS, m_wei}, {DNNL_ARG_DST, m_dst}, {DNNL_ARG_SCRATCHPAD, m_scr},
-        {DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_DST, memory(zp_md, eng, zo.untyped_data())},
-        {DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, memory(per_oc, eng, comp.untyped_data())}};
-    int post_op = 1;
+        {DNNL_ARG_BIAS, memory(e->pd.bias_desc(), eng, comp.untyped_data())}};
+    int post_op = 0;
     if (s.cfg[HAS_BIAS])
       args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(post_op++) | DNNL_ARG_SRC_1,
                    memory(per_oc, eng, bias.untyped_data()));
