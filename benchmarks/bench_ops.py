@@ -204,6 +204,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repeats (< 2 min)")
     ap.add_argument("--json", default=None,
                     help="results file (default benchmarks/results/ops.json, ops_quick.json with --quick)")
+    ap.add_argument("--only", choices=("dense", "conv"), default=None, help="run one of the two tables")
     args = ap.parse_args()
     if args.quick:
         shapes, ms, rep = [(768, 768), (4096, 4096)], [1, 512], 5
@@ -213,10 +214,10 @@ def main():
         convs, batches, crep = CONVS, [1, 32], 7
     print(f"native backend: {'on' if NATIVE else 'off (' + jq.native_backend_reason() + ')'}\n")
     print("## Dense (ms per call; ratios > 1 mean the first named is slower)\n")
-    dense = bench_dense(shapes, ms, rep)
+    dense = [] if args.only == "conv" else bench_dense(shapes, ms, rep)
     print("\n" + markdown_table(dense) + "\n")
     print("## Conv (NHWC, ms per call)\n")
-    conv = bench_conv(convs, batches, crep)
+    conv = [] if args.only == "dense" else bench_conv(convs, batches, crep)
     print("\n" + markdown_table(conv))
     default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                            "ops_quick.json" if args.quick else "ops.json")

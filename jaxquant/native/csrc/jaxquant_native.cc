@@ -107,30 +107,56 @@ dnnl::convolution_forward::primitive_desc make_conv_pd(const ConvShape& s) {
       memory::desc({c[COUT]}, dt::f32, tag::a), dst, strides, dil, pl, pr, attr);
 }
 
-// The shape the weight is packed for at convert time (the input size is not known then; oneDNN's
-// int8 kernels choose the weight layout from the channels and the kernel, so a nominal image works;
-// a call whose primitive wants another layout reorders the packed weight, still correct).
-ConvShape nominal_shape(const int64_t* cfg) {
-  ConvShape s;
-  std::memcpy(s.cfg, cfg, sizeof(s.cfg));
-  // The packed layout must be a function of the weight's shape alone: the per-call choices (fused
-  // ReLU, bias, output dtype) are canonicalised, so pack time and call time agree on it.
-  s.cfg[RELU] = 0;
-  s.cfg[HAS_BIAS] = 1;
-  s.cfg[DST_S8] = 0;
-  s.n = 1;
-  s.h = std::max<int64_t>(16, (cfg[KH] - 1) * cfg[DH] + 1 + cfg[SH]);
-  s.w = std::max<int64_t>(16, (cfg[KW] - 1) * cfg[DW] + 1 + cfg[SW]);
-  return s;
+// The shapes the weight is packed for at convert time. The input size is not known then, and
+// oneDNN's brgemm AMX kernels choose the weight blocking from the work size as well as the
+// channels (measured: 32 output channels per block on small images, 64 on large ones) and accept
+// no other. So the blob holds the weight in the layout of each nominal image below (each distinct
+// layout once, concatenated); a call whose primitive wants yet another layout reorders the first
+// one, still correct.
+std::vector<ConvShape> nominal_shapes(const int64_t* cfg) {
+  std::vector<ConvShape> out;
+  for (int64_t side : {16, 64}) {
+    ConvShape s;
+    std::memcpy(s.cfg, cfg, sizeof(s.cfg));
+    // The packed layouts must be a function of the weight's shape alone: the per-call choices
+    // (fused ReLU, bias, output dtype, zero point) are canonicalised, so pack and call agree.
+    s.cfg[RELU] = 0;
+    s.cfg[HAS_BIAS] = 1;
+    s.cfg[DST_S8] = 0;
+    s.n = 1;
+    s.h = std::max<int64_t>(side, (cfg[KH] - 1) * cfg[DH] + 1 + cfg[SH]);
+    s.w = std::max<int64_t>(side, (cfg[KW] - 1) * cfg[DW] + 1 + cfg[SW]);
+    out.push_back(s);
+  }
+  return out;
+}
+
+// The distinct weight layouts of nominal_shapes, in blob order.
+std::vector<memory::desc> packed_layouts(const int64_t* cfg) {
+  std::vector<memory::desc> mds;
+  for (const ConvShape& s : nominal_shapes(cfg)) {
+    memory::desc md = make_conv_pd(s).weights_desc();
+    bool seen = false;
+    for (const auto& m : mds) seen = seen || (m == md);
+    if (!seen) mds.push_back(md);
+  }
+  return mds;
+}
+
+size_t packed_bytes(const std::vector<memory::desc>& mds) {
+  size_t n = 0;
+  for (const auto& m : mds) n += m.get_size();
+  return n;
 }
 
 struct ConvEntry {
   dnnl::convolution_forward::primitive_desc pd;
   dnnl::convolution_forward prim;
-  memory::desc packed_md;    // layout of jq_conv_pack's blob
-  bool packed_matches;       // the primitive reads the packed blob as is
-  dnnl::reorder from_packed;  // else: packed -> pd layout, per call
-  dnnl::reorder from_plain;   // unpacked (traced) weights: plain -> pd layout, per call
+  std::vector<memory::desc> packed_mds;  // layouts in jq_conv_pack's blob
+  size_t packed_size = 0;
+  int64_t packed_offset = -1;  // byte offset of the layout the primitive reads, or -1: reorder
+  dnnl::reorder from_packed;   // packed_mds[0] -> pd layout, per call (when packed_offset < 0)
+  dnnl::reorder from_plain;    // unpacked (traced) weights: plain -> pd layout, per call
 };
 
 std::mutex g_mutex;
@@ -145,11 +171,19 @@ std::shared_ptr<ConvEntry> get_conv(const ConvShape& s) {
   }
   auto e = std::make_shared<ConvEntry>();
   e->pd = make_conv_pd(s);
+  e->packed_mds = packed_layouts(s.cfg);
+  e->packed_size = packed_bytes(e->packed_mds);
+  size_t offset = 0;
+  for (const auto& md : e->packed_mds) {
+    if (md == e->pd.weights_desc()) {
+      e->packed_offset = static_cast<int64_t>(offset);
+      break;
+    }
+    offset += md.get_size();
+  }
   e->prim = dnnl::convolution_forward(e->pd);
-  e->packed_md = make_conv_pd(nominal_shape(s.cfg)).weights_desc();
-  e->packed_matches = (e->packed_md == e->pd.weights_desc());
-  if (!e->packed_matches)
-    e->from_packed = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), e->packed_md, cpu_engine(),
+  if (e->packed_offset < 0)
+    e->from_packed = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), e->packed_mds[0], cpu_engine(),
                                                                  e->pd.weights_desc()));
   e->from_plain = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), plain_weight_desc(s),
                                                               cpu_engine(), e->pd.weights_desc()));
@@ -190,16 +224,18 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp
   try {
     auto e = get_conv(s);
     auto& eng = cpu_engine();
-    const size_t want_w = packed ? e->packed_md.get_size() : plain_weight_desc(s).get_size();
+    const size_t want_w = packed ? e->packed_size : plain_weight_desc(s).get_size();
     if (weight.size_bytes() != want_w)
       return ffi::Error::InvalidArgument("JqConvU8S8: the weight blob has the wrong size for this conv");
     thread_local dnnl::stream stream(cpu_engine());
     thread_local std::vector<uint8_t> scratch, wbuf;
     const memory::desc& wmd = e->pd.weights_desc();
     void* wptr = weight.untyped_data();
-    if (!packed || !e->packed_matches) {
+    if (packed && e->packed_offset >= 0) {
+      wptr = static_cast<uint8_t*>(wptr) + e->packed_offset;
+    } else {
       wbuf.resize(wmd.get_size());
-      memory src_w(packed ? e->packed_md : plain_weight_desc(s), eng, wptr);
+      memory src_w(packed ? e->packed_mds[0] : plain_weight_desc(s), eng, wptr);
       memory dst_w(wmd, eng, wbuf.data());
       (packed ? e->from_packed : e->from_plain).execute(stream, src_w, dst_w);
       wptr = wbuf.data();
@@ -355,7 +391,7 @@ const char* jq_last_error() { return g_last_error.c_str(); }
 // Bytes of the packed conv weight for cfg (CFG_LEN int64), or -1 (see jq_last_error).
 int64_t jq_conv_packed_size(const int64_t* cfg) {
   try {
-    return static_cast<int64_t>(make_conv_pd(nominal_shape(cfg)).weights_desc().get_size());
+    return static_cast<int64_t>(packed_bytes(packed_layouts(cfg)));
   } catch (const dnnl::error& err) {
     g_last_error = err.what();
     return -1;
@@ -382,16 +418,19 @@ int jq_conv_impl_name(const int64_t* cfg, int64_t n, int64_t h, int64_t w, char*
 // Reorder the int8 weight (kh, kw, cin/g, cout) into oneDNN's layout; out holds jq_conv_packed_size bytes.
 int jq_conv_pack(const int64_t* cfg, const int8_t* w, uint8_t* out, int64_t out_size) {
   try {
-    ConvShape s = nominal_shape(cfg);
-    memory::desc packed = make_conv_pd(s).weights_desc();
-    if (static_cast<int64_t>(packed.get_size()) != out_size) {
+    const std::vector<memory::desc> mds = packed_layouts(cfg);
+    if (static_cast<int64_t>(packed_bytes(mds)) != out_size) {
       g_last_error = "packed size mismatch";
       return -1;
     }
     dnnl::stream stream(cpu_engine());
-    memory src(plain_weight_desc(s), cpu_engine(), const_cast<int8_t*>(w));
-    memory dst(packed, cpu_engine(), out);
-    dnnl::reorder(src, dst).execute(stream, src, dst);
+    memory src(plain_weight_desc(nominal_shapes(cfg)[0]), cpu_engine(), const_cast<int8_t*>(w));
+    size_t offset = 0;
+    for (const auto& md : mds) {
+      memory dst(md, cpu_engine(), out + offset);
+      dnnl::reorder(src, dst).execute(stream, src, dst);
+      offset += md.get_size();
+    }
     stream.wait();
     return 0;
   } catch (const dnnl::error& err) {
