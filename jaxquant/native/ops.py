@@ -20,7 +20,7 @@ __all__ = ["CONV_CFG_FIELDS", "conv_cfg", "pack_conv_weight", "native_conv", "co
 
 # Must match CfgIndex in csrc/jaxquant_native.cc.
 CONV_CFG_FIELDS = ("kh", "kw", "sh", "sw", "pt", "pb", "pl", "pr", "dh", "dw", "groups", "cin", "cout",
-                   "relu", "has_bias", "dst_s8")
+                   "relu", "has_bias", "dst_s8", "src_zp")
 GEMV_COLS = 64  # output columns per packed group (csrc kCols)
 # Conv sizes handed to oneDNN: every dim must fit the library's int64 dims and our checks.
 _MAX_DIM = 1 << 24
@@ -33,8 +33,13 @@ def _concrete(*vals) -> bool:
 def conv_cfg(kernel_size: Sequence[int], strides: Sequence[int], pads: Sequence[tuple[int, int]],
              dilation: Sequence[int], groups: int, cin: int, cout: int, relu: bool, has_bias: bool,
              out_dtype: str) -> Optional[np.ndarray]:
-    """int64 ``(16,)`` config for a 1-D or 2-D conv (1-D as a 1 x k 2-D conv), or None when the
-    native kernel does not take it (3-D, negative padding)."""
+    """int64 ``(17,)`` config for a 1-D or 2-D conv (1-D as a 1 x k 2-D conv), or None when the
+    native kernel does not take it (3-D, negative padding).
+
+    ``src_zp`` is set for depthwise convs (``groups == cin``): oneDNN's depthwise kernel is the same
+    with its own input zero point, which pads in the kernel and saves the padded copy; for the
+    other convs an input zero point would make oneDNN 3.2 leave its faster brgemm AMX kernels, so
+    :func:`native_conv` pads in XLA and passes the compensation as the bias."""
     nd = len(kernel_size)
     if nd not in (1, 2) or not _concrete(*kernel_size, *strides, *dilation, groups, cin, cout):
         return None
@@ -45,7 +50,7 @@ def conv_cfg(kernel_size: Sequence[int], strides: Sequence[int], pads: Sequence[
         return None
     return np.asarray([kernel_size[0], kernel_size[1], strides[0], strides[1], pt, pb, pl, pr, dilation[0],
                        dilation[1], groups, cin, cout, int(relu), int(has_bias),
-                       int(np.dtype(out_dtype) == np.int8)], np.int64)
+                       int(np.dtype(out_dtype) == np.int8), int(groups == cin and groups > 1)], np.int64)
 
 
 def pack_conv_weight(w_int8, cfg: np.ndarray) -> Optional[np.ndarray]:
@@ -108,8 +113,9 @@ def native_conv(x_u8: jax.Array, packed: jax.Array, colsum: jax.Array, bias_over
     one_d = x_u8.ndim == 3
     x4 = x_u8[:, None] if one_d else x_u8
     pt, pb, pl, pr = (int(v) for v in cfg[4:8])
+    src_zp = bool(cfg[16])
     zx = jnp.asarray(x_zero_point, jnp.int32).reshape(())
-    if pt or pb or pl or pr:
+    if (pt or pb or pl or pr) and not src_zp:
         x4 = lax.pad(x4, zx.astype(jnp.uint8), [(0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)])
         cfg = np.asarray(cfg, np.int64).copy()
         cfg[4:8] = 0
@@ -117,8 +123,9 @@ def native_conv(x_u8: jax.Array, packed: jax.Array, colsum: jax.Array, bias_over
     kh, kw, sh, sw = (int(v) for v in cfg[:4])
     dh, dw = int(cfg[8]), int(cfg[9])
     cout = int(cfg[12])
-    oh = (h - ((kh - 1) * dh + 1)) // sh + 1
-    ow = (w - ((kw - 1) * dw + 1)) // sw + 1
+    pt, pb, pl, pr = (int(v) for v in cfg[4:8])
+    oh = (h + pt + pb - ((kh - 1) * dh + 1)) // sh + 1
+    ow = (w + pl + pr - ((kw - 1) * dw + 1)) // sw + 1
     comp = (-zx * colsum).astype(jnp.float32)  # exact: |zx * colsum| < 255 * 128 * K < 2**24 for K < 514
     bias = comp if bias_over_scale is None else bias_over_scale.astype(jnp.float32)
     multiplier = jnp.broadcast_to(jnp.asarray(multiplier, jnp.float32), (cout,))
@@ -126,7 +133,7 @@ def native_conv(x_u8: jax.Array, packed: jax.Array, colsum: jax.Array, bias_over
         bias = jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (cout,))
     y = jax.ffi.ffi_call("jaxquant_conv_u8s8", jax.ShapeDtypeStruct((n, oh, ow, cout), np.dtype(out_dtype)),
                          vmap_method="sequential")(
-        x4, packed, comp, bias, multiplier.astype(jnp.float32),
+        x4, packed, comp, bias, multiplier.astype(jnp.float32), zx,
         jnp.asarray(out_zero_point, jnp.int32).reshape(()),
         cfg=np.asarray(cfg, np.int64), packed=np.int64(1))
     return y[:, 0] if one_d else y

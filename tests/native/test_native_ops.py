@@ -64,6 +64,11 @@ CONV_CASES = [  # N, spatial, cin, cout, kernel, strides, padding, dilation, gro
     (2, (13,), 4, 6, (3,), (2,), ((2, 2),), (2,), 2),
     (1, (12, 12), 64, 64, (3, 3), (1, 1), "SAME", (1, 1), 1),   # big enough for oneDNN's AMX/brgemm kernels
     (1, (12, 12), 32, 32, (5, 5), (2, 2), "SAME", (1, 1), 32),
+    # depthwise pads inside oneDNN (its own input zero point): asymmetric explicit padding, stride 2
+    (1, (11, 10), 24, 24, (5, 5), (2, 2), ((1, 2), (2, 1)), (1, 1), 24),
+    # 3x3 on a larger image: oneDNN picks another weight blocking than for the small ones (the blob
+    # carries both)
+    (1, (40, 40), 64, 64, (3, 3), (1, 1), "SAME", (1, 1), 1),
 ]
 
 

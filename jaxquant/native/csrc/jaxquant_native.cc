@@ -51,7 +51,7 @@ dnnl::engine& cpu_engine() {
 
 // cfg layout shared with jaxquant/native/ops.py (CONV_CFG_FIELDS).
 enum CfgIndex {
-  KH, KW, SH, SW, PT, PB, PL, PR, DH, DW, GROUPS, CIN, COUT, RELU, HAS_BIAS, DST_S8, CFG_LEN
+  KH, KW, SH, SW, PT, PB, PL, PR, DH, DW, GROUPS, CIN, COUT, RELU, HAS_BIAS, DST_S8, SRC_ZP, CFG_LEN
 };
 
 struct ConvShape {
@@ -92,7 +92,11 @@ dnnl::convolution_forward::primitive_desc make_conv_pd(const ConvShape& s) {
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   memory::desc per_oc({1, c[COUT], 1, 1}, dt::f32, tag::abcd);
   dnnl::post_ops po;
-  if (c[HAS_BIAS]) po.append_binary(dnnl::algorithm::binary_add, per_oc);
+  // SRC_ZP (depthwise convs, whose oneDNN kernel is the same either way): oneDNN pads and
+  // subtracts zx * sum(w) itself, in int32 before the f32 conversion, and the f32 bias argument
+  // is bias_over_scale. Otherwise the bias argument is the compensation (above).
+  if (c[SRC_ZP]) attr.set_zero_points_mask(DNNL_ARG_SRC, 0);
+  if (c[HAS_BIAS] && !c[SRC_ZP]) po.append_binary(dnnl::algorithm::binary_add, per_oc);
   po.append_binary(dnnl::algorithm::binary_mul, per_oc);
   // Round before the output zero point is added: round(y) + zo, not round(y + zo) (in f32 the sum
   // can round to a .5 first: 5.499998 + 90 is 95.5). After the round both terms are integers, so
@@ -104,7 +108,8 @@ dnnl::convolution_forward::primitive_desc make_conv_pd(const ConvShape& s) {
   memory::dims strides{c[SH], c[SW]}, dil{c[DH] - 1, c[DW] - 1}, pl{c[PT], c[PL]}, pr{c[PB], c[PR]};
   return dnnl::convolution_forward::primitive_desc(
       cpu_engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, src, wei,
-      memory::desc({c[COUT]}, dt::f32, tag::a), dst, strides, dil, pl, pr, attr);
+      (c[SRC_ZP] && !c[HAS_BIAS]) ? memory::desc() : memory::desc({c[COUT]}, dt::f32, tag::a), dst, strides,
+      dil, pl, pr, attr);
 }
 
 // The shapes the weight is packed for at convert time. The input size is not known then, and
@@ -123,6 +128,7 @@ std::vector<ConvShape> nominal_shapes(const int64_t* cfg) {
     s.cfg[RELU] = 0;
     s.cfg[HAS_BIAS] = 1;
     s.cfg[DST_S8] = 0;
+    s.cfg[PT] = s.cfg[PB] = s.cfg[PL] = s.cfg[PR] = 0;
     s.n = 1;
     s.h = std::max<int64_t>(side, (cfg[KH] - 1) * cfg[DH] + 1 + cfg[SH]);
     s.w = std::max<int64_t>(side, (cfg[KW] - 1) * cfg[DW] + 1 + cfg[SW]);
@@ -193,7 +199,7 @@ std::shared_ptr<ConvEntry> get_conv(const ConvShape& s) {
 }
 
 ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp, ffi::AnyBuffer bias,
-                    ffi::AnyBuffer mult, ffi::AnyBuffer zo, ffi::Result<ffi::AnyBuffer> y,
+                    ffi::AnyBuffer mult, ffi::AnyBuffer zx, ffi::AnyBuffer zo, ffi::Result<ffi::AnyBuffer> y,
                     ffi::Span<const int64_t> cfg, int64_t packed) {
   if (cfg.size() != CFG_LEN) return ffi::Error::InvalidArgument("JqConvU8S8: cfg has the wrong length");
   auto xd = x.dimensions();
@@ -216,8 +222,9 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp
   for (const ffi::AnyBuffer* v : {&comp, &bias, &mult})
     if (v->element_type() != ffi::DataType::F32 || static_cast<int64_t>(v->element_count()) != cout)
       return ffi::Error::InvalidArgument("JqConvU8S8: per-channel vectors must be float32 (cout,)");
-  if (zo.element_type() != ffi::DataType::S32 || zo.element_count() != 1)
-    return ffi::Error::InvalidArgument("JqConvU8S8: the output zero point must be one int32");
+  if (zo.element_type() != ffi::DataType::S32 || zo.element_count() != 1 ||
+      zx.element_type() != ffi::DataType::S32 || zx.element_count() != 1)
+    return ffi::Error::InvalidArgument("JqConvU8S8: the zero points must be one int32 each");
   s.zo = *static_cast<const int32_t*>(zo.untyped_data());
   if (s.zo < -255 || s.zo > 255)  // a uint8/int8 zero point; also bounds the number of cached primitives
     return ffi::Error::InvalidArgument("JqConvU8S8: the output zero point is out of the 8-bit range");
@@ -247,10 +254,16 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp
     memory m_scr(e->pd.scratchpad_desc(), eng, scratch.data());
     memory::desc per_oc({1, s.cfg[COUT], 1, 1}, dt::f32, tag::abcd);
     std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, m_src}, {DNNL_ARG_WEIGHTS, m_wei}, {DNNL_ARG_DST, m_dst}, {DNNL_ARG_SCRATCHPAD, m_scr},
-        {DNNL_ARG_BIAS, memory(e->pd.bias_desc(), eng, comp.untyped_data())}};
+        {DNNL_ARG_SRC, m_src}, {DNNL_ARG_WEIGHTS, m_wei}, {DNNL_ARG_DST, m_dst}, {DNNL_ARG_SCRATCHPAD, m_scr}};
+    if (s.cfg[SRC_ZP]) {
+      args.emplace(DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_SRC,
+                   memory(memory::desc({1}, dt::s32, tag::a), eng, zx.untyped_data()));
+      if (s.cfg[HAS_BIAS]) args.emplace(DNNL_ARG_BIAS, memory(e->pd.bias_desc(), eng, bias.untyped_data()));
+    } else {
+      args.emplace(DNNL_ARG_BIAS, memory(e->pd.bias_desc(), eng, comp.untyped_data()));
+    }
     int post_op = 0;
-    if (s.cfg[HAS_BIAS])
+    if (s.cfg[HAS_BIAS] && !s.cfg[SRC_ZP])
       args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(post_op++) | DNNL_ARG_SRC_1,
                    memory(per_oc, eng, bias.untyped_data()));
     args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(post_op) | DNNL_ARG_SRC_1, memory(per_oc, eng, mult.untyped_data()));
@@ -365,6 +378,7 @@ ffi::Error GemvImpl(ffi::AnyBuffer x, ffi::AnyBuffer wp, ffi::Result<ffi::AnyBuf
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqConvU8S8, ConvImpl,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
