@@ -60,6 +60,10 @@ struct ConvShape {
   int64_t zo = 0;  // output zero point, baked into the last post-op
   int64_t oh() const { return (h + cfg[PT] + cfg[PB] - ((cfg[KH] - 1) * cfg[DH] + 1)) / cfg[SH] + 1; }
   int64_t ow() const { return (w + cfg[PL] + cfg[PR] - ((cfg[KW] - 1) * cfg[DW] + 1)) / cfg[SW] + 1; }
+  // Multiply-accumulates of the whole conv.
+  int64_t macs() const {
+    return n * oh() * ow() * cfg[COUT] * cfg[KH] * cfg[KW] * (cfg[CIN] / std::max<int64_t>(cfg[GROUPS], 1));
+  }
   std::string key() const {
     std::string k(reinterpret_cast<const char*>(cfg), sizeof(cfg));
     int64_t nhw[4] = {n, h, w, zo};
@@ -155,6 +159,28 @@ size_t packed_bytes(const std::vector<memory::desc>& mds) {
   return n;
 }
 
+// Convs below this many multiply-accumulates run on the calling thread: an OpenMP fork/join costs
+// more than it saves there (measured with oneDNN's brgemm AMX kernel: 3.6 M MACs take 7 us on one
+// thread, 13 us on two on an idle core pair, and 57 us when the other core is busy).
+constexpr int64_t kSingleThreadMacs = int64_t{1} << 24;
+
+// Sets the calling thread's OpenMP thread count for its scope. oneDNN sizes a primitive's work
+// split by omp_get_max_threads() when it is created and runs it with the count at execution, so
+// both happen inside the same guard; the ICV is per thread, so XLA's other threads are unaffected.
+class OmpThreads {
+ public:
+  explicit OmpThreads(bool single) : saved_(omp_get_max_threads()), active_(single && saved_ > 1) {
+    if (active_) omp_set_num_threads(1);
+  }
+  ~OmpThreads() {
+    if (active_) omp_set_num_threads(saved_);
+  }
+
+ private:
+  int saved_;
+  bool active_;
+};
+
 struct ConvEntry {
   dnnl::convolution_forward::primitive_desc pd;
   dnnl::convolution_forward prim;
@@ -229,6 +255,7 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp
   if (s.zo < -255 || s.zo > 255)  // a uint8/int8 zero point; also bounds the number of cached primitives
     return ffi::Error::InvalidArgument("JqConvU8S8: the output zero point is out of the 8-bit range");
   try {
+    OmpThreads threads(s.macs() < kSingleThreadMacs);
     auto e = get_conv(s);
     auto& eng = cpu_engine();
     const size_t want_w = packed ? e->packed_size : plain_weight_desc(s).get_size();
@@ -420,6 +447,7 @@ int jq_conv_impl_name(const int64_t* cfg, int64_t n, int64_t h, int64_t w, char*
     s.n = n;
     s.h = h;
     s.w = w;
+    OmpThreads threads(s.macs() < kSingleThreadMacs);
     std::string name(get_conv(s)->pd.impl_info_str());
     std::snprintf(out, out_len, "%s", name.c_str());
     return 0;
