@@ -82,25 +82,11 @@ def quantize_awq(model, stats: dict, config, *, alpha_grid: Sequence[float] = DE
                  progress: bool = True):
     """AWQ every layer in ``stats`` (from ``collect_linear_stats``) to ``config`` (a ``WeightOnlyConfig``);
     returns a new model of ``WeightOnlyLinear`` layers carrying their ``input_scale``."""
-    from jaxquant.weight_only.api import linear_weight_2d, quantize_weight_only
+    from jaxquant.weight_only.api import quantize_calibrated
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(stats), desc="awq", leave=False)
+    def layer_fn(kernel, st, cfg, where):
+        return awq_quantize(kernel, st.xtx, st.abs_mean, st.rows, bits=cfg.bits, group_size=cfg.group_size,
+                            symmetric=cfg.symmetric, allow_partial_group=cfg.allow_partial_group,
+                            alpha_grid=alpha_grid, where=where)
 
-    def weight_fn(path, module, cfg):
-        kernel, _, _, _ = linear_weight_2d(module, path)
-        st = stats[path]
-        out = awq_quantize(kernel, st.xtx, st.abs_mean, st.rows, bits=cfg.bits, group_size=cfg.group_size,
-                           symmetric=cfg.symmetric, allow_partial_group=cfg.allow_partial_group,
-                           alpha_grid=alpha_grid, where=f"awq: '{path}'")
-        if bar is not None:
-            bar.update(1)
-        return out
-
-    try:
-        return quantize_weight_only(model, {p: config for p in stats}, weight_fn=weight_fn)
-    finally:
-        if bar is not None:
-            bar.close()
+    return quantize_calibrated(model, stats, config, layer_fn, desc="awq", progress=progress)
