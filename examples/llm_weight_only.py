@@ -47,9 +47,11 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--only", default=None,
                     help="comma-separated subset of rows by number (0 float, 1 W8, 2 RTN, 3 GPTQ, 4 AWQ, 5-7 W8A8)")
+    ap.add_argument("--cal-seqs", type=int, default=None, help="calibration sequences (default 8 quick, 64 full)")
+    ap.add_argument("--act-order", action="store_true", help="GPTQ visits columns by decreasing Hessian diagonal")
     args = ap.parse_args(argv)
     eval_windows = 4 if args.quick else 32
-    cal_seqs = 8 if args.quick else 32
+    cal_seqs = args.cal_seqs or (8 if args.quick else 64)
     gen_tokens = 32
 
     t0 = time.time()
@@ -76,7 +78,7 @@ def main(argv=None):
         "float32": lambda: model,
         "W8 per-channel (weight-only)": lambda: jq.quantize_weight_only(model, jq.int8_weight_only()),
         "W4 g128 RTN": lambda: jq.quantize_weight_only(model, w4_spec),
-        "W4 g128 GPTQ": lambda: jq.quantize_gptq(model, stats, w4),  # stats cover the blocks only
+        "W4 g128 GPTQ": lambda: jq.quantize_gptq(model, stats, w4, act_order=args.act_order),  # stats cover the blocks only
         "W4 g128 AWQ": lambda: jq.quantize_awq(model, stats, w4),
         "W8A8 per-tensor": lambda: w8a8(False),
         "W8A8 per-token": lambda: w8a8(True),
