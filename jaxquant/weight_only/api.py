@@ -19,7 +19,7 @@ from jaxquant.weight_only.blockwise import quantize_blockwise
 from jaxquant.weight_only.modules import WeightOnlyEmbedding, WeightOnlyLinear
 
 __all__ = ["WeightOnlyConfig", "int8_weight_only", "int4_weight_only", "quantize_weight_only",
-           "linear_weight_2d", "WeightOnlySpec"]
+           "linear_weight_2d", "WeightOnlySpec", "quantize_calibrated"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,3 +196,44 @@ def quantize_weight_only(model: nnx.Module, config: WeightOnlySpec, *, inplace: 
         replace_contents(model, result)
         return model
     return result
+
+
+def quantize_calibrated(model: nnx.Module, stats: Mapping[str, Any], config: WeightOnlyConfig,
+                        layer_fn: Callable[[jnp.ndarray, Any, WeightOnlyConfig, str], tuple], *, desc: str,
+                        progress: bool = True) -> nnx.Module:
+    """The per-layer driver shared by GPTQ and AWQ: quantize every layer named in ``stats`` with ``layer_fn``.
+
+    Args:
+      model: the float NNX model (not modified).
+      stats: path -> ``LinearStats`` from :func:`~jaxquant.weight_only.calibration.collect_linear_stats`.
+      config: the target format of every layer in ``stats``.
+      layer_fn: ``(kernel (K, N) float32, stats, config, where) -> (BlockQuantizedWeight, input_scale (K,) or
+        None)``; ``where`` names the layer for error messages.
+      desc: the method's name (progress bar and errors).
+      progress: a tqdm bar over the layers.
+
+    Returns:
+      A new model whose layers in ``stats`` are ``WeightOnlyLinear``; other layers are unchanged.
+    """
+    if not stats:
+        raise ValueError(f"{desc}: no layer statistics; run collect_linear_stats on calibration data first")
+    if not isinstance(config, WeightOnlyConfig):
+        raise TypeError(f"{desc}: config must be a WeightOnlyConfig (e.g. int4_weight_only(128)), "
+                        f"got {type(config).__name__}")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(stats), desc=desc, leave=False)
+
+    def weight_fn(path, module, cfg):
+        kernel, _, _, _ = linear_weight_2d(module, path)
+        out = layer_fn(kernel, stats[path], cfg, f"{desc}: '{path}'")
+        if bar is not None:
+            bar.update(1)
+        return out
+
+    try:
+        return quantize_weight_only(model, {p: config for p in stats}, weight_fn=weight_fn)
+    finally:
+        if bar is not None:
+            bar.close()

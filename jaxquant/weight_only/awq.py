@@ -8,7 +8,13 @@ layer's output error ``|| W X - Q(W diag(s)) diag(s)^-1 X ||^2``, computed exact
 calibration Hessian as ``tr(E^T (X X^T) E)`` with ``E = W - diag(s)^-1 Q(diag(s) W)`` in flax layout
 (no activation samples needed). Here ``diag(s)^-1`` stays in the layer (``input_scale``: one
 elementwise divide per call) instead of being folded into the previous op, so any ``nnx.Linear``
-can take it. (The paper's optional weight-clipping search is not implemented.)
+can take it.
+
+The paper's weight-clipping search follows: for each output channel and group, the quantization
+range is shrunk to ``r * max|w|`` for ``r`` on a grid (1.0 down to 0.5) and the ``r`` with the
+smallest output error of that group, ``e_g^T (X_g^T X_g) e_g`` (the Hessian's diagonal block for the
+group's inputs, after the input scaling), is kept. ``r = 1`` is in the grid, so clipping never raises
+a group's error on the calibration data.
 """
 from __future__ import annotations
 
@@ -19,11 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.weight_only.blockwise import BlockQuantizedWeight, block_layout, quantize_blockwise
+from jaxquant.weight_only.blockwise import (BlockQuantizedWeight, block_layout, codes_for, from_codes,
+                                            group_qparams, quantize_blockwise)
 
-__all__ = ["awq_search", "awq_quantize", "quantize_awq", "DEFAULT_ALPHA_GRID"]
+__all__ = ["awq_search", "awq_quantize", "awq_clip", "quantize_awq", "DEFAULT_ALPHA_GRID", "DEFAULT_CLIP_GRID"]
 
 DEFAULT_ALPHA_GRID: tuple[float, ...] = tuple(np.round(np.arange(0.0, 1.0001, 0.05), 2))
+DEFAULT_CLIP_GRID: tuple[float, ...] = tuple(np.round(np.arange(1.0, 0.4999, -0.05), 2))
 
 
 def _fake_quant(w, bits, gs, symmetric, allow_partial):
@@ -67,40 +75,78 @@ def awq_search(kernel: jax.Array, xtx: np.ndarray, abs_mean: np.ndarray, rows: i
     return float(alpha_grid[best]), np.asarray(scales[best]), losses
 
 
+@partial(jax.jit, static_argnames=("bits", "symmetric"))
+def _clip_losses(wt, hblocks, ratios, *, bits, symmetric):
+    def one(r):
+        scale, zp = group_qparams(wt * r, bits, symmetric)  # the range of r * w: clipped codes below
+        e = wt - (codes_for(wt, scale[..., None], zp[..., None], bits) - zp[..., None]).astype(jnp.float32) * scale[..., None]
+        return jnp.einsum("ngi,gij,ngj->ng", e, hblocks, e)
+
+    return jax.lax.map(one, ratios)
+
+
+def awq_clip(kernel: jax.Array, xtx: np.ndarray, rows: int, *, bits: int = 4, group_size: Optional[int] = 128,
+             symmetric: bool = True, allow_partial_group: bool = False,
+             clip_grid: Sequence[float] = DEFAULT_CLIP_GRID, where: str = "awq") -> tuple[BlockQuantizedWeight, np.ndarray]:
+    """Quantize ``kernel`` ``(K, N)`` with AWQ's per-group clipping search.
+
+    Args:
+      kernel: float ``(K, N)`` (already multiplied by AWQ's ``diag(s)``); xtx ``(K, K)`` the input
+        Hessian seen by that kernel (i.e. of ``X diag(s)^-1``); rows the rows behind it.
+      clip_grid: shrink ratios ``r`` of the quantization range; must contain 1.0.
+    Returns:
+      ``(BlockQuantizedWeight, ratio (N, G))``: the chosen ``r`` per output channel and group.
+    """
+    if 1.0 not in tuple(float(r) for r in clip_grid):
+        raise ValueError(f"{where}: clip_grid must contain 1.0 (no clipping), got {tuple(clip_grid)}")
+    w = jnp.asarray(kernel, jnp.float32)
+    k, n = w.shape
+    gs, g = block_layout(k, group_size, allow_partial_group, where)
+    kp = g * gs
+    wt = jnp.pad(w.T, ((0, 0), (0, kp - k))).reshape(n, g, gs)
+    h = np.zeros((kp, kp), np.float32)
+    h[:k, :k] = np.asarray(xtx, np.float32) / max(rows, 1)
+    hblocks = jnp.asarray(np.stack([h[i * gs:(i + 1) * gs, i * gs:(i + 1) * gs] for i in range(g)]))
+    ratios = jnp.asarray(clip_grid, jnp.float32)
+    losses = _clip_losses(wt, hblocks, ratios, bits=bits, symmetric=symmetric)  # (R, n, g)
+    best = ratios[jnp.argmin(losses, axis=0)]  # (n, g)
+    scale, zp = group_qparams(wt * best[..., None], bits, symmetric)
+    codes = codes_for(wt, scale[..., None], zp[..., None], bits).reshape(n, kp)
+    q = from_codes(codes, scale, zp, bits=bits, group_size=gs, in_features=k, symmetric=symmetric)
+    return q, np.asarray(best)
+
+
 def awq_quantize(kernel: jax.Array, xtx: np.ndarray, abs_mean: np.ndarray, rows: int, **kw) -> tuple[BlockQuantizedWeight, jax.Array]:
-    """``(quantized diag(s) W, s)``: the weight for a ``WeightOnlyLinear`` whose ``input_scale`` is ``s``."""
+    """``(quantized diag(s) W, s)``: the weight for a ``WeightOnlyLinear`` whose ``input_scale`` is ``s``.
+
+    ``clip_grid=None`` skips the clipping search (plain round-to-nearest of ``diag(s) W``).
+    """
     where = kw.pop("where", "awq")
     alpha_grid = kw.pop("alpha_grid", DEFAULT_ALPHA_GRID)
+    clip_grid = kw.pop("clip_grid", DEFAULT_CLIP_GRID)
     _, s, _ = awq_search(kernel, xtx, abs_mean, rows, alpha_grid=alpha_grid, where=where, **kw)
-    q = quantize_blockwise(jnp.asarray(kernel, jnp.float32) * jnp.asarray(s)[:, None], bits=kw.get("bits", 4),
-                           group_size=kw.get("group_size", 128), symmetric=kw.get("symmetric", True),
-                           allow_partial_group=kw.get("allow_partial_group", False), where=where)
+    fmt = dict(bits=kw.get("bits", 4), group_size=kw.get("group_size", 128), symmetric=kw.get("symmetric", True),
+               allow_partial_group=kw.get("allow_partial_group", False))
+    scaled = jnp.asarray(kernel, jnp.float32) * jnp.asarray(s)[:, None]
+    if clip_grid is None:
+        q = quantize_blockwise(scaled, where=where, **fmt)
+    else:
+        inv = 1.0 / np.asarray(s, np.float64)
+        q, _ = awq_clip(scaled, np.asarray(xtx, np.float64) * inv[:, None] * inv[None, :], rows,
+                        clip_grid=clip_grid, where=where, **fmt)
     return q, jnp.asarray(s, jnp.float32)
 
 
 def quantize_awq(model, stats: dict, config, *, alpha_grid: Sequence[float] = DEFAULT_ALPHA_GRID,
-                 progress: bool = True):
+                 clip_grid: Optional[Sequence[float]] = DEFAULT_CLIP_GRID, progress: bool = True):
     """AWQ every layer in ``stats`` (from ``collect_linear_stats``) to ``config`` (a ``WeightOnlyConfig``);
-    returns a new model of ``WeightOnlyLinear`` layers carrying their ``input_scale``."""
-    from jaxquant.weight_only.api import linear_weight_2d, quantize_weight_only
+    returns a new model of ``WeightOnlyLinear`` layers carrying their ``input_scale``. ``clip_grid=None``
+    turns the clipping search off."""
+    from jaxquant.weight_only.api import quantize_calibrated
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(stats), desc="awq", leave=False)
+    def layer_fn(kernel, st, cfg, where):
+        return awq_quantize(kernel, st.xtx, st.abs_mean, st.rows, bits=cfg.bits, group_size=cfg.group_size,
+                            symmetric=cfg.symmetric, allow_partial_group=cfg.allow_partial_group,
+                            alpha_grid=alpha_grid, clip_grid=clip_grid, where=where)
 
-    def weight_fn(path, module, cfg):
-        kernel, _, _, _ = linear_weight_2d(module, path)
-        st = stats[path]
-        out = awq_quantize(kernel, st.xtx, st.abs_mean, st.rows, bits=cfg.bits, group_size=cfg.group_size,
-                           symmetric=cfg.symmetric, allow_partial_group=cfg.allow_partial_group,
-                           alpha_grid=alpha_grid, where=f"awq: '{path}'")
-        if bar is not None:
-            bar.update(1)
-        return out
-
-    try:
-        return quantize_weight_only(model, {p: config for p in stats}, weight_fn=weight_fn)
-    finally:
-        if bar is not None:
-            bar.close()
+    return quantize_calibrated(model, stats, config, layer_fn, desc="awq", progress=progress)

@@ -140,26 +140,12 @@ def quantize_gptq(model, stats: dict, config, *, damp_percent: float = 0.01, act
     Returns a new model with ``WeightOnlyLinear`` layers (same format and kernels as round-to-nearest).
     Layers are quantized from the float model's inputs (one calibration pass, not sequentially).
     """
-    from jaxquant.weight_only.api import linear_weight_2d, quantize_weight_only
+    from jaxquant.weight_only.api import quantize_calibrated
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(stats), desc="gptq", leave=False)
+    def layer_fn(kernel, st, cfg, where):
+        return gptq_quantize(kernel, st.xtx, st.rows, bits=cfg.bits, group_size=cfg.group_size,
+                             symmetric=cfg.symmetric, allow_partial_group=cfg.allow_partial_group,
+                             damp_percent=damp_percent, block_size=block_size, act_order=act_order,
+                             where=where), None
 
-    def weight_fn(path, module, cfg):
-        kernel, _, _, _ = linear_weight_2d(module, path)
-        st = stats[path]
-        q = gptq_quantize(kernel, st.xtx, st.rows, bits=cfg.bits, group_size=cfg.group_size,
-                          symmetric=cfg.symmetric, allow_partial_group=cfg.allow_partial_group,
-                          damp_percent=damp_percent, block_size=block_size, act_order=act_order,
-                          where=f"gptq: '{path}'")
-        if bar is not None:
-            bar.update(1)
-        return q, None
-
-    try:
-        return quantize_weight_only(model, {p: config for p in stats}, weight_fn=weight_fn)
-    finally:
-        if bar is not None:
-            bar.close()
+    return quantize_calibrated(model, stats, config, layer_fn, desc="gptq", progress=progress)

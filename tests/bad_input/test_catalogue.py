@@ -610,6 +610,22 @@ def test_W07_weight_only_config_out_of_range():
     with _raises(ValueError, "WeightOnlyConfig", "group_size"):
         jq.int4_weight_only(group_size=0)
 
+
+def test_W08_gptq_awq_without_stats_or_with_a_wrong_config():
+    net = nnx.Linear(32, 8, rngs=nnx.Rngs(0))
+    with _raises(ValueError, "awq", "no layer statistics", "collect_linear_stats"):
+        jq.quantize_awq(net, {}, jq.int4_weight_only(16), progress=False)
+    with _raises(TypeError, "gptq", "config must be a WeightOnlyConfig", "int4_weight_only"):
+        jq.quantize_gptq(net, {"x": object()}, {"x": jq.int4_weight_only(16)}, progress=False)
+
+
+def test_W09_awq_clip_grid_without_one():
+    from jaxquant.weight_only.awq import awq_clip
+
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((32, 4)), jnp.float32)
+    with _raises(ValueError, "clip_grid", "must contain 1.0"):
+        awq_clip(w, np.eye(32), 64, group_size=16, clip_grid=(0.9, 0.8))
+
 # ------------------------------------------------- issue 15: usage errors found by a careless user
 
 

@@ -154,3 +154,39 @@ def test_model_level_gptq_and_awq_and_too_little_data():
         quantize_gptq(net, few, cfg, progress=False)
     with pytest.raises(ValueError, match="no calibration batch"):
         collect_linear_stats(net, [], progress=False)
+
+
+def test_awq_clip_picks_each_groups_best_ratio_like_numpy():
+    from jaxquant.weight_only.awq import awq_clip
+
+    rng = np.random.default_rng(5)
+    k, n, gs = 64, 6, 32
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    w[3, :] *= 6  # a large weight per column: clipping it helps the rest of its group
+    x = rng.standard_normal((200, k)).astype(np.float32)
+    x[:, 40] *= 8
+    xtx = (x.T @ x).astype(np.float64)
+    grid = (1.0, 0.9, 0.8, 0.7, 0.6)
+    q, ratio = awq_clip(jnp.asarray(w), xtx, 200, bits=4, group_size=gs, clip_grid=grid)
+    h = xtx / 200
+    ref_w = np.zeros_like(w, np.float64)
+    tie = np.zeros(w.shape, bool)  # w / s == -7.5 exactly: XLA may round it either way
+    for j in range(n):
+        for g in range(k // gs):
+            sl = slice(g * gs, (g + 1) * gs)
+            wg = w[sl, j]
+            best = None
+            for r in grid:  # symmetric int4: scale = r max|w| / 7.5, codes in [-8, 7] (float32 like the library)
+                s = max(np.abs(wg * np.float32(r)).max() / np.float32(7.5), np.finfo(np.float32).eps)
+                deq = np.clip(np.round(wg / np.float32(s)), -8, 7).astype(np.float64) * s
+                e = wg.astype(np.float64) - deq
+                loss = e @ h[sl, sl] @ e
+                if best is None or loss < best[0] - 1e-9:
+                    best = (loss, r, deq, np.abs(wg / np.float32(s) + 7.5) < 1e-4)
+            assert ratio[j, g] == pytest.approx(best[1])
+            ref_w[sl, j], tie[sl, j] = best[2], best[3]
+    assert tie.sum() <= n * 2
+    np.testing.assert_allclose(np.asarray(q.dequantize())[~tie], ref_w[~tie], rtol=1e-5, atol=1e-5)
+    assert (ratio < 1).any()  # the search is not a no-op on this weight
+    with pytest.raises(ValueError, match="must contain 1.0"):
+        awq_clip(jnp.asarray(w), xtx, 200, group_size=gs, clip_grid=(0.9, 0.8))
