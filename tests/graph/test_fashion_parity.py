@@ -27,6 +27,15 @@ def _trained_like_model():
     return model
 
 
+def _opcodes(hlo: str) -> dict:
+    """Instruction counts by opcode in compiled HLO text (names, layouts and metadata ignored)."""
+    counts = {}
+    for op in re.findall(r"= \S+ ([a-z][\w-]*)\(", hlo):
+        counts[op] = counts.get(op, 0) + 1
+    counts.pop("parameter", None)  # the two pytrees order and split their leaves differently
+    return counts
+
+
 @pytest.mark.parametrize("backend_qconfig", ["x86_minmax", pytest.param("x86", marks=pytest.mark.slow)])
 def test_fashion_cnn_graph_static_equals_eager(backend_qconfig):
     if backend_qconfig == "x86":
@@ -51,6 +60,15 @@ def test_fashion_cnn_graph_static_equals_eager(backend_qconfig):
     qprog = jq.graph.convert(observed, state)
     y_graph = jax.jit(qprog.apply)(qprog.params, x_test)
     np.testing.assert_array_equal(np.asarray(y_graph), np.asarray(y_eager))
+    if backend_qconfig == "x86_minmax":
+        # speed parity, structurally: both compile to the same XLA instructions (op for op), so graph mode
+        # cannot be slower than eager beyond noise (benchmarks/bench_graph.py times it)
+        gd, st = nnx.split(eager)
+        with jq.use_native(False):
+            h_eager = jax.jit(lambda s, x: nnx.merge(gd, s)(x)).lower(st, x_test).compile().as_text()
+            h_graph = jax.jit(qprog.apply).lower(qprog.params, x_test).compile().as_text()
+        assert _opcodes(h_eager).get("dot", 0) >= 4 and _opcodes(h_eager).get("fusion", 0) > 4
+        assert _opcodes(h_graph) == _opcodes(h_eager)
     # the float model is close too (sanity: the int8 model is a model of the float one)
     y_float = model(x_test)
     cos = float(jnp.sum(y_float * y_graph) / (jnp.linalg.norm(y_float) * jnp.linalg.norm(y_graph)))
