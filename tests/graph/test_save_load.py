@@ -89,6 +89,12 @@ def test_dynamic_and_weight_only_round_trip(tmp_path):
         loaded = jq.load(tmp_path / f"{name}.jq", attention, (other, x))
         assert loaded.mode == prog.mode
         np.testing.assert_array_equal(np.asarray(jax.jit(loaded.apply)(loaded.params, x)), np.asarray(prog(x)))
+    # jax.export and the per-op SQNR debugger work on a loaded program (activation x activation dots too)
+    exported = jax.export.deserialize(jax.export.export(jax.jit(loaded.apply))(loaded.params, x).serialize())
+    np.testing.assert_array_equal(np.asarray(exported.call(loaded.params, x)), np.asarray(prog(x)))
+    rows = jq.graph.compare(jq.load(tmp_path / "dyn.jq", attention, (params, x)), params, x)
+    assert [p for p, _ in rows if "matmul" in p] and rows[-1][0] == "output"
+    assert all(s > 15 for _, s in rows), rows  # dB
 
 
 def test_load_refuses_a_changed_function_naming_the_op(tmp_path):
