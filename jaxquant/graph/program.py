@@ -298,6 +298,9 @@ class QuantizedProgram:
     params: dict
     static: dict  # unit index -> static metadata
     mode: str
+    # unit index (str) -> the int8 weight before packing (``w_q`` flax layout, ``w_scale``, ``w_zp``, ``bias``):
+    # what ``jq.save`` writes; the packed layouts are rebuilt from it on load
+    raw: dict = dataclasses.field(default_factory=dict)
 
     def apply(self, qparams, *inputs):
         return _run_int8(self, qparams, jax.tree_util.tree_leaves(inputs))

@@ -89,3 +89,40 @@ def test_G06_control_flow_warns_and_stays_float():
 def test_G07_nothing_to_quantize():
     with pytest.raises(GraphQuantizationError, match="no dot_general/conv_general_dilated op got a qconfig"):
         jq.graph.prepare(lambda p, x: jnp.tanh(x * p), (jnp.float32(2.0), _x()), jq.default_per_channel_qconfig)
+
+
+def _saved_dynamic_mlp(tmp_path):
+    params, x = _mlp_params(), _x()
+    path = tmp_path / "mlp.jq"
+    jq.save(path, jq.graph.quantize_dynamic(mlp, (params, x)))
+    return path, params, x
+
+
+def test_G08_load_with_a_changed_function(tmp_path):
+    from jaxquant.serialization import CheckpointError
+
+    path, params, x = _saved_dynamic_mlp(tmp_path)
+
+    def changed(params, x):  # gelu instead of relu
+        h = jax.nn.gelu(x @ params["fc1"]["w"] + params["fc1"]["b"])
+        return h @ params["fc2"]["w"] + params["fc2"]["b"]
+
+    with pytest.raises(CheckpointError, match=r"differ from op \d+ at '.*'.*same function"):
+        jq.load(path, changed, (params, x))
+
+
+def test_G09_graph_file_with_an_array_that_does_not_fit(tmp_path):
+    from jaxquant.serialization import CheckpointError
+
+    path, params, x = _saved_dynamic_mlp(tmp_path)
+    wider = {"fc1": {"w": jnp.zeros((8, 32)), "b": jnp.zeros(32)}, "fc2": {"w": jnp.zeros((32, 4)), "b": params["fc2"]["b"]}}
+    with pytest.raises(CheckpointError, match=r"array 'units\.\d+\.w_q' has shape \[8, 16\], expected \[8, 32\]"):
+        jq.load(path, mlp, (wider, x))
+
+
+def test_G10_graph_file_loaded_without_example_args(tmp_path):
+    from jaxquant.serialization import CheckpointError
+
+    path, _, _ = _saved_dynamic_mlp(tmp_path)
+    with pytest.raises(CheckpointError, match=r"graph-mode int8 program.*example_args"):
+        jq.load(path, mlp)

@@ -27,6 +27,15 @@ def _trained_like_model():
     return model
 
 
+def _opcodes(hlo: str) -> dict:
+    """Instruction counts by opcode in compiled HLO text (names, layouts and metadata ignored)."""
+    counts = {}
+    for op in re.findall(r"= \S+ ([a-z][\w-]*)\(", hlo):
+        counts[op] = counts.get(op, 0) + 1
+    counts.pop("parameter", None)  # the two pytrees order and split their leaves differently
+    return counts
+
+
 @pytest.mark.parametrize("backend_qconfig", ["x86_minmax", pytest.param("x86", marks=pytest.mark.slow)])
 def test_fashion_cnn_graph_static_equals_eager(backend_qconfig):
     if backend_qconfig == "x86":
@@ -51,6 +60,15 @@ def test_fashion_cnn_graph_static_equals_eager(backend_qconfig):
     qprog = jq.graph.convert(observed, state)
     y_graph = jax.jit(qprog.apply)(qprog.params, x_test)
     np.testing.assert_array_equal(np.asarray(y_graph), np.asarray(y_eager))
+    if backend_qconfig == "x86_minmax":
+        # speed parity, structurally: both compile to the same XLA instructions (op for op), so graph mode
+        # cannot be slower than eager beyond noise (benchmarks/bench_graph.py times it)
+        gd, st = nnx.split(eager)
+        with jq.use_native(False):
+            h_eager = jax.jit(lambda s, x: nnx.merge(gd, s)(x)).lower(st, x_test).compile().as_text()
+            h_graph = jax.jit(qprog.apply).lower(qprog.params, x_test).compile().as_text()
+        assert _opcodes(h_eager).get("dot", 0) >= 4 and _opcodes(h_eager).get("fusion", 0) > 4
+        assert _opcodes(h_graph) == _opcodes(h_eager)
     # the float model is close too (sanity: the int8 model is a model of the float one)
     y_float = model(x_test)
     cos = float(jnp.sum(y_float * y_graph) / (jnp.linalg.norm(y_float) * jnp.linalg.norm(y_graph)))
@@ -66,3 +84,26 @@ def test_fashion_cnn_graph_int8_hlo_is_u8s8():
     with jq.use_native(False):  # the pure-XLA kernels' dots (the native backend runs custom calls)
         hlo = jax.jit(qprog.apply).lower(qprog.params, x).compile().as_text()
     assert_int8_dots(hlo, expected=4)
+
+
+def test_eager_int8_direct_equals_jit_on_a_wider_cnn():
+    """Reported last session: the eager int8 CNN called directly vs under jit differed on a wider model.
+    Not reproducible on this tree (widths 32-96, batches 1-256, both backends, checked by hand); pinned here: the
+    requantize epilogue is computed in one order on every path (kernels' fused epilogue), so the direct
+    call, ``jax.jit`` over the split state, ``jq.compile`` and the pure-XLA kernels agree bit for bit."""
+    model = FashionCNN(width=24, rngs=nnx.Rngs(3))
+    model.eval()
+    rng = np.random.default_rng(4)
+    qconfig = jq.QConfig(activation=jq.MinMaxObserver.with_args(reduce_range=True),
+                         weight=jq.default_per_channel_weight_observer)
+    prepared = jq.prepare(jq.fuse_modules(model, fusion_patterns(model)), qconfig)
+    jq.calibrate(prepared, [jnp.asarray(rng.uniform(0, 1, (4, 28, 28, 1)), jnp.float32)], progress=False)
+    eager = jq.convert(prepared)
+    x = jnp.asarray(rng.uniform(0, 1, (2, 28, 28, 1)), jnp.float32)
+    y_direct = np.asarray(eager(x))
+    gd, st = nnx.split(eager)
+    jitted = jax.jit(lambda s, x: nnx.merge(gd, s)(x))
+    np.testing.assert_array_equal(np.asarray(jitted(st, x)), y_direct)
+    np.testing.assert_array_equal(np.asarray(jq.compile(eager)(x)), y_direct)
+    with jq.use_native(False):
+        np.testing.assert_array_equal(np.asarray(jax.jit(lambda s, x: nnx.merge(gd, s)(x))(st, x)), y_direct)

@@ -101,10 +101,12 @@ class NNXLSTM(nnx.Module):
 
 
 class LinenEncoder(nn.Module):
+    layers: int = 2
+
     @nn.compact
     def __call__(self, x):
         x = nn.Dense(32)(x)
-        for _ in range(2):
+        for _ in range(self.layers):
             h = nn.LayerNorm()(x)
             x = x + nn.MultiHeadDotProductAttention(num_heads=4)(h)
             h = nn.LayerNorm()(x)
@@ -258,3 +260,45 @@ def test_linen_transformer_static_dynamic():
     qprog = jq.graph.convert(observed, jq.graph.calibrate(observed, [x], progress=False))
     _check_program(qprog, (x,), model.apply(variables, x), 0.98)
     _check_program(jq.graph.quantize_dynamic(model.apply, (variables, x)), (x,), model.apply(variables, x), 0.99)
+
+
+def _qat_steps_then_convert(qat, params, inputs, y_target, steps=2):
+    """A plain Optax loop on the fake-quantized program (MSE to the float outputs), then convert."""
+    opt = optax.sgd(0.01)
+    state, opt_state = qat.init_state, opt.init(params)
+
+    def loss_fn(p, s):
+        y, s = qat.apply(p, s, *inputs)
+        return jnp.mean((y - y_target) ** 2), s
+
+    @jax.jit
+    def step(p, s, o):
+        (loss, s), g = jax.value_and_grad(loss_fn, has_aux=True)(p, s)
+        updates, o = opt.update(g, o, p)
+        return optax.apply_updates(p, updates), s, o, g
+
+    for _ in range(steps):
+        params, state, opt_state, grads = step(params, state, opt_state)
+    floats = [l for l in jax.tree_util.tree_leaves(grads) if jnp.issubdtype(l.dtype, jnp.floating)]
+    assert any(float(jnp.abs(l).max()) > 0 for l in floats)  # straight-through gradients reach the params
+    return jq.graph.convert(qat, state, params=params), params
+
+
+@pytest.mark.slow
+def test_nnx_lstm_qat():
+    model = NNXLSTM(nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 2, 6)), jnp.float32)  # 2 steps: small program
+    qat = jq.graph.prepare_qat(model, x, jq.get_default_qat_qconfig("x86"))
+    qprog, params = _qat_steps_then_convert(qat, qat.params, (x,), model(x))
+    nnx.update(model, params)  # the trained float model is the reference of its int8 program
+    _check_program(qprog, (x,), model(x), 0.97)
+
+
+@pytest.mark.slow
+def test_linen_transformer_qat():
+    enc = LinenEncoder(layers=1)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 8)), jnp.float32)
+    variables = enc.init(jax.random.key(0), x)
+    qat = jq.graph.prepare_qat(enc.apply, (variables, x), jq.get_default_qat_qconfig("x86"))
+    qprog, params = _qat_steps_then_convert(qat, variables, (x,), enc.apply(variables, x))
+    _check_program(qprog, (x,), enc.apply(params, x), 0.97)
