@@ -271,7 +271,7 @@ def convert(model: QuantizedModel, variables: Any, *example_args: Any, **example
 def _dynamic_mapping(qconfig_spec: Any, dtype: Any):
     from jaxquant.qconfig import QConfig
     from jaxquant.qconfig_mapping import QConfigMapping
-    from jaxquant.transforms.quantize_dynamic import default_dynamic_qconfig_for
+    from jaxquant.qconfig import default_dynamic_qconfig_for
 
     if qconfig_spec is None:
         qconfig = default_dynamic_qconfig_for(dtype)

@@ -2,7 +2,8 @@
 
 The float layer whose Params are trained (under ``linear`` or ``conv``), optionally its BatchNorm with
 a ``freeze_bn`` flag, the qconfig, a weight fake quant sized for the kernel and an optional output fake
-quant; plus the output qparams ``convert`` reads from that output fake quant.
+quant. ``convert`` reads the weights through :meth:`QATWeightLayer.float_weights` and the output qparams
+from the output fake quant (:func:`jaxquant.nn.quantized.common.weight_layer_source`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from flax import nnx
 from jaxquant.nn.qat.fake_quant_module import FakeQuantModule
 from jaxquant.nn.variables import QuantStats
 
-__all__ = ["QATWeightLayer", "make_fake_quants", "out_qparams"]
+__all__ = ["QATWeightLayer", "make_fake_quants"]
 
 
 def make_fake_quants(qconfig: Any, kernel_shape: tuple[int, ...], path: str) -> tuple[FakeQuantModule, Optional[FakeQuantModule]]:
@@ -29,16 +30,6 @@ def make_fake_quants(qconfig: Any, kernel_shape: tuple[int, ...], path: str) -> 
     if act_fq is not None and act_fq.fake_quant.is_per_channel:
         raise ValueError(f"'{path}': activation fake quants must be per tensor, got {act_fq.fake_quant!r}")
     return weight_fq, act_fq
-
-
-def out_qparams(module: Any, path: str) -> tuple[jax.Array, jax.Array, Any]:
-    """``(scale float32 (), zero_point int32 (), dtype)`` of ``module``'s output fake quant, validated."""
-    from jaxquant.nn.quantized.common import observed_qparams
-
-    if module.activation_post_process is None:
-        raise ValueError(f"'{path}': this QAT module has no output fake quant (its qconfig.activation is None), "
-                         "so it has no static output qparams to convert with")
-    return observed_qparams(module.activation_post_process, path)
 
 
 class QATWeightLayer(nnx.Module):
@@ -67,6 +58,11 @@ class QATWeightLayer(nnx.Module):
             raise TypeError(f"'{path}': {cls.__name__}.from_float needs an nnx.{float_type.__name__}, "
                             f"got {type(module).__name__}")
         return cls(layer, qconfig, path)
+
+    def float_weights(self) -> tuple[jax.Array, Optional[jax.Array]]:
+        """``(kernel, bias or None)`` that convert quantizes: the float layer's (BatchNorm forms fold it in)."""
+        layer = getattr(self, self._float_attr)
+        return layer.kernel.get_value(), None if layer.bias is None else layer.bias.get_value()
 
     def _activation(self, y: jax.Array) -> jax.Array:
         """Optional ReLU, then the output fake quant."""

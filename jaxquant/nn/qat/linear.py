@@ -3,8 +3,8 @@
 
 Each keeps the float ``nnx.Linear`` (its ``kernel``/``bias`` Params are trained), fake-quantizes the
 kernel through ``weight_fake_quant`` on every call and its output through
-``activation_post_process``; ``to_quantized(path)`` gives the int8
-:class:`jaxquant.nn.quantized.Linear` that static PTQ would give, with the fake quants' qparams.
+``activation_post_process``; ``convert`` gives the int8 :class:`jaxquant.nn.quantized.Linear` that
+static PTQ would give, with the fake quants' qparams.
 """
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from typing import Any, Optional
 import jax
 from flax import nnx
 
+from jaxquant.fusion.bn_folding import fuse_linear_bn_weights
+from jaxquant.nn import intrinsic
 from jaxquant.nn.qat.base import QATWeightLayer, make_fake_quants
-from jaxquant.nn.qat.base import out_qparams as _out_qparams
 from jaxquant.nn.qat.batchnorm_fold import fused_bn_forward
-from jaxquant.nn.qat.weight_fake_quant import fake_quant_kernel, quantize_kernel_with_fake_quant
+from jaxquant.nn.qat.weight_fake_quant import fake_quant_kernel
 
 __all__ = ["Linear", "LinearReLU", "LinearBn", "make_fake_quants"]
 
@@ -38,8 +39,6 @@ class Linear(QATWeightLayer):
     @classmethod
     def from_float(cls, module: nnx.Module, qconfig: Any, path: str = "") -> "Linear":
         """From an ``nnx.Linear`` (or, for ``LinearReLU``, a fused ``intrinsic.LinearReLU``)."""
-        from jaxquant.nn import intrinsic
-
         return cls._from_unfused(module, qconfig, path, nnx.Linear, intrinsic.LinearReLU)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -48,19 +47,6 @@ class Linear(QATWeightLayer):
         if self.linear.bias is not None:
             y = y + self.linear.bias.get_value()
         return self._activation(y)
-
-    def _float_weights(self) -> tuple[jax.Array, Optional[jax.Array]]:
-        bias = None if self.linear.bias is None else self.linear.bias.get_value()
-        return self.linear.kernel.get_value(), bias
-
-    def to_quantized(self, path: str):
-        """The int8 :class:`jaxquant.nn.quantized.Linear` (weight quantized with ``weight_fake_quant``'s qparams)."""
-        from jaxquant.nn.quantized import Linear as QLinear
-
-        out_scale, out_zp, out_dtype = _out_qparams(self, path)
-        kernel, bias = self._float_weights()
-        weight = quantize_kernel_with_fake_quant(self.weight_fake_quant, kernel, path)
-        return QLinear(weight, bias, out_scale, out_zp, out_dtype, relu=self._relu, name=path)
 
 
 class LinearReLU(Linear):
@@ -89,16 +75,10 @@ class LinearBn(QATWeightLayer):
                              self.bn, self.freeze_bn.get_value(), self.weight_fake_quant)
         return self._activation(y)
 
-    def to_quantized(self, path: str):
-        """int8 :class:`jaxquant.nn.quantized.Linear` with the BatchNorm folded using its running statistics."""
-        from jaxquant.fusion.bn_folding import fuse_linear_bn_weights
-        from jaxquant.nn.quantized import Linear as QLinear
-
-        out_scale, out_zp, out_dtype = _out_qparams(self, path)
+    def float_weights(self) -> tuple[jax.Array, Optional[jax.Array]]:
+        """Kernel and bias with the BatchNorm folded in using its running statistics."""
         bn = self.bn
-        kernel, bias = fuse_linear_bn_weights(
+        return fuse_linear_bn_weights(
             self.linear.kernel.get_value(), None if self.linear.bias is None else self.linear.bias.get_value(),
             bn.mean.get_value(), bn.var.get_value(), bn.epsilon,
             None if bn.scale is None else bn.scale.get_value(), None if bn.bias is None else bn.bias.get_value())
-        weight = quantize_kernel_with_fake_quant(self.weight_fake_quant, kernel, path)
-        return QLinear(weight, bias, out_scale, out_zp, out_dtype, relu=False, name=path)
