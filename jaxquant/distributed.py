@@ -33,6 +33,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxquant.kernels.linear import pack_linear, quantized_linear
+from jaxquant.module_paths import copy_model, named_modules
+from jaxquant.nn.observer_module import ObserverModule
+from jaxquant.nn.quantized.linear import Linear
 from jaxquant.observers.base import ObserverBase, StatsState, as_float32, finite_min_max
 from jaxquant.observers.histogram import HistogramObserver, HistogramState, histogram_update
 from jaxquant.observers.minmax import MinMaxObserver
@@ -240,9 +243,6 @@ class AxisSyncedObserver:
 
 
 def _swap_observers(model: Any, fn) -> Any:
-    from jaxquant.module_paths import copy_model, named_modules
-    from jaxquant.nn.observer_module import ObserverModule
-
     result = copy_model(model)
     found = False
     for _, module in named_modules(result):
@@ -304,8 +304,6 @@ def shard_qtensor(q: QTensor, mesh: Mesh, axis_name: AxisName, axis: Optional[in
 
 
 def _linear_parts(linear: Any) -> tuple[QTensor, Optional[jax.Array], jax.Array, jax.Array]:
-    from jaxquant.nn.quantized.linear import Linear
-
     if not isinstance(linear, Linear):
         raise TypeError(f"expected a converted jaxquant.nn.quantized.Linear, got {type(linear).__name__}; "
                         "convert the model first (jaxquant.convert)")

@@ -113,7 +113,7 @@ per_token_dynamic_qconfig = QConfig(
     weight=_default_per_channel_weight_observer)
 """Not in PyTorch: one activation scale/zero point per row (token) of the flattened input, chosen per
 call, with per-channel int8 weights. The per-channel activation qscheme is what turns per-token on
-(``jaxquant.nn.dynamic.weights.activation_per_token``)."""
+(``jaxquant.core.weights.activation_per_token``)."""
 float_qparams_weight_only_qconfig = QConfig(activation=_default_placeholder_observer,
                                             weight=_default_float_qparams_observer)
 float_qparams_weight_only_qconfig_4bit = QConfig(activation=_default_placeholder_observer,

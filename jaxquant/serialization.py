@@ -46,7 +46,11 @@ from flax import nnx
 
 from jaxquant.dtypes import FloatDType, QDType, QScheme
 from jaxquant.module_paths import copy_model, named_modules, replace_contents, set_submodule
+from jaxquant.nn.qat.fake_quant_module import FakeQuantModule
 from jaxquant.nn.variables import QuantCache
+from jaxquant.tools.size import _leaves, model_arrays
+from jaxquant.transforms import calibrate, convert
+from jaxquant.version import __version__
 
 MAGIC = b"JAXQUANT"
 FORMAT_VERSION = 1
@@ -111,8 +115,6 @@ def describe_modules(model: nnx.Module) -> dict[str, dict[str, Any]]:
 
 
 def _defining_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
-    from jaxquant.tools.size import model_arrays
-
     return model_arrays(model)
 
 
@@ -143,8 +145,6 @@ def save(path: PathLike, model: nnx.Module, *, qconfig: Any = None,
     Returns:
       The number of bytes written.
     """
-    from jaxquant import __version__
-
     arrays = _defining_arrays(model)
     entries, offset = [], 0
     for name, array in arrays.items():
@@ -404,8 +404,6 @@ def check_compatible(checkpoint: Checkpoint, model: nnx.Module, where: str = "ch
 
 
 def _assign_arrays(model: nnx.Module, arrays: dict[str, np.ndarray]) -> None:
-    from jaxquant.tools.size import _leaves
-
     state = nnx.state(model, nnx.All(nnx.Not(QuantCache), nnx.Not(nnx.RngState)))
     for path, variable in state.flat_state():
         prefix = ".".join(map(str, path))
@@ -481,9 +479,6 @@ def converted_template(prepared_model: nnx.Module, example_input: Any,
     load) and converts it. A QAT model runs that batch in training mode, so its fake quants observe
     it, then is switched to eval mode. ``forward(model, batch)`` defaults to ``model(batch)``.
     """
-    from jaxquant.nn.qat.fake_quant_module import FakeQuantModule
-    from jaxquant.transforms import calibrate, convert
-
     prepared = copy_model(prepared_model)
     run = forward or (lambda m, b: m(b))
     if any(isinstance(m, FakeQuantModule) for _, m in named_modules(prepared)):

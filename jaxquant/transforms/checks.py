@@ -12,6 +12,9 @@ from typing import Any
 from flax import nnx
 
 from jaxquant.module_paths import named_modules
+from jaxquant.nn.observed import Observed
+from jaxquant.nn.observer_module import ObserverModule
+from jaxquant.qconfig_mapping import QConfigMapping
 
 
 def check_nnx_model(model: Any, where: str) -> None:
@@ -33,9 +36,6 @@ def check_nnx_model(model: Any, where: str) -> None:
 def check_not_prepared(model: nnx.Module, where: str) -> None:
     """Raise ``ValueError`` if ``model`` already holds observers, fake quants or quantized modules:
     preparing twice would wrap observed layers in observers again and fail much later in ``convert``."""
-    from jaxquant.nn.observed import Observed
-    from jaxquant.nn.observer_module import ObserverModule
-
     found = []
     for path, module in named_modules(model):
         if isinstance(module, (Observed, ObserverModule)):
@@ -72,8 +72,6 @@ def check_module_names(model: nnx.Module, mapping: Any, where: str) -> None:
     """Raise ``KeyError`` if a ``QConfigMapping.set_module_name`` (or ``..._object_type_order``)
     entry names a path that is not in ``model`` (a typo would otherwise silently quantize the layer
     it meant to keep float), suggesting the closest paths."""
-    from jaxquant.qconfig_mapping import QConfigMapping
-
     if not isinstance(mapping, QConfigMapping):
         return
     names = list(mapping.module_name_qconfigs)

@@ -13,11 +13,11 @@ from typing import Any, Mapping, Optional, Union
 
 from flax import nnx
 
+from jaxquant.core.weights import weight_dtype
 from jaxquant.dtypes import FloatDType, QDType, qint8
 from jaxquant.fake_quant.fake_quantize import Identity
 from jaxquant.module_paths import named_modules
 from jaxquant.nn.dynamic.rnn import whole_sequence_rnns
-from jaxquant.nn.dynamic.weights import weight_dtype
 from jaxquant.qconfig import QConfig, default_dynamic_qconfig_for
 from jaxquant.qconfig_mapping import QConfigMapping
 from jaxquant.quantization_mappings import (
@@ -28,6 +28,7 @@ from jaxquant.quantization_mappings import (
 from jaxquant.transforms.checks import check_nnx_model
 from jaxquant.transforms.propagate import propagate_qconfig
 from jaxquant.transforms.swap import finish, swap_modules
+from jaxquant.weight_only.api import WeightOnlyConfig, quantize_weight_only
 
 QConfigSpec = Union[None, set, frozenset, Mapping[Any, Any]]
 
@@ -114,8 +115,6 @@ def quantize_dynamic(
       types found) if nothing matched. Raises with the module path when a module cannot take the
       requested dtype.
     """
-    from jaxquant.weight_only.api import WeightOnlyConfig, quantize_weight_only  # weight_only sits above
-
     check_nnx_model(model, "quantize_dynamic")
     if isinstance(qconfig_spec, WeightOnlyConfig) or isinstance(dtype, WeightOnlyConfig):
         # int8/int4 weight-only: activations stay float (never a silent w8a8).

@@ -17,8 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxquant.fake_quant.fake_quantize import FixedQParamsFakeQuantize
 from jaxquant.fake_quant.learnable import LearnableFakeQuantize
 from jaxquant.nn.variables import QuantStats
+from jaxquant.observers.base import check_observer_state
 
 __all__ = ["FakeQuantModule", "is_learnable"]
 
@@ -101,9 +103,6 @@ class FakeQuantModule(nnx.Module):
     def checked_qparams(self, path: str) -> tuple[jax.Array, jax.Array]:
         """Concrete qparams for ``convert``; raises ValueError naming ``path`` if the fake quant was never
         run (no training or calibration step) or its state went NaN/Inf."""
-        from jaxquant.observers.base import check_observer_state
-        from jaxquant.fake_quant.fake_quantize import FixedQParamsFakeQuantize
-
         fq = self.fake_quant
         state = self._current_state()
         learned = self.learnable and int(np.asarray(state.static_enabled)) == 0

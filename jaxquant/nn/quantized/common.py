@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxquant.core.weights import quantize_weight
 from jaxquant.dtypes import QDType, qint8, quint8
 from jaxquant.nn.qat.base import QATWeightLayer
 from jaxquant.nn.qat.weight_fake_quant import quantize_kernel_with_fake_quant
-from jaxquant.nn.quantized.weights import quantize_weight
 from jaxquant.nn.variables import QuantParams
 from jaxquant.qtensor import QTensor
 
