@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -40,6 +41,11 @@ def _count(state: CountState, x: jax.Array) -> CountState:
     return CountState(state.num_batches + 1, state.nonfinite | bad)
 
 
+def merge_counts(*states: CountState) -> CountState:
+    return CountState(functools.reduce(jnp.maximum, [s.num_batches for s in states]),
+                      functools.reduce(jnp.logical_or, [s.nonfinite for s in states]))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _PassThroughObserver(ObserverBase):
     """Counts calls; ``calculate_qparams`` raises as PyTorch's does."""
@@ -49,6 +55,10 @@ class _PassThroughObserver(ObserverBase):
 
     def update(self, state: CountState, x: jax.Array) -> CountState:
         return _count(state, x)
+
+    def merge(self, *states: CountState) -> CountState:
+        """The largest count; non-finite if any device saw non-finite values."""
+        return merge_counts(*states)
 
     def calculate_qparams(self, state: Any) -> tuple[jax.Array, jax.Array]:
         raise NotImplementedError(
@@ -191,6 +201,10 @@ class FixedQParamsObserver(ObserverBase):
 
     def update(self, state: CountState, x: jax.Array) -> CountState:
         return _count(state, x)
+
+    def merge(self, *states: CountState) -> CountState:
+        """The largest count; non-finite if any device saw non-finite values."""
+        return merge_counts(*states)
 
     def calculate_qparams(self, state: Any = None) -> tuple[jax.Array, jax.Array]:
         """The fixed ``(scale float32 (), zero_point int32 ())``."""
