@@ -47,7 +47,7 @@ from flax import nnx
 from jaxquant.dtypes import FloatDType, QDType, QScheme
 from jaxquant.module_paths import copy_model, named_modules, replace_contents, set_submodule
 from jaxquant.nn.qat.fake_quant_module import FakeQuantModule
-from jaxquant.nn.variables import QuantCache
+from jaxquant.nn.variables import CachedLayer, QuantCache
 from jaxquant.tools.size import _leaves, model_arrays
 from jaxquant.transforms import calibrate, convert
 from jaxquant.version import __version__
@@ -431,7 +431,7 @@ def rebuild_cache(model: nnx.Module) -> nnx.Module:
     for path, module in sorted(named_modules(model), key=lambda item: -item[0].count(".")):
         if not _holds_cache(module):
             continue
-        if hasattr(module, "rebuild_cache"):
+        if isinstance(module, CachedLayer):
             rebuilt = module.rebuild_cache()
         else:
             raise TypeError(f"'{path}': {type(module).__qualname__} holds a QuantCache but jaxquant does not "

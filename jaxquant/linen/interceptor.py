@@ -31,6 +31,7 @@ from jaxquant.linen.quant_state import (
     quantize_kernel_with_fake_quant,
 )
 from jaxquant.qconfig_mapping import qconfig_for
+from jaxquant.observers.protocols import FakeQuant
 from jaxquant.qtensor import dequantize, quantize_per_tensor
 
 MODES = ("float", "observe", "qat", "convert_static", "static", "convert_dynamic", "dynamic", "record")
@@ -197,7 +198,7 @@ class QuantInterceptor:
         if hasattr(spec, "check_module"):
             spec.check_module(module, path)
         act, wfq = qconfig.activation(), qconfig.weight()
-        if act is None or wfq is None or not hasattr(wfq, "apply"):
+        if act is None or wfq is None or not isinstance(wfq, FakeQuant):
             raise ValueError(f"'{display_path(path)}': QAT needs a qconfig with fake-quantize activation and weight, "
                              "e.g. jaxquant.linen.get_default_qat_qconfig_mapping()")
         if getattr(wfq, "is_per_channel", False) and hasattr(spec, "check_weight_scheme"):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jaxquant.core.weights import quantize_weight_traceable, quantize_with_qparams
 from jaxquant.fake_quant.learnable import LearnableFakeQuantize
 from jaxquant.linen.names import QUANT_STATS, display_path, module_path
+from jaxquant.observers.protocols import FakeQuant
 from jaxquant.qtensor import QTensor
 
 
@@ -41,7 +42,7 @@ def fake_quant(module: Any, name: str, config: Any, x: jax.Array, example_or_sha
     """Fake-quantize ``x`` with ``config`` (a FakeQuantize config) and state ``quant_stats/<name>``.
 
     Same shape/dtype as ``x``; gradients straight-through (the config's custom VJP)."""
-    if not hasattr(config, "apply"):
+    if not isinstance(config, FakeQuant):
         raise TypeError(f"'{display_path(module_path(module))}': QAT needs fake-quantize configs, got {config!r}; "
                         "use get_default_qat_qconfig('x86') or jaxquant.linen.get_default_qat_qconfig_mapping()")
     if isinstance(config, LearnableFakeQuantize):

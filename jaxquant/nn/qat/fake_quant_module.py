@@ -20,6 +20,7 @@ from flax import nnx
 from jaxquant.fake_quant.fake_quantize import FixedQParamsFakeQuantize
 from jaxquant.fake_quant.learnable import LearnableFakeQuantize
 from jaxquant.nn.variables import QuantStats
+from jaxquant.observers.protocols import FakeQuant
 from jaxquant.observers.base import check_observer_state
 
 __all__ = ["FakeQuantModule", "is_learnable"]
@@ -39,7 +40,7 @@ class FakeQuantModule(nnx.Module):
     """
 
     def __init__(self, fake_quant: Any, example_or_shape: Any = None):
-        if not hasattr(fake_quant, "apply") or not hasattr(fake_quant, "init"):
+        if not isinstance(fake_quant, FakeQuant):
             raise TypeError(
                 f"FakeQuantModule needs a fake-quantize config (FakeQuantize, FusedMovingAvgObsFakeQuantize, "
                 f"LearnableFakeQuantize...), got {fake_quant!r}; QAT qconfigs must use fake quantize, e.g. "
