@@ -8,15 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.torch_numerics import rounded
-from jaxquant.observers.base import (
-    StatsState,
-    UniformQuantizationObserverBase,
-    as_float32,
-    finite_min_max,
-    fresh_stats,
-    merge_stats_states,
-    refuse_moving_average_merge,
-)
+from jaxquant.observers.base import (StatsState, UniformQuantizationObserverBase, as_float32, finite_min_max,
+                                     fresh_stats, merge_stats_states, refuse_moving_average_merge)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

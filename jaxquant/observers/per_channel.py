@@ -9,15 +9,8 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxquant.observers.base import (
-    StatsState,
-    UniformQuantizationObserverBase,
-    as_float32,
-    finite_min_max,
-    fresh_stats,
-    merge_stats_states,
-    refuse_moving_average_merge,
-)
+from jaxquant.observers.base import (StatsState, UniformQuantizationObserverBase, as_float32, finite_min_max,
+                                     fresh_stats, merge_stats_states, refuse_moving_average_merge)
 from jaxquant.dtypes import QScheme, per_channel_affine
 from jaxquant.observers.minmax import moving_average
 from jaxquant.qtensor import group_qparams_shape
