@@ -105,8 +105,7 @@ def DYNAMIC_DEFAULT_TYPES(dtype) -> frozenset:  # noqa: N802 - reads like PyTorc
     """The module types ``quantize_dynamic(qconfig_spec=None)`` quantizes for ``dtype`` (PyTorch's defaults:
     Linear and recurrent cells for qint8/float16, embeddings for quint8)."""
     if dtype in (qint8, float16, bfloat16):
-        return frozenset({nnx.Linear, intrinsic.LinearReLU, nnx.LinearGeneral, nnx.Einsum, nnx.LSTMCell,
-                          nnx.OptimizedLSTMCell, nnx.GRUCell})
+        return frozenset(get_default_dynamic_quant_module_mappings()) - {nnx.Embed}
     if dtype == quint8:
         return frozenset({nnx.Embed})
     raise ValueError(f"quantize_dynamic: don't know how to quantize with default settings for {dtype!r}; use "

@@ -40,10 +40,6 @@ def as_quantized_model(model: Union[nn.Module, QuantizedModel]) -> QuantizedMode
     return QuantizedModel(model)
 
 
-def _mapping(qconfig_or_mapping: Any):
-    return as_qconfig_mapping(qconfig_or_mapping)
-
-
 def prepare(model: Union[nn.Module, QuantizedModel], qconfig_or_mapping: Any = None) -> QuantizedModel:
     """Static PTQ, step 1: a model whose supported layers observe their input and output.
 
@@ -52,7 +48,7 @@ def prepare(model: Union[nn.Module, QuantizedModel], qconfig_or_mapping: Any = N
     ``quant_stats`` on the first ``apply(..., mutable=['quant_stats'])`` (see :func:`calibrate`).
     """
     qm = as_quantized_model(model)
-    mapping = get_default_qconfig_mapping() if qconfig_or_mapping is None else _mapping(qconfig_or_mapping)
+    mapping = get_default_qconfig_mapping() if qconfig_or_mapping is None else as_qconfig_mapping(qconfig_or_mapping)
     return qm.replace(mode="observe", qconfig_mapping=mapping)
 
 
@@ -61,7 +57,7 @@ def prepare_qat(model: Union[nn.Module, QuantizedModel], qconfig_or_mapping: Any
     ``quant_stats``; the float ``params`` are what the optimizer trains). Default mapping:
     :func:`jaxquant.linen.get_default_qat_qconfig_mapping`."""
     qm = as_quantized_model(model)
-    mapping = get_default_qat_qconfig_mapping() if qconfig_or_mapping is None else _mapping(qconfig_or_mapping)
+    mapping = get_default_qat_qconfig_mapping() if qconfig_or_mapping is None else as_qconfig_mapping(qconfig_or_mapping)
     return qm.replace(mode="qat", qconfig_mapping=mapping)
 
 

@@ -13,8 +13,7 @@ from jaxquant.quantization_mappings import (
     get_default_static_quant_module_mappings,
     get_quantized_passthrough_types,
 )
-from jaxquant.transforms.checks import check_module_names, check_nnx_model, check_not_prepared
-from jaxquant.transforms.propagate import propagate_qconfig
+from jaxquant.transforms.checks import checked_qconfigs
 from jaxquant.transforms.swap import finish, has_params, is_leaf, swap_modules
 
 
@@ -55,15 +54,10 @@ def prepare(
       TypeError for a Flax Linen module (use ``jaxquant.linen.prepare``). KeyError for a
       ``set_module_name`` path that is not in the model.
     """
-    check_nnx_model(model, "prepare")
-    check_not_prepared(model, "prepare")
-    check_module_names(model, qconfig_or_mapping, "prepare")
+    qconfigs = checked_qconfigs(model, qconfig_or_mapping, "prepare", "quantized",
+                                "QConfig (e.g. get_default_qconfig('x86'))")
     mapping = get_default_static_quant_module_mappings() if mapping is None else mapping
     passthrough = get_quantized_passthrough_types()
-    qconfigs = propagate_qconfig(model, qconfig_or_mapping)
-    if all(q is None for q in qconfigs.values()):
-        raise ValueError("prepare: no module has a qconfig, so nothing would be quantized; pass a QConfig "
-                         "(e.g. get_default_qconfig('x86')) or a QConfigMapping")
 
     def swap(path: str, module: nnx.Module):
         qconfig = qconfigs.get(path)

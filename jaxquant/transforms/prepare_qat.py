@@ -30,9 +30,8 @@ from jaxquant.quantization_mappings import (
     get_default_static_quant_module_mappings,
     get_quantized_passthrough_types,
 )
-from jaxquant.transforms.checks import check_module_names, check_nnx_model, check_not_prepared
+from jaxquant.transforms.checks import checked_qconfigs
 from jaxquant.transforms.convert import convert
-from jaxquant.transforms.propagate import propagate_qconfig
 from jaxquant.transforms.swap import finish, has_params, is_leaf, swap_modules
 
 __all__ = [
@@ -85,16 +84,11 @@ def prepare_qat(
       mode (call ``model.train()`` first), a layer with parameters but no QAT or static counterpart,
       a qconfig whose entries are observers rather than fake quants.
     """
-    check_nnx_model(model, "prepare_qat")
-    check_not_prepared(model, "prepare_qat")
-    check_module_names(model, qconfig_or_mapping, "prepare_qat")
+    qconfigs = checked_qconfigs(model, qconfig_or_mapping, "prepare_qat", "trained with fake quantization",
+                                "QAT QConfig (e.g. get_default_qat_qconfig('x86'))")
     mapping = get_default_qat_module_mappings() if mapping is None else mapping
     static = get_default_static_quant_module_mappings()
     passthrough = get_quantized_passthrough_types()
-    qconfigs = propagate_qconfig(model, qconfig_or_mapping)
-    if all(q is None for q in qconfigs.values()):
-        raise ValueError("prepare_qat: no module has a qconfig, so nothing would be trained with fake quantization; "
-                         "pass a QAT QConfig (e.g. get_default_qat_qconfig('x86')) or a QConfigMapping")
 
     def swap(path: str, module: nnx.Module):
         qconfig = qconfigs.get(path)
