@@ -3,6 +3,7 @@
 Static and dynamic post-training quantization, quantization-aware training and int8 inference on
 CPU through ``jax.jit``, with the names of PyTorch's ``torch.ao.quantization`` eager-mode API.
 """
+from jaxquant import graph
 from jaxquant.choose_qparams import choose_qparams
 from jaxquant.dtypes import (
     QDType,
@@ -15,12 +16,13 @@ from jaxquant.dtypes import (
     per_channel_symmetric,
     per_tensor_affine,
     per_tensor_symmetric,
+    qint32,
     qint4,
     qint8,
-    qint32,
     quint4,
     quint8,
 )
+from jaxquant.export import export, load_exported
 from jaxquant.fake_quant import (
     FakeQuantize,
     FakeQuantizeBase,
@@ -82,6 +84,7 @@ from jaxquant.observers import (
     per_channel_weight_observer_range_neg_127_to_127,
     weight_observer_range_neg_127_to_127,
 )
+from jaxquant.onnx_export import export_onnx
 from jaxquant.qconfig import (
     QConfig,
     QConfigDynamic,
@@ -113,9 +116,6 @@ from jaxquant.qconfig_mapping import (
 )
 from jaxquant.qtensor import QTensor, dequantize, quantize_per_channel, quantize_per_tensor
 from jaxquant.quantization_mappings import get_default_static_quant_module_mappings
-from jaxquant.export import export, load_exported
-from jaxquant import graph
-from jaxquant.onnx_export import export_onnx
 from jaxquant.serialization import CheckpointError, converted_template, load, rebuild_cache, save
 from jaxquant.serving import CompiledModel, ModelChangedError, ModelMutatesStateError, compile
 from jaxquant.tools import model_size_bytes
@@ -144,12 +144,11 @@ from jaxquant.transforms.prepare_qat import (
     quantize_qat,
     update_bn_stats,
 )
-from jaxquant.transforms.stubs import add_quant_dequant
 from jaxquant.transforms.quantize_dynamic import get_default_dynamic_quant_module_mappings, quantize_dynamic
+from jaxquant.transforms.stubs import add_quant_dequant
+from jaxquant.version import __version__
 from jaxquant.weight_only import WeightOnlyConfig, int4_weight_only, int8_weight_only, quantize_weight_only
 from jaxquant.weight_only.awq import quantize_awq
 from jaxquant.weight_only.calibration import collect_linear_stats
 from jaxquant.weight_only.gptq import quantize_gptq
 from jaxquant.weight_only.smoothquant import smooth_quantize
-
-__version__ = "0.1.0"

@@ -33,6 +33,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxquant.kernels.linear import pack_linear, quantized_linear
+from jaxquant.module_paths import copy_model, named_modules
+from jaxquant.nn.observer_module import ObserverModule
+from jaxquant.nn.quantized.linear import Linear
 from jaxquant.observers.base import ObserverBase, StatsState, as_float32, finite_min_max
 from jaxquant.observers.histogram import HistogramObserver, HistogramState, histogram_update
 from jaxquant.observers.minmax import MinMaxObserver
@@ -141,8 +144,8 @@ def sync_observer_state(observer: ObserverBase, state: Any, axis_name: AxisName)
 
     Exact for running min/max (``MinMaxObserver``, ``PerChannelMinMaxObserver``: the min of the
     per-device mins is the global min) and counting observers. For ``HistogramObserver`` each
-    device's histogram is re-binned into the global range (PyTorch's own ``_combine_histograms``
-    rule) and the results summed: exact when every device's range already is the global range,
+    device's histogram is re-binned into the global range (``HistogramObserver.merge``, PyTorch's
+    ``_combine_histograms`` rule) and the results summed: exact when every device's range already is the global range,
     otherwise the same approximation PyTorch makes when a range grows. Moving-average observers
     cannot be merged after the fact (an average of per-device averages is not the average of the
     global min/max): use :func:`sharded_update` for them.
@@ -151,56 +154,26 @@ def sync_observer_state(observer: ObserverBase, state: Any, axis_name: AxisName)
     Returns the merged state, replicated over ``axis_name``.
     """
     observer = _unwrap(observer)
-    if isinstance(state, CountState):
-        return CountState(lax.pmax(state.num_batches, axis_name), _por(state.nonfinite, axis_name))
-    if isinstance(observer, HistogramObserver):
-        return _histogram_sync(observer, state, axis_name)
-    if not isinstance(observer, (MinMaxObserver, PerChannelMinMaxObserver)):
-        raise _unsupported(observer, "sync_observer_state")
-    if getattr(observer, "averaging_constant", None) is not None:
-        raise ValueError(
-            f"sync_observer_state: {observer!r} keeps a moving average, and averages of per-device averages "
-            "are not the average of the global batches; update it with sharded_update(observer, state, x, "
-            "axis_name) inside the mapped function instead"
-        )
-    return StatsState(lax.pmin(state.min_val, axis_name), lax.pmax(state.max_val, axis_name),
-                      lax.pmax(state.num_batches, axis_name), _por(state.nonfinite, axis_name))
+    # every device's (small) state, in device order: each computes the same merge, so the result is
+    # replicated and deterministic
+    n = lax.psum(1, axis_name)
+    gathered = jax.tree_util.tree_map(lambda a: _gather(a, axis_name), state)
+    states = [jax.tree_util.tree_map(lambda a: a[i], gathered) for i in range(n)]
+    try:
+        return observer.merge(*states)
+    except NotImplementedError:
+        raise _unsupported(observer, "sync_observer_state") from None
 
 
 def _gather(a: jax.Array, axis_name: AxisName) -> jax.Array:
     """all_gather whose result is typed as replicated: each device writes its slot, psum adds them
     (exact: every other slot is zero; inf stays inf since only one term per slot is non-zero)."""
+    if a.dtype == jnp.bool_:  # collectives on bool are not supported everywhere
+        return _gather(a.astype(jnp.int32), axis_name) > 0
     n = lax.psum(1, axis_name)
     slot = jnp.arange(n) == lax.axis_index(axis_name)
     placed = jnp.where(slot.reshape((n,) + (1,) * a.ndim), a[None], jnp.zeros_like(a)[None])
     return lax.psum(placed, axis_name)
-
-
-def _histogram_sync(observer: HistogramObserver, state: HistogramState, axis_name: AxisName) -> HistogramState:
-    # Gather every device's (small) histogram and range, then re-bin each into the global range in
-    # a fixed order: all devices compute the same sum, so the result is replicated and deterministic.
-    hists, mins, maxs = (_gather(a, axis_name) for a in (state.histogram, state.min_val, state.max_val))
-    g_min, g_max = jnp.min(mins), jnp.max(maxs)
-    g_empty = (g_min == jnp.inf) | (g_max == -jnp.inf)
-    safe_gmin = jnp.where(g_empty, 0.0, g_min)
-    safe_gmax = jnp.where(g_empty, 0.0, g_max)
-
-    def one(hist: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
-        empty = (lo == jnp.inf) | (hi == -jnp.inf)
-        same = (lo == g_min) & (hi == g_max)
-
-        def rebin(_: Any) -> jax.Array:
-            return observer._combine_histograms(hist, lo, hi, jnp.zeros_like(hist), safe_gmin, safe_gmax)
-
-        return lax.cond(empty, lambda _: jnp.zeros_like(hist),
-                        lambda _: lax.cond(same, lambda _: hist, rebin, None), None)
-
-    rebinned = jax.vmap(one)(hists, mins, maxs)
-    total = rebinned[0]
-    for i in range(1, rebinned.shape[0]):  # sequential, as one device adding batches would
-        total = total + rebinned[i]
-    return HistogramState(total, g_min, g_max, lax.pmax(state.num_batches, axis_name),
-                          _por(state.nonfinite, axis_name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,9 +213,6 @@ class AxisSyncedObserver:
 
 
 def _swap_observers(model: Any, fn) -> Any:
-    from jaxquant.module_paths import copy_model, named_modules
-    from jaxquant.nn.observer_module import ObserverModule
-
     result = copy_model(model)
     found = False
     for _, module in named_modules(result):
@@ -304,8 +274,6 @@ def shard_qtensor(q: QTensor, mesh: Mesh, axis_name: AxisName, axis: Optional[in
 
 
 def _linear_parts(linear: Any) -> tuple[QTensor, Optional[jax.Array], jax.Array, jax.Array]:
-    from jaxquant.nn.quantized.linear import Linear
-
     if not isinstance(linear, Linear):
         raise TypeError(f"expected a converted jaxquant.nn.quantized.Linear, got {type(linear).__name__}; "
                         "convert the model first (jaxquant.convert)")

@@ -20,7 +20,15 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 from flax import nnx
 
+from jaxquant.module_paths import copy_model, named_modules
+import jaxquant.nn as jqnn
+from jaxquant.nn.quantized.conv import Conv
+from jaxquant.nn.quantized.dropout import Dropout as QDropout
+from jaxquant.nn.quantized.linear import Linear
+from jaxquant.nn.quantized.stubs import DeQuantize, Quantize
+from jaxquant.optional_deps import require
 from jaxquant.qtensor import QTensor
+from jaxquant.tools.numeric_debugger import record_calls
 
 OPSET = 17
 _NHWC_TO_NCHW = (0, 3, 1, 2)
@@ -244,12 +252,6 @@ def _dequantize(g, path, module, x, out):
 
 
 def _handlers() -> dict[type, Callable]:
-    import jaxquant.nn as jqnn
-    from jaxquant.nn.quantized.conv import Conv
-    from jaxquant.nn.quantized.dropout import Dropout as QDropout
-    from jaxquant.nn.quantized.linear import Linear
-    from jaxquant.nn.quantized.stubs import DeQuantize, Quantize
-
     return {Quantize: _quantize, DeQuantize: _dequantize, Conv: _conv, Linear: _linear,
             jqnn.MaxPool2d: _pool("MaxPool"), jqnn.AvgPool2d: _pool("AveragePool"),
             jqnn.ReLU: _elementwise("Relu"), jqnn.Flatten: _flatten, jqnn.Identity: _alias,
@@ -276,12 +278,7 @@ def export_onnx(model: nnx.Module, example_input: Any, path: Union[str, os.PathL
     """
     import jax.numpy as jnp
 
-    from jaxquant.module_paths import copy_model, named_modules
-    from jaxquant.optional_deps import require
-
     onnx = require("onnx", "onnx", "export_onnx")
-    from jaxquant.tools.numeric_debugger import record_calls
-
     handlers = _handlers()
     model = copy_model(model)
     model.eval()

@@ -21,6 +21,7 @@ from jaxquant.dtypes import (
     float32,
     per_channel_affine,
     qint8,
+    quint4,
     quint8,
 )
 from jaxquant.fake_quant.fake_quantize import FakeQuantize, FakeQuantizeBase, FusedMovingAvgObsFakeQuantize, Identity
@@ -112,7 +113,7 @@ per_token_dynamic_qconfig = QConfig(
     weight=_default_per_channel_weight_observer)
 """Not in PyTorch: one activation scale/zero point per row (token) of the flattened input, chosen per
 call, with per-channel int8 weights. The per-channel activation qscheme is what turns per-token on
-(``jaxquant.nn.dynamic.weights.activation_per_token``)."""
+(``jaxquant.core.weights.activation_per_token``)."""
 float_qparams_weight_only_qconfig = QConfig(activation=_default_placeholder_observer,
                                             weight=_default_float_qparams_observer)
 float_qparams_weight_only_qconfig_4bit = QConfig(activation=_default_placeholder_observer,
@@ -135,6 +136,19 @@ default_symmetric_qnnpack_qat_qconfig = QConfig(activation=_symmetric_qnnpack_ac
                                                 weight=fused_wt_fake_quant_range_neg_127_to_127)
 default_per_channel_symmetric_qnnpack_qat_qconfig = QConfig(
     activation=_symmetric_qnnpack_act, weight=fused_per_channel_wt_fake_quant_range_neg_127_to_127)
+
+
+def default_dynamic_qconfig_for(dtype: Any) -> QConfig:
+    """The QConfig ``quantize_dynamic`` uses for ``dtype`` when the spec gives none (NNX and Linen alike):
+    ``qint8`` -> ``default_dynamic_qconfig``, ``float16``/``bfloat16`` -> the half-precision weight qconfigs,
+    ``quint8`` (``quint4``) -> ``float_qparams_weight_only_qconfig`` (``_4bit``)."""
+    if dtype == quint4:
+        return float_qparams_weight_only_qconfig_4bit
+    table = {qint8: default_dynamic_qconfig, float16: float16_dynamic_qconfig,
+             bfloat16: bfloat16_dynamic_qconfig, quint8: float_qparams_weight_only_qconfig}
+    if dtype not in table:
+        raise ValueError(f"quantize_dynamic: unknown dtype {dtype!r}; use qint8, float16, bfloat16 or quint8")
+    return table[dtype]
 
 
 def _check_backend(backend: str) -> None:

@@ -30,6 +30,7 @@ from jaxquant.qconfig import (
     get_default_qat_qconfig,
     get_default_qconfig,
 )
+import jaxquant.qconfig as _qconfig
 
 ObjectType = Union[type, Callable, str]
 
@@ -171,6 +172,16 @@ def qconfig_for(
     return qconfig
 
 
+def as_qconfig_mapping(qconfig_or_mapping: Any):
+    """A ``QConfigMapping`` from a QConfig (used globally), a mapping, or ``None`` (empty mapping)."""
+    if isinstance(qconfig_or_mapping, QConfigMapping):
+        return qconfig_or_mapping
+    mapping = QConfigMapping()
+    if qconfig_or_mapping is not None:
+        mapping.set_global(qconfig_or_mapping)
+    return mapping
+
+
 def _fixed_qparams_ops() -> dict[ObjectType, Any]:
     """PyTorch's ``_FIXED_QPARAMS_OP_TO_OBSERVER`` with jaxquant's module classes and JAX functions."""
     import jax
@@ -208,8 +219,6 @@ def _get_default_qconfig_mapping(is_qat: bool, backend: str, version: int) -> QC
         qconfig_transpose = qconfig
     # layer norm keeps float weights
     qconfig_layernorm = QConfig(activation=qconfig.activation, weight=_default_placeholder_observer)
-    import jaxquant.qconfig as _qconfig
-
     mapping = (
         QConfigMapping()
         .set_global(qconfig)

@@ -45,8 +45,14 @@ import numpy as np
 from flax import nnx
 
 from jaxquant.dtypes import FloatDType, QDType, QScheme
+from jaxquant.graph import GraphQuantizationError, QuantizedProgram, program_from_record, program_record
+from jaxquant.graph.record import RECORD_FORMAT
 from jaxquant.module_paths import copy_model, named_modules, replace_contents, set_submodule
-from jaxquant.nn.variables import QuantCache
+from jaxquant.nn.qat.fake_quant_module import FakeQuantModule
+from jaxquant.nn.variables import CachedLayer, QuantCache
+from jaxquant.tools.size import _leaves, model_arrays
+from jaxquant.transforms import calibrate, convert
+from jaxquant.version import __version__
 
 MAGIC = b"JAXQUANT"
 FORMAT_VERSION = 1
@@ -111,8 +117,6 @@ def describe_modules(model: nnx.Module) -> dict[str, dict[str, Any]]:
 
 
 def _defining_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
-    from jaxquant.tools.size import model_arrays
-
     return model_arrays(model)
 
 
@@ -146,9 +150,6 @@ def save(path: PathLike, model: Any, *, qconfig: Any = None,
     Returns:
       The number of bytes written.
     """
-    from jaxquant import __version__
-    from jaxquant.graph import QuantizedProgram
-
     if isinstance(model, QuantizedProgram):
         return _save_graph_program(path, model, qconfig, metadata)
     arrays = _defining_arrays(model)
@@ -193,9 +194,6 @@ def _write_file(path: PathLike, header: dict, entries: list, arrays: dict) -> in
 def _save_graph_program(path: PathLike, program: Any, qconfig: Any, metadata: Optional[dict]) -> int:
     """A graph-mode int8 program: the same container; the header's ``graph`` says which ops were
     quantized and how, the arrays are its unpacked int8 weights, qparams and float values."""
-    from jaxquant import __version__
-    from jaxquant.graph import program_record
-    from jaxquant.graph.record import RECORD_FORMAT
 
     record, arrays = program_record(program)
     entries, offset = [], 0
@@ -213,7 +211,6 @@ def _save_graph_program(path: PathLike, program: Any, qconfig: Any, metadata: Op
 
 def _load_graph_program(checkpoint: Checkpoint, where: str, fn_or_model: Any, example_args: Any,
                         params_argnums: int) -> Any:
-    from jaxquant.graph import GraphQuantizationError, program_from_record
 
     if example_args is None:
         raise CheckpointError(f"{where} holds a graph-mode int8 program; load it with "
@@ -451,8 +448,6 @@ def check_compatible(checkpoint: Checkpoint, model: nnx.Module, where: str = "ch
 
 
 def _assign_arrays(model: nnx.Module, arrays: dict[str, np.ndarray]) -> None:
-    from jaxquant.tools.size import _leaves
-
     state = nnx.state(model, nnx.All(nnx.Not(QuantCache), nnx.Not(nnx.RngState)))
     for path, variable in state.flat_state():
         prefix = ".".join(map(str, path))
@@ -480,7 +475,7 @@ def rebuild_cache(model: nnx.Module) -> nnx.Module:
     for path, module in sorted(named_modules(model), key=lambda item: -item[0].count(".")):
         if not _holds_cache(module):
             continue
-        if hasattr(module, "rebuild_cache"):
+        if isinstance(module, CachedLayer):
             rebuilt = module.rebuild_cache()
         else:
             raise TypeError(f"'{path}': {type(module).__qualname__} holds a QuantCache but jaxquant does not "
@@ -515,7 +510,6 @@ def load(path: PathLike, model_or_template: Any, example_args: Any = None, *, in
         model's. The model is left untouched in every failure.
     """
     checkpoint = read_checkpoint(path)
-    from jaxquant.graph.record import RECORD_FORMAT
 
     if checkpoint.header.get("format") == RECORD_FORMAT:
         return _load_graph_program(checkpoint, f"'{os.fspath(path)}'", model_or_template, example_args,
@@ -542,9 +536,6 @@ def converted_template(prepared_model: nnx.Module, example_input: Any,
     load) and converts it. A QAT model runs that batch in training mode, so its fake quants observe
     it, then is switched to eval mode. ``forward(model, batch)`` defaults to ``model(batch)``.
     """
-    from jaxquant.nn.qat.fake_quant_module import FakeQuantModule
-    from jaxquant.transforms import calibrate, convert
-
     prepared = copy_model(prepared_model)
     run = forward or (lambda m, b: m(b))
     if any(isinstance(m, FakeQuantModule) for _, m in named_modules(prepared)):

@@ -38,6 +38,7 @@ from jaxquant.fake_quant.functional import _fq_per_channel, _fq_per_tensor
 from jaxquant.observers.base import ObserverFactory, StatsState, finite_min_max
 from jaxquant.observers.minmax import MovingAverageMinMaxObserver, moving_average
 from jaxquant.observers.per_channel import MovingAveragePerChannelMinMaxObserver
+from jaxquant.observers.protocols import Observer
 from jaxquant.observers.simple import FixedQParamsObserver
 
 # ---------------------------------------------------------------------------------------------
@@ -86,7 +87,7 @@ def _accepts(cls: Any, name: str) -> bool:
 
 def instantiate_observer(observer: Any, where: str, **kwargs: Any) -> Any:
     """Build an observer from a class or factory; refuse an already-built instance with a clear message."""
-    if not callable(observer) or (not isinstance(observer, type) and hasattr(observer, "update")):
+    if not callable(observer) or (not isinstance(observer, type) and isinstance(observer, Observer)):
         raise TypeError(f"{where}: observer must be an observer class or a factory from .with_args(...), "
                         f"got the instance {observer!r}; pass {type(observer).__name__}.with_args(...) instead")
     return observer(**kwargs)

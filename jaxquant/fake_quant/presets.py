@@ -17,11 +17,9 @@ from jaxquant.dtypes import (
     quint4,
     quint8,
 )
-from jaxquant.fake_quant.fake_quantize import (
-    FakeQuantize,
-    FixedQParamsFakeQuantize,
-    FusedMovingAvgObsFakeQuantize,
-)
+from jaxquant.fake_quant.fake_quantize import FakeQuantize, FixedQParamsFakeQuantize, FusedMovingAvgObsFakeQuantize
+import jaxquant.observers as observers
+from jaxquant.observers.histogram import HistogramObserver
 from jaxquant.observers.minmax import MovingAverageMinMaxObserver
 from jaxquant.observers.per_channel import MovingAveragePerChannelMinMaxObserver
 from jaxquant.observers.simple import FixedQParamsObserver
@@ -99,13 +97,9 @@ fused_per_channel_wt_fake_quant_range_neg_127_to_127 = FusedMovingAvgObsFakeQuan
 
 def histogram_observer() -> Any:
     """``jaxquant.observers.HistogramObserver``, imported when first needed."""
-    import jaxquant.observers as observers
-
     try:
         return observers.HistogramObserver
     except AttributeError:
-        from jaxquant.observers.histogram import HistogramObserver  # type: ignore[import-not-found]
-
         return HistogramObserver
 
 

@@ -2,7 +2,7 @@
 and the dynamic / weight-only conversions that need no calibration.
 
 Weights are quantized with the qconfig's weight observer exactly as eager ``from_float`` does
-(:func:`jaxquant.nn.quantized.weights.quantize_weight`, flax layout, per channel on the output axis) and
+(:func:`jaxquant.core.weights.quantize_weight`, flax layout, per channel on the output axis) and
 prepacked once; the int8 program holds no float weight of a quantized op and does no transpose of one.
 """
 from __future__ import annotations
@@ -11,11 +11,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant.core.weights import quantize_weight
 from jaxquant.graph import kernels as K
 from jaxquant.graph.analysis import Analysis, GraphQuantizationError, Unit
-from jaxquant.graph.program import (ObservedProgram, QuantizedProgram, _conv_perms, _dot_layout, _flax_weight,
-                                    _runtime_needed, _state_key)
-from jaxquant.nn.quantized.weights import quantize_weight
+from jaxquant.graph.program import (
+    ObservedProgram,
+    QuantizedProgram,
+    _conv_perms,
+    _dot_layout,
+    _flax_weight,
+    _runtime_needed,
+    _state_key,
+)
 from jaxquant.qtensor import quantize_per_tensor
 
 __all__ = ["convert_static", "convert_without_calibration", "unit_meta", "pack_unit"]
@@ -25,7 +32,7 @@ def _checked_qparams(obs, state, path):
     from jaxquant.dtypes import qint8, quint8
     from jaxquant.observers import check_observer_state
 
-    from jaxquant.nn.observer_module import calculate_qparams
+    from jaxquant.core.qparams import calculate_qparams
 
     check_observer_state(obs, state, name=path)
     # the same compiled function eager convert uses: the histogram search rounds the same way
@@ -155,7 +162,7 @@ def convert_without_calibration(a: Analysis, plan, params, mode: str, *, reduce_
                                 per_token=None) -> QuantizedProgram:
     """Dynamic (activation qparams per call) or weight-only conversion."""
     from jaxquant.graph.program import ObservedProgram
-    from jaxquant.nn.dynamic.weights import activation_per_token
+    from jaxquant.core.weights import activation_per_token
 
     helper = ObservedProgram(a, plan, params, {})
     pre, folded = helper.host_fold(params)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant.core.batches import iterate_batches
 from jaxquant.graph import kernels as K
 from jaxquant.graph.analysis import Analysis, GraphQuantizationError, Unit
 from jaxquant.graph.capture import Lit, eval_op
@@ -81,7 +82,7 @@ def _run_float(a: Analysis, plan: Plan, pre: dict, folded: dict, inputs_leaves, 
         if not fake_quant:
             return value
         from jaxquant.fake_quant.functional import fake_quantize_per_tensor_affine
-        from jaxquant.nn.quantized.weights import observer_quant_range
+        from jaxquant.core.weights import observer_quant_range
 
         scale, zp = obs.calculate_qparams(state[key])
         qmin, qmax = observer_quant_range(obs)
@@ -122,7 +123,7 @@ def _fake_quant_weight(a: Analysis, u: Unit, w, qconfig):
     from the current weight (stop-gradient): straight-through gradients to the float params."""
     from jaxquant.fake_quant.functional import (fake_quantize_per_channel_affine,
                                                 fake_quantize_per_tensor_affine)
-    from jaxquant.nn.quantized.weights import observer_quant_range, weight_observer
+    from jaxquant.core.weights import observer_quant_range, weight_observer
 
     obs = weight_observer(qconfig, u.path)
     axes = weight_channel_axes(a, u)
@@ -219,15 +220,7 @@ def calibrate(program: ObservedProgram, batches: Iterable[Any], params: Any = No
         leaves = jax.tree_util.tree_leaves(inputs)
         return _run_float(a.for_inputs(leaves), plan, pre, folded, leaves, state, fake_quant=False)[1]
 
-    total = num_batches if num_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)
-    iterator = iter(batches)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, total=total, desc="graph calibrate", leave=False)
-    for i, batch in enumerate(iterator):
-        if num_batches is not None and i >= num_batches:
-            break
+    for _, batch in iterate_batches(batches, num_batches, progress, "graph calibrate"):
         inputs = batch if isinstance(batch, tuple) else (batch,)
         state = step(state, inputs)
     for vid, (obs, _, path) in plan.observers.items():

@@ -321,7 +321,6 @@ def quantized_linear_dynamic(x: jax.Array, packed: PackedLinear, *, reduce_range
     """
     x2 = _flat_input(jnp.asarray(x, jnp.float32), packed, "quantized_linear_dynamic")
     if x_min_max is not None and not per_token:
-        from jaxquant.choose_qparams import choose_qparams_from_min_max
         scale, zp = choose_qparams_from_min_max(x_min_max[0], x_min_max[1], 0, 255, reduce_range)
     else:
         scale, zp = choose_activation_qparams(x2, reduce_range=reduce_range, per_token=per_token)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.dtypes import per_channel_affine_float_qparams, quint8
+from jaxquant.linen.quant_state import quantize_kernel
 from jaxquant.torch_numerics import fma_u8
 
 
@@ -23,8 +24,6 @@ def is_embedding_qconfig(qconfig: Any) -> bool:
 
 def embedding_quant_params(table: jax.Array, qconfig: Any) -> dict:
     """``{"weight_int": uint8 (V, D), "weight_scale": float32 (V,), "weight_zero_point": float32 (V,)}``."""
-    from jaxquant.linen.quant_state import quantize_kernel
-
     observer = qconfig.weight()
     observer = getattr(observer, "observer", observer)
     # quantize_kernel takes channels last; rows of the table are the channels.

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 from flax.core import unfreeze
 
+from jaxquant.fusion.bn_folding import fuse_conv_bn_weights
 from jaxquant.linen.interceptor import Record
 from jaxquant.linen.model import QuantizedModel
 from jaxquant.linen.transforms import as_quantized_model
@@ -50,8 +51,6 @@ def fuse_modules(model: Union[nn.Module, QuantizedModel], variables: Any, module
     BatchNorm axis). Returns ``(model_with_fused_set, variables)``; pass the model on to ``prepare``.
     Raises KeyError / TypeError naming the path for an unknown path or a pair that cannot be folded.
     """
-    from jaxquant.fusion.bn_folding import fuse_conv_bn_weights
-
     qm = as_quantized_model(model)
     record = Record()
     rngs = example_kwargs.pop("rngs", None)

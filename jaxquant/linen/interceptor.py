@@ -19,14 +19,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxquant.dtypes import float16, qint8, quint8, bfloat16
-from jaxquant.linen import conv as conv_layers
-from jaxquant.linen import dense as dense_layers
-from jaxquant.linen import embed as embed_layers
-from jaxquant.linen import stubs
+from jaxquant.core.weights import activation_per_token, weight_dtype
+from jaxquant.dtypes import bfloat16, float16, qint8, quint8
+from jaxquant.linen import conv as conv_layers, dense as dense_layers, embed as embed_layers, stubs
 from jaxquant.linen.names import QUANT_PARAMS, QUANT_STATS, display_path, module_path
-from jaxquant.linen.quant_state import (activation_qparams, fake_quant, observe, quantize_kernel,
-                                        quantize_kernel_with_fake_quant)
+from jaxquant.linen.quant_state import (
+    activation_qparams,
+    fake_quant,
+    observe,
+    quantize_kernel,
+    quantize_kernel_with_fake_quant,
+)
+from jaxquant.qconfig_mapping import qconfig_for
+from jaxquant.observers.protocols import FakeQuant
 from jaxquant.qtensor import dequantize, quantize_per_tensor
 
 MODES = ("float", "observe", "qat", "convert_static", "static", "convert_dynamic", "dynamic", "record")
@@ -90,8 +95,6 @@ class QuantInterceptor:
 
     # ------------------------------------------------------------------ qconfig
     def _lookup(self, module: Any) -> Any:
-        from jaxquant.qconfig_mapping import qconfig_for
-
         if self.model.qconfig_mapping is None:
             return None
         return qconfig_for(self.model.qconfig_mapping, module_path(module), type(module))
@@ -195,7 +198,7 @@ class QuantInterceptor:
         if hasattr(spec, "check_module"):
             spec.check_module(module, path)
         act, wfq = qconfig.activation(), qconfig.weight()
-        if act is None or wfq is None or not hasattr(wfq, "apply"):
+        if act is None or wfq is None or not isinstance(wfq, FakeQuant):
             raise ValueError(f"'{display_path(path)}': QAT needs a qconfig with fake-quantize activation and weight, "
                              "e.g. jaxquant.linen.get_default_qat_qconfig_mapping()")
         if getattr(wfq, "is_per_channel", False) and hasattr(spec, "check_weight_scheme"):
@@ -289,14 +292,10 @@ class QuantInterceptor:
         return dequantize(spec.int8_apply(module, display_path(path), xq, qp, dtype))
 
     def _dynamic_options(self, qconfig: Any) -> tuple[bool, bool]:
-        from jaxquant.nn.dynamic.weights import activation_per_token
-
         per_token = self.model.per_token if self.model.per_token is not None else activation_per_token(qconfig)
         return self.model.reduce_range, per_token
 
     def _convert_dynamic(self, spec, module, path, qconfig, x) -> jax.Array:
-        from jaxquant.nn.dynamic.weights import weight_dtype
-
         wdtype = weight_dtype(qconfig, display_path(path))
         if wdtype in (float16, bfloat16):
             raise NotImplementedError(f"'{display_path(path)}': {wdtype!r} dynamic weights are not supported in "

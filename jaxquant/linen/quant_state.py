@@ -11,8 +11,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxquant.core.weights import quantize_weight_traceable, quantize_with_qparams
+from jaxquant.fake_quant.learnable import LearnableFakeQuantize
 from jaxquant.linen.names import QUANT_STATS, display_path, module_path
-from jaxquant.nn.quantized.weights import quantize_weight_traceable, quantize_with_qparams
+from jaxquant.observers.protocols import FakeQuant
 from jaxquant.qtensor import QTensor
 
 
@@ -40,12 +42,10 @@ def fake_quant(module: Any, name: str, config: Any, x: jax.Array, example_or_sha
     """Fake-quantize ``x`` with ``config`` (a FakeQuantize config) and state ``quant_stats/<name>``.
 
     Same shape/dtype as ``x``; gradients straight-through (the config's custom VJP)."""
-    from jaxquant.nn.qat.fake_quant_module import is_learnable
-
-    if not hasattr(config, "apply"):
+    if not isinstance(config, FakeQuant):
         raise TypeError(f"'{display_path(module_path(module))}': QAT needs fake-quantize configs, got {config!r}; "
                         "use get_default_qat_qconfig('x86') or jaxquant.linen.get_default_qat_qconfig_mapping()")
-    if is_learnable(config):
+    if isinstance(config, LearnableFakeQuantize):
         raise NotImplementedError(
             f"'{display_path(module_path(module))}': LearnableFakeQuantize (LSQ) is not supported in "
             "jaxquant.linen yet; use FakeQuantize / FusedMovingAvgObsFakeQuantize configs")
@@ -79,7 +79,7 @@ def _as_params(q: QTensor) -> dict:
 
 def quantize_kernel(kernel: jax.Array, observer: Any) -> dict:
     """Quantize a float kernel ``(..., C_out)`` with a weight observer: the traceable core of NNX's
-    :func:`jaxquant.nn.quantized.weights.quantize_weight` (observer sees PyTorch's out-channel-first
+    :func:`jaxquant.core.weights.quantize_weight` (observer sees PyTorch's out-channel-first
     layout; integers clamped to the observer's range), without its host-side checks.
 
     Returns ``{"weight_int": int (..., C_out) in the observer dtype's storage, "weight_scale": float32 (C_out,),

@@ -16,10 +16,17 @@ import jax
 import numpy as np
 from flax.core import unfreeze
 
+from jaxquant.core.qparams import calculate_qparams
 from jaxquant.dtypes import qint8, quint8
+from jaxquant.fake_quant.fake_quantize import FixedQParamsFakeQuantize
 from jaxquant.linen.interceptor import Record
 from jaxquant.linen.model import QuantizedModel
 from jaxquant.linen.names import QUANT_PARAMS, QUANT_STATS, display_path
+from jaxquant.linen.qconfig_mappings import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
+from jaxquant.linen.quant_state import activation_qparams, finish_qparams
+from jaxquant.observers.base import check_observer_state
+from jaxquant.qconfig import QConfig, default_dynamic_qconfig_for
+from jaxquant.qconfig_mapping import QConfigMapping, as_qconfig_mapping
 
 __all__ = ["prepare", "prepare_qat", "calibrate", "convert", "quantize_dynamic", "as_quantized_model"]
 
@@ -33,12 +40,6 @@ def as_quantized_model(model: Union[nn.Module, QuantizedModel]) -> QuantizedMode
     return QuantizedModel(model)
 
 
-def _mapping(qconfig_or_mapping: Any):
-    from jaxquant.transforms.propagate import as_qconfig_mapping
-
-    return as_qconfig_mapping(qconfig_or_mapping)
-
-
 def prepare(model: Union[nn.Module, QuantizedModel], qconfig_or_mapping: Any = None) -> QuantizedModel:
     """Static PTQ, step 1: a model whose supported layers observe their input and output.
 
@@ -46,10 +47,8 @@ def prepare(model: Union[nn.Module, QuantizedModel], qconfig_or_mapping: Any = N
     types (None: :func:`jaxquant.linen.get_default_qconfig_mapping`). Observer state is created in
     ``quant_stats`` on the first ``apply(..., mutable=['quant_stats'])`` (see :func:`calibrate`).
     """
-    from jaxquant.linen.qconfig_mappings import get_default_qconfig_mapping
-
     qm = as_quantized_model(model)
-    mapping = get_default_qconfig_mapping() if qconfig_or_mapping is None else _mapping(qconfig_or_mapping)
+    mapping = get_default_qconfig_mapping() if qconfig_or_mapping is None else as_qconfig_mapping(qconfig_or_mapping)
     return qm.replace(mode="observe", qconfig_mapping=mapping)
 
 
@@ -57,10 +56,8 @@ def prepare_qat(model: Union[nn.Module, QuantizedModel], qconfig_or_mapping: Any
     """QAT: a model whose supported layers fake-quantize input, weight and output (state in
     ``quant_stats``; the float ``params`` are what the optimizer trains). Default mapping:
     :func:`jaxquant.linen.get_default_qat_qconfig_mapping`."""
-    from jaxquant.linen.qconfig_mappings import get_default_qat_qconfig_mapping
-
     qm = as_quantized_model(model)
-    mapping = get_default_qat_qconfig_mapping() if qconfig_or_mapping is None else _mapping(qconfig_or_mapping)
+    mapping = get_default_qat_qconfig_mapping() if qconfig_or_mapping is None else as_qconfig_mapping(qconfig_or_mapping)
     return qm.replace(mode="qat", qconfig_mapping=mapping)
 
 
@@ -102,9 +99,6 @@ def _dotted(scope: tuple) -> str:
 
 
 def _check_records(record: Record, variables: Mapping) -> None:
-    from jaxquant.fake_quant.fake_quantize import FixedQParamsFakeQuantize
-    from jaxquant.observers.base import check_observer_state
-
     stats = variables.get(QUANT_STATS, {})
     for kind, scope, name, config in record.checks:
         where = f"'{_dotted(scope)}' ({name})"
@@ -187,9 +181,6 @@ def _recompute_qparams(record: Record, variables: Mapping, quant_params: dict) -
     weights op by op): fused into one big program XLA may round the float32 arithmetic of
     ``calculate_qparams`` differently and move a scale by an ulp. Layers stacked by ``nn.scan`` /
     ``nn.vmap`` are recomputed with ``jax.vmap`` over their leading axes."""
-    from jaxquant.linen.quant_state import activation_qparams, finish_qparams
-    from jaxquant.nn.observer_module import calculate_qparams
-
     quant_params = jax.tree_util.tree_map(lambda x: x, quant_params)  # fresh dicts
     stats, params = variables.get(QUANT_STATS, {}), variables.get("params", {})
     for entry in record.qparams:
@@ -269,10 +260,6 @@ def convert(model: QuantizedModel, variables: Any, *example_args: Any, **example
 
 
 def _dynamic_mapping(qconfig_spec: Any, dtype: Any):
-    from jaxquant.qconfig import QConfig
-    from jaxquant.qconfig_mapping import QConfigMapping
-    from jaxquant.transforms.quantize_dynamic import default_dynamic_qconfig_for
-
     if qconfig_spec is None:
         qconfig = default_dynamic_qconfig_for(dtype)
         if dtype == qint8:

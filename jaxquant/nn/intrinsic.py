@@ -11,9 +11,10 @@ does; parts are named attributes (``conv``/``linear``, ``bn``, ``relu``) and, as
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxquant.nn.activations import ReLU
@@ -116,3 +117,19 @@ class LinearBn(FusedModule):
 
     def __init__(self, linear: nnx.Linear, bn: nnx.BatchNorm):
         super().__init__(linear, bn)
+
+
+def unwrap_linear_relu(module: nnx.Module) -> tuple[nnx.Linear, bool]:
+    """``(linear, relu)`` for an ``nnx.Linear`` or a fused ``LinearReLU``."""
+    if isinstance(module, LinearReLU):
+        return module.linear, True
+    return module, False
+
+
+def float_linear_arrays(linear: nnx.Linear, path: str) -> tuple[jax.Array, Optional[jax.Array]]:
+    """The float32 kernel ``(K, N)`` and bias ``(N,)`` (or None) of an ``nnx.Linear``."""
+    if not isinstance(linear, nnx.Linear):
+        raise TypeError(f"'{path}': expected an nnx.Linear, got {type(linear).__name__}")
+    kernel = jnp.asarray(linear.kernel.get_value(), jnp.float32)
+    bias = None if linear.bias is None else jnp.asarray(linear.bias.get_value(), jnp.float32)
+    return kernel, bias

@@ -8,24 +8,15 @@ update is traced once and reused for every batch.
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import jax
 from flax import nnx
 from flax.errors import TraceContextError
 
+from jaxquant.core.qparams import calculate_qparams
 from jaxquant.nn.variables import QuantStats
-
-
-@partial(jax.jit, static_argnums=0)
-def calculate_qparams(observer: Any, state: Any) -> tuple[jax.Array, jax.Array]:
-    """``observer.calculate_qparams(state)`` compiled on its own: ``(scale float32, zero_point int32)``,
-    per tensor ``()`` or per channel ``(C,)``. ``convert`` (NNX and Linen) computes activation qparams
-    with it, so both give the same bits (inlined into a bigger program XLA may round differently)."""
-    # Compiled once per observer config (configs are hashable): the histogram search run eagerly
-    # dispatches thousands of small ops per layer.
-    return observer.calculate_qparams(state)
+from jaxquant.observers import check_observer_state
 
 
 class ObserverModule(nnx.Module):
@@ -59,7 +50,5 @@ class ObserverModule(nnx.Module):
 
     def checked_qparams(self, path: str) -> tuple[jax.Array, jax.Array]:
         """Concrete qparams for ``convert``; raises naming ``path`` if the observer saw no data or NaN/Inf."""
-        from jaxquant.observers import check_observer_state
-
         check_observer_state(self.observer, self.stats.get_value(), name=path)
         return self.calculate_qparams()

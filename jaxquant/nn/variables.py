@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import jax
 import numpy as np
@@ -37,6 +37,14 @@ class QuantCache(nnx.Variable):
     Not part of what defines the model: serialisation and size accounting leave it out
     (``nnx.state(model, nnx.Not(QuantCache))``).
     """
+
+
+@runtime_checkable
+class CachedLayer(Protocol):
+    """A quantized layer holding ``QuantCache`` arrays derived from its ``QuantParams`` (packed weights,
+    column sums): ``rebuild_cache()`` returns it rebuilt from those, after a load replaced them."""
+
+    def rebuild_cache(self) -> nnx.Module: ...
 
 
 class StaleCacheError(ValueError):

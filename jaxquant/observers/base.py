@@ -15,6 +15,7 @@ concrete state that never saw data for qparams raises instead of warning.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
@@ -136,6 +137,13 @@ class ObserverBase:
         """``(scale float32, zero_point int32)`` from the state."""
         raise NotImplementedError(f"calculate_qparams should not be called for {type(self).__name__}")
 
+    def merge(self, *states: State) -> State:
+        """One state from states that saw different data (each device's shards, in device order), as
+        if one observer had seen it all: what ``jaxquant.distributed.sync_observer_state`` computes.
+        ``num_batches`` is the largest count (data-parallel steps, not shards). Observers with no
+        merge rule raise ``NotImplementedError``."""
+        raise NotImplementedError(f"{type(self).__name__} has no merge rule")
+
     # -- helpers ---------------------------------------------------------------------------------
     @property
     def computes_qparams(self) -> bool:
@@ -181,6 +189,21 @@ def check_observer_state(observer: ObserverBase, state: State, name: Optional[st
         raise NotCalibratedError(
             f"{observer!r}{where} has not observed any data; call it on representative data before convert"
         )
+
+
+def merge_stats_states(*states: StatsState) -> StatsState:
+    """Running min/max states merged exactly: the min of the mins, the max of the maxes."""
+    def fold(op, field):
+        return functools.reduce(op, [getattr(st, field) for st in states])
+    return StatsState(fold(jnp.minimum, "min_val"), fold(jnp.maximum, "max_val"), fold(jnp.maximum, "num_batches"),
+                      fold(jnp.logical_or, "nonfinite"))
+
+
+def refuse_moving_average_merge(observer: Any) -> None:
+    raise ValueError(
+        f"sync_observer_state: {observer!r} keeps a moving average, and averages of per-device averages "
+        "are not the average of the global batches; update it with sharded_update(observer, state, x, "
+        "axis_name) inside the mapped function instead")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

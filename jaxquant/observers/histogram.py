@@ -143,6 +143,35 @@ class HistogramObserver(UniformQuantizationObserverBase):
         """
         return histogram_update(self, state, x)
 
+    def merge(self, *states: HistogramState) -> HistogramState:
+        """Each histogram re-binned into the union of the ranges (PyTorch's ``_combine_histograms`` rule;
+        a state already on that range is kept as is, an empty one adds nothing), then summed in order as
+        one observer adding batches would: exact when every state already had the union range,
+        otherwise the approximation PyTorch makes when a range grows."""
+        hists, mins, maxs = (jnp.stack([getattr(st, f) for st in states]) for f in ("histogram", "min_val", "max_val"))
+        g_min, g_max = jnp.min(mins), jnp.max(maxs)
+        g_empty = (g_min == jnp.inf) | (g_max == -jnp.inf)
+        safe_gmin = jnp.where(g_empty, 0.0, g_min)
+        safe_gmax = jnp.where(g_empty, 0.0, g_max)
+
+        def one(hist: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+            empty = (lo == jnp.inf) | (hi == -jnp.inf)
+            same = (lo == g_min) & (hi == g_max)
+
+            def rebin(_: Any) -> jax.Array:
+                return self._combine_histograms(hist, lo, hi, jnp.zeros_like(hist), safe_gmin, safe_gmax)
+
+            return jax.lax.cond(empty, lambda _: jnp.zeros_like(hist),
+                                lambda _: jax.lax.cond(same, lambda _: hist, rebin, None), None)
+
+        rebinned = jax.vmap(one)(hists, mins, maxs)
+        total = rebinned[0]
+        for i in range(1, rebinned.shape[0]):
+            total = total + rebinned[i]
+        num_batches = jnp.max(jnp.stack([st.num_batches for st in states]))
+        nonfinite = jnp.any(jnp.stack([st.nonfinite for st in states]))
+        return HistogramState(total, g_min, g_max, num_batches, nonfinite)
+
     def _combine_histograms(self, orig_hist: jax.Array, orig_min: jax.Array, orig_max: jax.Array,
                             update_hist: jax.Array, update_min: jax.Array, update_max: jax.Array) -> jax.Array:
         """PyTorch's ``_combine_histograms`` for a range that grew (update range contains orig)."""

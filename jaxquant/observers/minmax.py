@@ -8,13 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.torch_numerics import rounded
-from jaxquant.observers.base import (
-    StatsState,
-    UniformQuantizationObserverBase,
-    as_float32,
-    finite_min_max,
-    fresh_stats,
-)
+from jaxquant.observers.base import (StatsState, UniformQuantizationObserverBase, as_float32, finite_min_max,
+                                     fresh_stats, merge_stats_states, refuse_moving_average_merge)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,6 +51,10 @@ class MinMaxObserver(UniformQuantizationObserverBase):
             nonfinite=state.nonfinite | bad,
         )
 
+    def merge(self, *states: StatsState) -> StatsState:
+        """Exact: the min of the per-device mins and the max of the maxes."""
+        return merge_stats_states(*states)
+
     def calculate_qparams(self, state: StatsState) -> tuple[jax.Array, jax.Array]:
         """``(scale, zero_point)`` of shape ``()``: float32 and int32.
 
@@ -86,6 +85,10 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
             raise ValueError(
                 f"{type(self).__name__}: averaging_constant must be in (0, 1], got {self.averaging_constant}"
             )
+
+    def merge(self, *states: StatsState) -> StatsState:
+        """Refused: an average of per-device moving averages is not the moving average of the global batches."""
+        refuse_moving_average_merge(self)
 
     def update(self, state: StatsState, x: jax.Array) -> StatsState:
         """Moving-average update with ``x``'s finite min/max; a batch without finite values is skipped."""

@@ -9,13 +9,8 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxquant.observers.base import (
-    StatsState,
-    UniformQuantizationObserverBase,
-    as_float32,
-    finite_min_max,
-    fresh_stats,
-)
+from jaxquant.observers.base import (StatsState, UniformQuantizationObserverBase, as_float32, finite_min_max,
+                                     fresh_stats, merge_stats_states, refuse_moving_average_merge)
 from jaxquant.dtypes import QScheme, per_channel_affine
 from jaxquant.observers.minmax import moving_average
 from jaxquant.qtensor import group_qparams_shape
@@ -100,6 +95,10 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
         return StatsState(jnp.minimum(lo, state.min_val), jnp.maximum(hi, state.max_val),
                           state.num_batches + 1, state.nonfinite | bad)
 
+    def merge(self, *states: StatsState) -> StatsState:
+        """Exact: the min of the per-device mins and the max of the maxes."""
+        return merge_stats_states(*states)
+
     def calculate_qparams(self, state: StatsState) -> tuple[jax.Array, jax.Array]:
         """``(scales (C,) float32, zero_points (C,) int32)``; float32 zero points for
         ``per_channel_affine_float_qparams``. Raises on a concrete state that saw no data or NaN/Inf."""
@@ -127,3 +126,7 @@ class MovingAveragePerChannelMinMaxObserver(PerChannelMinMaxObserver):
         lo, hi, bad = self._channel_min_max(state, x)
         new_min, new_max = moving_average(state.min_val, state.max_val, lo, hi, self.averaging_constant)
         return StatsState(new_min, new_max, state.num_batches + 1, state.nonfinite | bad)
+
+    def merge(self, *states: StatsState) -> StatsState:
+        """Refused: an average of per-device moving averages is not the moving average of the global batches."""
+        refuse_moving_average_merge(self)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -41,14 +42,24 @@ def _count(state: CountState, x: jax.Array) -> CountState:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _PassThroughObserver(ObserverBase):
-    """Counts calls; ``calculate_qparams`` raises as PyTorch's does."""
+class _CountingObserver(ObserverBase):
+    """State: how many batches were seen and whether any held NaN/Inf."""
 
     def init(self, example_or_shape: Any = None) -> CountState:
         return _count_state()
 
     def update(self, state: CountState, x: jax.Array) -> CountState:
         return _count(state, x)
+
+    def merge(self, *states: CountState) -> CountState:
+        """The largest count; non-finite if any device saw non-finite values."""
+        return CountState(functools.reduce(jnp.maximum, [s.num_batches for s in states]),
+                          functools.reduce(jnp.logical_or, [s.nonfinite for s in states]))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _PassThroughObserver(_CountingObserver):
+    """Counts calls; ``calculate_qparams`` raises as PyTorch's does."""
 
     def calculate_qparams(self, state: Any) -> tuple[jax.Array, jax.Array]:
         raise NotImplementedError(
@@ -150,7 +161,7 @@ class RecordingObserver(ObserverBase):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class FixedQParamsObserver(ObserverBase):
+class FixedQParamsObserver(_CountingObserver):
     """Always gives the configured ``scale``/``zero_point`` (ops with a known output range such as
     sigmoid, tanh). Per-tensor only, as in PyTorch."""
 
@@ -185,12 +196,6 @@ class FixedQParamsObserver(ObserverBase):
     @property
     def quant_range(self) -> tuple[int, int]:
         return self.quant_min, self.quant_max
-
-    def init(self, example_or_shape: Any = None) -> CountState:
-        return _count_state()
-
-    def update(self, state: CountState, x: jax.Array) -> CountState:
-        return _count(state, x)
 
     def calculate_qparams(self, state: Any = None) -> tuple[jax.Array, jax.Array]:
         """The fixed ``(scale float32 (), zero_point int32 ())``."""

@@ -22,7 +22,12 @@ import numpy as np
 from flax import nnx
 
 from jaxquant.module_paths import copy_model, get_submodule, named_modules, set_submodule
+from jaxquant.nn.stubs import DeQuantStub, QuantStub, QuantWrapper
+from jaxquant.optional_deps import require
+from jaxquant.qconfig_mapping import QConfigMapping
 from jaxquant.qtensor import QTensor
+from jaxquant.quantization_mappings import get_default_static_quant_module_mappings
+from jaxquant.transforms import calibrate, convert, prepare
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,8 +187,6 @@ class NumericComparison:
 
     def plot(self, ax=None):
         """A matplotlib bar chart of SQNR per layer (returns the Figure). Needs ``jaxquant[plot]``."""
-        from jaxquant.optional_deps import require
-
         matplotlib = require("matplotlib", "plot", "NumericComparison.plot")
 
         if ax is None:
@@ -279,9 +282,6 @@ class SensitivityResult:
 
 def quantizable_layers(float_model: nnx.Module, mapping: Optional[dict] = None) -> list[str]:
     """Paths of the modules ``convert`` would quantize (Linear, Conv, fused ConvReLU, ...), outermost only."""
-    from jaxquant.nn.stubs import DeQuantStub, QuantStub
-    from jaxquant.quantization_mappings import get_default_static_quant_module_mappings
-
     mapping = get_default_static_quant_module_mappings() if mapping is None else mapping
     found: list[str] = []
     for path, module in named_modules(float_model):
@@ -310,10 +310,6 @@ def sensitivity_analysis(float_model: nnx.Module, qconfig: Any, calibration_data
     Returns:
       :class:`SensitivityResult` with the float metric and the metric per singly-quantized layer.
     """
-    from jaxquant.nn.stubs import QuantWrapper
-    from jaxquant.qconfig_mapping import QConfigMapping
-    from jaxquant.transforms import calibrate, convert, prepare
-
     calibration_data = list(calibration_data)
     layers = quantizable_layers(float_model) if layers is None else list(layers)
     float_metric = float(eval_fn(float_model))

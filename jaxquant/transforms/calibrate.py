@@ -10,9 +10,11 @@ import numpy as np
 from flax import nnx
 from flax.errors import TraceContextError
 
+from jaxquant.core.batches import iterate_batches
 from jaxquant.module_paths import named_modules
 from jaxquant.nn.observer_module import ObserverModule
 from jaxquant.nn.variables import QuantStats
+from jaxquant.observers import check_observer_state
 from jaxquant.transforms.checks import check_eval_mode, check_nnx_model
 
 
@@ -27,8 +29,6 @@ def observer_modules(model: nnx.Module) -> list[tuple[str, ObserverModule]]:
 
 def check_observers(model: nnx.Module) -> None:
     """Raise if any observer saw NaN/Inf or no data, naming its module path (host-side check)."""
-    from jaxquant.observers import check_observer_state
-
     for path, module in observer_modules(model):
         check_observer_state(module.observer, module.stats.get_value(), name=path)
 
@@ -160,15 +160,7 @@ def calibrate(
         raise ValueError("calibrate: the model has no observers; call prepare(model, qconfig) first")
     step = make_calibration_step(model, forward)
     stats = nnx.state(model, QuantStats)
-    total = num_batches if num_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)
-    iterator = iter(batches)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, total=total, desc="calibrate", leave=False)
-    for i, batch in enumerate(iterator):
-        if num_batches is not None and i >= num_batches:
-            break
+    for i, batch in iterate_batches(batches, num_batches, progress, "calibrate"):
         try:
             stats = step(stats, batch)
         except CalibrationShapeError as e:

@@ -12,6 +12,10 @@ from typing import Any
 from flax import nnx
 
 from jaxquant.module_paths import named_modules
+from jaxquant.transforms.propagate import propagate_qconfig
+from jaxquant.nn.observed import Observed
+from jaxquant.nn.observer_module import ObserverModule
+from jaxquant.qconfig_mapping import QConfigMapping
 
 
 def check_nnx_model(model: Any, where: str) -> None:
@@ -33,9 +37,6 @@ def check_nnx_model(model: Any, where: str) -> None:
 def check_not_prepared(model: nnx.Module, where: str) -> None:
     """Raise ``ValueError`` if ``model`` already holds observers, fake quants or quantized modules:
     preparing twice would wrap observed layers in observers again and fail much later in ``convert``."""
-    from jaxquant.nn.observed import Observed
-    from jaxquant.nn.observer_module import ObserverModule
-
     found = []
     for path, module in named_modules(model):
         if isinstance(module, (Observed, ObserverModule)):
@@ -72,8 +73,6 @@ def check_module_names(model: nnx.Module, mapping: Any, where: str) -> None:
     """Raise ``KeyError`` if a ``QConfigMapping.set_module_name`` (or ``..._object_type_order``)
     entry names a path that is not in ``model`` (a typo would otherwise silently quantize the layer
     it meant to keep float), suggesting the closest paths."""
-    from jaxquant.qconfig_mapping import QConfigMapping
-
     if not isinstance(mapping, QConfigMapping):
         return
     names = list(mapping.module_name_qconfigs)
@@ -89,3 +88,16 @@ def check_module_names(model: nnx.Module, mapping: Any, where: str) -> None:
         raise KeyError(f"{where}: the QConfigMapping names module path '{name}' (set_module_name), which is not "
                        f"in the model; {hint} Paths are NNX attribute paths joined by dots, e.g. "
                        "'block1.conv', 'layers.0'")
+
+
+def checked_qconfigs(model: Any, qconfig_or_mapping: Any, where: str, what: str, example: str) -> dict[str, Any]:
+    """The entry checks of ``prepare``/``prepare_qat``, then every module path's qconfig; ``ValueError``
+    when none has one (nothing would be ``what``)."""
+    check_nnx_model(model, where)
+    check_not_prepared(model, where)
+    check_module_names(model, qconfig_or_mapping, where)
+    qconfigs = propagate_qconfig(model, qconfig_or_mapping)
+    if all(q is None for q in qconfigs.values()):
+        raise ValueError(f"{where}: no module has a qconfig, so nothing would be {what}; pass a {example} or a "
+                         "QConfigMapping")
+    return qconfigs

@@ -5,12 +5,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from flax import nnx
 
-from jaxquant.module_paths import copy_model, named_modules, replace_contents, set_submodule
 from jaxquant.nn.functional_modules import FloatFunctional
 from jaxquant.nn.observed import Observed
-from jaxquant.nn.quantized.dropout import Dropout as QDropout
-from jaxquant.nn.quantized.functional import QFunctional
+from jaxquant.nn.qat.base import QATWeightLayer
 from jaxquant.quantization_mappings import get_default_static_quant_module_mappings
+from jaxquant.transforms.checks import check_nnx_model
+from jaxquant.transforms.prepare import prepare
+from jaxquant.transforms.swap import finish, swap_modules
 
 
 def convert(
@@ -33,44 +34,49 @@ def convert(
       The int8 model. If any module fails (an observer that saw no data or saw NaN/Inf, an unsupported
       configuration), a ValueError names its path and the input model is left unchanged.
     """
-    from jaxquant.transforms.checks import check_nnx_model
-
     check_nnx_model(model, "convert")
     mapping = get_default_static_quant_module_mappings() if mapping is None else mapping
-    result = copy_model(model)
     converted = 0
-    for path, module in named_modules(result):
+
+    def swap(path: str, module: nnx.Module):
+        nonlocal converted
+        source = _source_type(module)
+        if source is None:
+            return None
+        target = mapping.get(source)
+        if target is None:
+            if source is nnx.Dropout:
+                return None
+            raise ValueError(f"convert: '{path}': no quantized module is mapped for {source.__qualname__}")
         try:
-            if isinstance(module, Observed):
-                float_type = type(module.module)
-                quantized_type = mapping.get(float_type)
-                if quantized_type is None:
-                    raise ValueError(f"no quantized module is mapped for {float_type.__qualname__}")
-                set_submodule(result, path, quantized_type.from_observed(module, path))
-            elif isinstance(module, FloatFunctional) and module.activation_post_process is not None:
-                set_submodule(result, path, QFunctional.from_float_functional(module, path))
-            elif hasattr(module, "to_quantized"):
-                # QAT modules know how to become their int8 version.
-                set_submodule(result, path, module.to_quantized(path))
-            elif type(module) is nnx.Dropout:
-                # identity on QTensors in training mode too (nnq.Dropout); not a conversion by itself
-                set_submodule(result, path, QDropout.from_float(module))
-                continue
-            else:
-                continue
+            new = target.from_observed(module, path)
         except (ValueError, TypeError) as error:
             if f"'{path}'" in str(error):
                 raise
             # Kernel-level errors don't know where they are: say which layer failed.
             raise type(error)(f"convert: '{path}': {error}") from error
-        converted += 1
+        # Dropout is swapped wherever it is (nnq.Dropout), but is not a conversion by itself
+        converted += source is not nnx.Dropout
+        return new
+
+    result, _ = swap_modules(model, swap)
     if converted == 0:
         raise ValueError("convert: the model has no observed or QAT modules, so there is nothing to convert; "
                          "call prepare(model, qconfig) (or prepare_qat) and calibrate/train it first")
-    if inplace:
-        replace_contents(model, result)
-        return model
-    return result
+    return finish(model, result, inplace)
+
+
+def _source_type(module: nnx.Module) -> Optional[type]:
+    """The mapping key convert swaps ``module`` by, or None to leave it as it is: an ``Observed`` by the
+    float module it wraps; a module that carries its own output observer or fake quant (QAT layers, a
+    prepared ``FloatFunctional``) or a Dropout by its own type; plain float modules are left."""
+    if isinstance(module, Observed):
+        return type(module.module)
+    if type(module) is nnx.Dropout:
+        return nnx.Dropout
+    if isinstance(module, FloatFunctional):
+        return FloatFunctional if module.activation_post_process is not None else None
+    return type(module) if isinstance(module, QATWeightLayer) else None
 
 
 def quantize(
@@ -83,12 +89,6 @@ def quantize(
 ) -> nnx.Module:
     """``prepare`` -> ``run_fn(prepared, *run_args)`` (calibration) -> ``convert``, as PyTorch's
     ``torch.ao.quantization.quantize``. Returns the int8 model."""
-    from jaxquant.transforms.prepare import prepare
-
     prepared = prepare(model, qconfig_or_mapping, inplace=False, mapping=mapping)
     run_fn(prepared, *run_args)
-    converted = convert(prepared, mapping=mapping, inplace=False)
-    if inplace:
-        replace_contents(model, converted)
-        return model
-    return converted
+    return finish(model, convert(prepared, mapping=mapping, inplace=False), inplace)

@@ -5,7 +5,6 @@ from typing import Any, Mapping, Optional
 
 from flax import nnx
 
-from jaxquant.module_paths import copy_model, named_modules, replace_contents, set_submodule
 from jaxquant.nn.functional_modules import FloatFunctional
 from jaxquant.nn.observed import Observed
 from jaxquant.nn.observer_module import ObserverModule
@@ -14,8 +13,8 @@ from jaxquant.quantization_mappings import (
     get_default_static_quant_module_mappings,
     get_quantized_passthrough_types,
 )
-from jaxquant.transforms.checks import check_module_names, check_nnx_model, check_not_prepared
-from jaxquant.transforms.propagate import propagate_qconfig
+from jaxquant.transforms.checks import checked_qconfigs
+from jaxquant.transforms.swap import finish, has_params, is_leaf, swap_modules
 
 
 def _activation_observer(qconfig: Any, path: str) -> ObserverModule:
@@ -25,14 +24,6 @@ def _activation_observer(qconfig: Any, path: str) -> ObserverModule:
     if getattr(observer, "qscheme", None) is not None and observer.qscheme.is_per_channel:
         raise ValueError(f"'{path}': activation observers must be per tensor, got {observer!r}")
     return ObserverModule(observer)
-
-
-def _has_params(module: nnx.Module) -> bool:
-    return any(True for _ in nnx.state(module, nnx.Param).flat_state())
-
-
-def _is_leaf(module: nnx.Module) -> bool:
-    return not any(child is not module for _, child in named_modules(module))
 
 
 def prepare(
@@ -63,47 +54,36 @@ def prepare(
       TypeError for a Flax Linen module (use ``jaxquant.linen.prepare``). KeyError for a
       ``set_module_name`` path that is not in the model.
     """
-    check_nnx_model(model, "prepare")
-    check_not_prepared(model, "prepare")
-    check_module_names(model, qconfig_or_mapping, "prepare")
+    qconfigs = checked_qconfigs(model, qconfig_or_mapping, "prepare", "quantized",
+                                "QConfig (e.g. get_default_qconfig('x86'))")
     mapping = get_default_static_quant_module_mappings() if mapping is None else mapping
     passthrough = get_quantized_passthrough_types()
-    result = copy_model(model)
-    qconfigs = propagate_qconfig(result, qconfig_or_mapping)
-    if all(q is None for q in qconfigs.values()):
-        raise ValueError("prepare: no module has a qconfig, so nothing would be quantized; pass a QConfig "
-                         "(e.g. get_default_qconfig('x86')) or a QConfigMapping")
-    handled: list[str] = []
-    for path, module in named_modules(result):
-        if any(path == h or path.startswith(h + ".") for h in handled if h != ""):
-            continue  # inside a unit that is quantized as a whole (e.g. ConvReLU)
+
+    def swap(path: str, module: nnx.Module):
         qconfig = qconfigs.get(path)
         if qconfig is None:
-            continue
+            return None
         module_type = type(module)
         if isinstance(module, FloatFunctional):
             module.activation_post_process = nnx.data(_activation_observer(qconfig, path))
-            handled.append(path)
-        elif module_type is DeQuantStub:
-            set_submodule(result, path, Observed(module, None, qconfig))
-            handled.append(path)
-        elif module_type in mapping:
+            return module
+        if module_type is DeQuantStub:
+            return Observed(module, None, qconfig)
+        if module_type in passthrough:
+            return None
+        if module_type in mapping:
             observed = Observed(module, _activation_observer(qconfig, path), qconfig)
             if path == "":
                 raise ValueError("prepare: the model itself is a single quantizable layer; wrap it, e.g. "
                                  "QuantWrapper(model), so it has a parent and input/output stubs")
-            set_submodule(result, path, observed)
-            handled.append(path)
-        elif module_type in passthrough:
-            continue
-        elif _is_leaf(module) and _has_params(module):
+            return observed
+        if is_leaf(module) and has_params(module):
             raise ValueError(
                 f"'{path}' ({module_type.__module__}.{module_type.__qualname__}) has a qconfig but no static "
                 "quantized counterpart. Keep it float with qconfig_mapping.set_module_name("
                 f"'{path}', None) (and put a DeQuantStub before it), use quantize_dynamic for it, or pass "
                 "mapping={...} with your own quantized module"
             )
-    if inplace:
-        replace_contents(model, result)
-        return model
-    return result
+        return None
+
+    return finish(model, swap_modules(model, swap)[0], inplace)

@@ -9,7 +9,6 @@ retraced. Each takes either a model (edited in place and returned, as PyTorch's
 from __future__ import annotations
 
 import dataclasses
-from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
@@ -18,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jaxquant import fake_quant as fq
-from jaxquant.module_paths import copy_model, named_modules, replace_contents, set_submodule
+from jaxquant.module_paths import copy_model, named_modules, replace_contents
 from jaxquant.nn import intrinsic
 from jaxquant.nn import qat as nnqat
 from jaxquant.nn.functional_modules import FloatFunctional
@@ -26,27 +25,20 @@ from jaxquant.nn.observed import Observed
 from jaxquant.nn.qat.fake_quant_module import FakeQuantModule
 from jaxquant.nn.stubs import DeQuantStub
 from jaxquant.nn.variables import QuantStats
-from jaxquant.quantization_mappings import get_default_static_quant_module_mappings, get_quantized_passthrough_types
-from jaxquant.transforms.propagate import propagate_qconfig
+from jaxquant.quantization_mappings import (
+    get_default_qat_module_mappings,
+    get_default_static_quant_module_mappings,
+    get_quantized_passthrough_types,
+)
+from jaxquant.transforms.checks import checked_qconfigs
+from jaxquant.transforms.convert import convert
+from jaxquant.transforms.swap import finish, has_params, is_leaf, swap_modules
 
 __all__ = [
     "get_default_qat_module_mappings", "prepare_qat", "quantize_qat", "enable_observer", "disable_observer",
     "enable_fake_quant", "disable_fake_quant", "freeze_bn_stats", "update_bn_stats", "enable_param_learning",
     "enable_static_estimate", "check_qat_state",
 ]
-
-
-def get_default_qat_module_mappings() -> Mapping[type, type]:
-    """Float (or fused) module type -> QAT module type (PyTorch's ``DEFAULT_QAT_MODULE_MAPPINGS``)."""
-    return MappingProxyType({
-        nnx.Linear: nnqat.Linear,
-        intrinsic.LinearReLU: nnqat.LinearReLU,
-        intrinsic.LinearBn: nnqat.LinearBn,
-        nnx.Conv: nnqat.Conv,
-        intrinsic.ConvReLU: nnqat.ConvReLU,
-        intrinsic.ConvBn: nnqat.ConvBn,
-        intrinsic.ConvBnReLU: nnqat.ConvBnReLU,
-    })
 
 
 _BN_TYPES = (intrinsic.ConvBn, intrinsic.ConvBnReLU, intrinsic.LinearBn)
@@ -60,14 +52,6 @@ def _activation_fake_quant(qconfig: Any, path: str) -> FakeQuantModule:
     if module.fake_quant.is_per_channel:
         raise ValueError(f"'{path}': activation fake quants must be per tensor, got {module.fake_quant!r}")
     return module
-
-
-def _has_params(module: nnx.Module) -> bool:
-    return any(True for _ in nnx.state(module, nnx.Param).flat_state())
-
-
-def _is_leaf(module: nnx.Module) -> bool:
-    return not any(child is not module for _, child in named_modules(module))
 
 
 def prepare_qat(
@@ -100,56 +84,43 @@ def prepare_qat(
       mode (call ``model.train()`` first), a layer with parameters but no QAT or static counterpart,
       a qconfig whose entries are observers rather than fake quants.
     """
-    from jaxquant.transforms.checks import check_module_names, check_nnx_model, check_not_prepared
-
-    check_nnx_model(model, "prepare_qat")
-    check_not_prepared(model, "prepare_qat")
-    check_module_names(model, qconfig_or_mapping, "prepare_qat")
+    qconfigs = checked_qconfigs(model, qconfig_or_mapping, "prepare_qat", "trained with fake quantization",
+                                "QAT QConfig (e.g. get_default_qat_qconfig('x86'))")
     mapping = get_default_qat_module_mappings() if mapping is None else mapping
     static = get_default_static_quant_module_mappings()
     passthrough = get_quantized_passthrough_types()
-    result = copy_model(model)
-    qconfigs = propagate_qconfig(result, qconfig_or_mapping)
-    if all(q is None for q in qconfigs.values()):
-        raise ValueError("prepare_qat: no module has a qconfig, so nothing would be trained with fake quantization; "
-                         "pass a QAT QConfig (e.g. get_default_qat_qconfig('x86')) or a QConfigMapping")
-    handled: list[str] = []
-    for path, module in named_modules(result):
-        if any(path == h or path.startswith(h + ".") for h in handled if h != ""):
-            continue  # inside a unit already swapped (e.g. the conv of a ConvBnReLU)
+
+    def swap(path: str, module: nnx.Module):
         qconfig = qconfigs.get(path)
         if qconfig is None:
-            continue
+            return None
         module_type = type(module)
         if path == "" and (module_type in mapping or module_type in static):
             raise ValueError("prepare_qat: the model itself is a single quantizable layer; wrap it, e.g. "
                              "QuantWrapper(model), so it has a parent and input/output stubs")
         if isinstance(module, FloatFunctional):
             module.activation_post_process = nnx.data(_activation_fake_quant(qconfig, path))
-        elif module_type is DeQuantStub:
-            set_submodule(result, path, Observed(module, None, qconfig))
-        elif module_type in mapping:
+            return module
+        if module_type is DeQuantStub:
+            return Observed(module, None, qconfig)
+        if module_type in mapping:
             if module_type in _BN_TYPES and bool(module.bn.use_running_average):
                 raise ValueError(f"prepare_qat: '{path}.bn' is in eval mode (use_running_average=True); QAT of a "
                                  "fused Conv/Linear-BatchNorm trains with batch statistics: call model.train() "
                                  "before prepare_qat (freeze_bn_stats(model) later switches to running statistics)")
-            set_submodule(result, path, mapping[module_type].from_float(module, qconfig, path))
-        elif module_type in static:
-            set_submodule(result, path, Observed(module, _activation_fake_quant(qconfig, path), qconfig))
-        elif module_type in passthrough:
-            continue
-        elif _is_leaf(module) and _has_params(module):
+            return mapping[module_type].from_float(module, qconfig, path)
+        if module_type in passthrough:
+            return None
+        if module_type in static:
+            return Observed(module, _activation_fake_quant(qconfig, path), qconfig)
+        if is_leaf(module) and has_params(module):
             raise ValueError(
                 f"'{path}' ({module_type.__module__}.{module_type.__qualname__}) has a qconfig but no QAT or static "
                 f"quantized counterpart. Keep it float with qconfig_mapping.set_module_name('{path}', None) "
                 "(and put a DeQuantStub before it), or pass mapping={...} with your own QAT module")
-        else:
-            continue
-        handled.append(path)
-    if inplace:
-        replace_contents(model, result)
-        return model
-    return result
+        return None
+
+    return finish(model, swap_modules(model, swap)[0], inplace)
 
 
 def quantize_qat(
@@ -161,8 +132,6 @@ def quantize_qat(
 ) -> nnx.Module:
     """``model.train()`` -> :func:`prepare_qat` -> ``run_fn(qat_model, *run_args)`` (your training loop,
     editing the model it is given) -> ``convert``; returns the int8 model (``torch.ao.quantization.quantize_qat``)."""
-    from jaxquant.transforms.convert import convert
-
     prepared = copy_model(model)
     prepared.train()
     prepared = prepare_qat(prepared, qconfig_or_mapping, inplace=False)

@@ -6,20 +6,9 @@ from typing import Any, Optional
 from flax import nnx
 
 from jaxquant.module_paths import named_modules
+from jaxquant.qconfig_mapping import as_qconfig_mapping, qconfig_for
 
 _UNSET = object()
-
-
-def as_qconfig_mapping(qconfig_or_mapping: Any):
-    """A ``QConfigMapping`` from a QConfig (used globally), a mapping, or ``None`` (empty mapping)."""
-    from jaxquant.qconfig_mapping import QConfigMapping
-
-    if isinstance(qconfig_or_mapping, QConfigMapping):
-        return qconfig_or_mapping
-    mapping = QConfigMapping()
-    if qconfig_or_mapping is not None:
-        mapping.set_global(qconfig_or_mapping)
-    return mapping
 
 
 def _own_qconfig(module: nnx.Module) -> Any:
@@ -45,8 +34,6 @@ def propagate_qconfig(model: nnx.Module, qconfig_or_mapping: Any = None) -> dict
     Returns:
       ``{path: qconfig or None}`` for every module ("" is the root).
     """
-    from jaxquant.qconfig_mapping import qconfig_for
-
     mapping = as_qconfig_mapping(qconfig_or_mapping)
     attribute_qconfigs: dict[str, Any] = {}
     result: dict[str, Any] = {}

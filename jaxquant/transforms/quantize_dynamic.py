@@ -7,86 +7,36 @@ float32 everywhere, so it drops into any float model, including ``nnx.RNN`` loop
 """
 from __future__ import annotations
 
-import functools
 import warnings
 from collections import Counter
-from types import MappingProxyType
 from typing import Any, Mapping, Optional, Union
 
 from flax import nnx
 
-from jaxquant.dtypes import FloatDType, QDType, bfloat16, float16, qint8, quint4, quint8
-from jaxquant.module_paths import copy_model, get_submodule, named_modules, replace_contents, set_submodule
+from jaxquant.core.weights import weight_dtype
+from jaxquant.dtypes import FloatDType, QDType, qint8
+from jaxquant.fake_quant.fake_quantize import Identity
+from jaxquant.module_paths import named_modules
+from jaxquant.nn.dynamic.rnn import whole_sequence_rnns
+from jaxquant.qconfig import QConfig, default_dynamic_qconfig_for
+from jaxquant.qconfig_mapping import QConfigMapping
+from jaxquant.quantization_mappings import (
+    DYNAMIC_DEFAULT_TYPES,
+    get_default_dynamic_quant_module_mappings,
+    get_dynamic_weight_dtypes,
+)
+from jaxquant.transforms.checks import check_nnx_model
+from jaxquant.transforms.propagate import propagate_qconfig
+from jaxquant.transforms.swap import finish, swap_modules
+from jaxquant.weight_only.api import WeightOnlyConfig, quantize_weight_only
 
 QConfigSpec = Union[None, set, frozenset, Mapping[Any, Any]]
 
 __all__ = ["quantize_dynamic", "get_default_dynamic_quant_module_mappings", "DYNAMIC_DEFAULT_TYPES"]
 
 
-def get_default_dynamic_quant_module_mappings() -> Mapping[type, type]:
-    """Float module type -> dynamic module type (each has ``from_float(module, qconfig, path)``).
-
-    The dynamic ``Linear`` and the cells pick the int8, float16 or bfloat16 weight variant from
-    the qconfig's weight dtype, as PyTorch's ``nnqd.Linear.from_float`` does.
-    """
-    from jaxquant.nn import dynamic as nnqd
-    from jaxquant.nn.intrinsic import LinearReLU
-
-    return MappingProxyType({
-        nnx.Linear: nnqd.Linear,
-        LinearReLU: nnqd.Linear,
-        nnx.LinearGeneral: nnqd.LinearGeneral,
-        nnx.Einsum: nnqd.Einsum,
-        nnx.LSTMCell: nnqd.LSTMCell,
-        nnx.OptimizedLSTMCell: nnqd.LSTMCell,
-        nnx.GRUCell: nnqd.GRUCell,
-        nnx.Embed: nnqd.Embedding,
-    })
-
-
-def DYNAMIC_DEFAULT_TYPES(dtype: Any) -> frozenset:  # noqa: N802 - reads like PyTorch's default sets
-    """The module types ``qconfig_spec=None`` quantizes for ``dtype`` (PyTorch's defaults:
-    Linear and recurrent cells for qint8/float16, embeddings for quint8)."""
-    from jaxquant.nn.intrinsic import LinearReLU
-
-    if dtype in (qint8, float16, bfloat16):
-        return frozenset({nnx.Linear, LinearReLU, nnx.LinearGeneral, nnx.Einsum, nnx.LSTMCell,
-                          nnx.OptimizedLSTMCell, nnx.GRUCell})
-    if dtype == quint8:
-        return frozenset({nnx.Embed})
-    raise ValueError(f"quantize_dynamic: don't know how to quantize with default settings for {dtype!r}; use "
-                     "qint8, float16, bfloat16 or quint8, or give a full qconfig_spec")
-
-
-def default_dynamic_qconfig_for(dtype: Any) -> Any:
-    """The QConfig ``quantize_dynamic`` uses for ``dtype`` when the spec gives none: ``qint8`` ->
-    ``default_dynamic_qconfig``, ``float16``/``bfloat16`` -> the half-precision weight qconfigs, ``quint8``
-    (``quint4``) -> ``float_qparams_weight_only_qconfig`` (``_4bit``). Shared with ``jaxquant.linen``."""
-    from jaxquant import qconfig as qc
-
-    table = {qint8: qc.default_dynamic_qconfig, float16: qc.float16_dynamic_qconfig,
-             bfloat16: qc.bfloat16_dynamic_qconfig, quint8: qc.float_qparams_weight_only_qconfig}
-    if dtype == quint4:
-        return qc.float_qparams_weight_only_qconfig_4bit
-    if dtype not in table:
-        raise ValueError(f"quantize_dynamic: unknown dtype {dtype!r}; use qint8, float16, bfloat16 or quint8")
-    return table[dtype]
-
-
-def _weight_dtypes_supported() -> dict[type, tuple]:
-    from jaxquant.nn import dynamic as nnqd
-
-    linear_like = (qint8, float16, bfloat16)
-    return {nnqd.Linear: linear_like, nnqd.LinearGeneral: linear_like, nnqd.Einsum: linear_like,
-            nnqd.LSTMCell: linear_like, nnqd.GRUCell: linear_like,
-            nnqd.Embedding: (quint8,)}
-
-
 def _normalise_spec(model: nnx.Module, qconfig_spec: QConfigSpec, dtype: Any):
     """``qconfig_spec`` as a QConfigMapping (global None), validating every entry."""
-    from jaxquant.qconfig import QConfig
-    from jaxquant.qconfig_mapping import QConfigMapping
-
     if qconfig_spec is None:
         qconfig = default_dynamic_qconfig_for(dtype)
         qconfig_spec = {t: qconfig for t in DYNAMIC_DEFAULT_TYPES(dtype)}
@@ -118,17 +68,9 @@ def _normalise_spec(model: nnx.Module, qconfig_spec: QConfigSpec, dtype: Any):
     return mapping
 
 
-def _weight_dtype(qconfig: Any, path: str) -> Any:
-    from jaxquant.nn.dynamic.weights import weight_dtype
-
-    return weight_dtype(qconfig, path)
-
-
 def _refuse_weight_only_qconfig(qconfig: Any, path: str) -> None:
     """A qconfig whose activation is ``Identity`` asks for float activations; quantize_dynamic would
     quantize them per call (w8a8), so say where weight-only quantization lives instead."""
-    from jaxquant.fake_quant.fake_quantize import Identity
-
     act = qconfig.activation
     if act is Identity or isinstance(act, Identity):
         raise ValueError(f"quantize_dynamic: '{path or '<root>'}' has a weight-only qconfig (activation=Identity), "
@@ -173,43 +115,31 @@ def quantize_dynamic(
       types found) if nothing matched. Raises with the module path when a module cannot take the
       requested dtype.
     """
-    from jaxquant.transforms.checks import check_nnx_model
-    from jaxquant.transforms.propagate import propagate_qconfig
-    from jaxquant.weight_only.api import WeightOnlyConfig, quantize_weight_only
-
     check_nnx_model(model, "quantize_dynamic")
     if isinstance(qconfig_spec, WeightOnlyConfig) or isinstance(dtype, WeightOnlyConfig):
         # int8/int4 weight-only: activations stay float (never a silent w8a8).
         spec = qconfig_spec if isinstance(qconfig_spec, WeightOnlyConfig) else dtype
         return quantize_weight_only(model, spec, inplace=inplace)
     mapping = get_default_dynamic_quant_module_mappings() if mapping is None else mapping
-    result = copy_model(model)
-    qconfigs = propagate_qconfig(result, _normalise_spec(result, qconfig_spec, dtype))
-    supported = _weight_dtypes_supported()
-    swapped: list[str] = []
-    for path, module in named_modules(result):
-        if any(path.startswith(done + ".") for done in swapped if done) or "" in swapped:
-            continue  # inside a module already replaced
+    qconfigs = propagate_qconfig(model, _normalise_spec(model, qconfig_spec, dtype))
+    supported = get_dynamic_weight_dtypes()
+
+    def swap(path: str, module: nnx.Module):
         qconfig = qconfigs.get(path)
         target = mapping.get(type(module))
         if qconfig is None or target is None:
-            continue
+            return None
         _refuse_weight_only_qconfig(qconfig, path)
-        wdtype = _weight_dtype(qconfig, path)
+        wdtype = weight_dtype(qconfig, path)
         allowed = supported.get(target)
         if allowed is not None and wdtype not in allowed:
             raise ValueError(f"quantize_dynamic: '{path or '<root>'}' ({type(module).__qualname__}) cannot be "
                              f"dynamically quantized with {wdtype!r} weights; supported: "
                              f"{', '.join(repr(d) for d in allowed)}")
-        new = target.from_float(module, qconfig, path, per_token=per_token, reduce_range=reduce_range)
-        if path == "":
-            result = new
-        else:
-            set_submodule(result, path, new)
-        swapped.append(path)
-    if swapped:
-        from jaxquant.nn.dynamic.rnn import whole_sequence_rnns
+        return target.from_float(module, qconfig, path, per_token=per_token, reduce_range=reduce_range)
 
+    result, swapped = swap_modules(model, swap)
+    if swapped:
         result = whole_sequence_rnns(result)  # as PyTorch's dynamic LSTM/GRU: whole-sequence input projection
     if not swapped:
         found = Counter(type(m).__qualname__ for _, m in named_modules(result))
@@ -217,10 +147,6 @@ def quantize_dynamic(
         warnings.warn(f"quantize_dynamic: no module was quantized (dtype {dtype!r}); the model has "
                       f"{dict(found)}, quantizable types are {want}. Returning an unchanged copy.",
                       UserWarning, stacklevel=2)
-    if inplace:
-        if type(result) is not type(model):
-            raise TypeError("quantize_dynamic(inplace=True) cannot replace the root module itself; "
-                            "use the returned model")
-        replace_contents(model, result)
-        return model
-    return result
+    if inplace and type(result) is not type(model):
+        raise TypeError("quantize_dynamic(inplace=True) cannot replace the root module itself; use the returned model")
+    return finish(model, result, inplace)

@@ -14,6 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2] / "jaxquant"
 LAYERS = {
     "jaxquant.dtypes": (0, "dtypes"), "jaxquant.torch_numerics": (0, "dtypes"),
     "jaxquant.optional_deps": (0, "dtypes"),  # imports nothing of jaxquant
+    "jaxquant.version": (0, "dtypes"),
     "jaxquant.qtensor": (1, "primitives"), "jaxquant.choose_qparams": (1, "primitives"),
     "jaxquant.observers": (2, "observers"),
     "jaxquant.fake_quant": (3, "fake quantize"),
@@ -35,22 +36,10 @@ LAYERS = {
     "jaxquant.weight_only.modules": (7, "front end nn"), "jaxquant.weight_only": (8, "transforms"),
 }
 
-# (importer, imported) pairs that go up or sideways today; issue #13 removes them.
+# (importer, imported) pairs that go up or sideways today, each with why.
 KNOWN_UPWARD = {
-    ("jaxquant.linen.interceptor", "jaxquant.nn.dynamic.weights"),
-    ("jaxquant.linen.quant_state", "jaxquant.nn.qat.fake_quant_module"),
-    ("jaxquant.linen.quant_state", "jaxquant.nn.quantized.weights"),
-    ("jaxquant.linen.transforms", "jaxquant.nn.observer_module"),
-    ("jaxquant.linen.transforms", "jaxquant.transforms.propagate"),
-    ("jaxquant.linen.transforms", "jaxquant.transforms.quantize_dynamic"),
+    # PyTorch's fixed-qparams op table names the NNX activation modules (Sigmoid, Tanh, ...) by type
     ("jaxquant.qconfig_mapping", "jaxquant.nn"),
-    ("jaxquant.serialization", "jaxquant"),  # __version__
-    # graph mode quantizes weights and reads activation qparams with the very functions eager convert uses
-    # (bit-identical results); they move with the rest of weight quantization to the core layer
-    ("jaxquant.graph.convert", "jaxquant.nn.dynamic.weights"),
-    ("jaxquant.graph.convert", "jaxquant.nn.observer_module"),
-    ("jaxquant.graph.convert", "jaxquant.nn.quantized.weights"),
-    ("jaxquant.graph.program", "jaxquant.nn.quantized.weights"),
 }
 
 

@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxquant.core.weights import quantize_float_weight, weight_observer
 from jaxquant.dtypes import per_channel_affine_float_qparams, quint8
-from jaxquant.torch_numerics import fma_u8
-from jaxquant.nn.dynamic.weights import quantize_float_weight, weight_observer
 from jaxquant.nn.variables import QuantParams
 from jaxquant.qtensor import QTensor
+from jaxquant.torch_numerics import fma_u8
 
 
 class Embedding(nnx.Module):

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxquant.core.weights import check_finite, float_weight_dtype
 from jaxquant.dtypes import FloatDType, bfloat16, float16
-from jaxquant.nn.dynamic.linear import float_linear_arrays, unwrap_linear_relu
-from jaxquant.nn.dynamic.weights import check_finite, float_weight_dtype
+from jaxquant.nn.intrinsic import float_linear_arrays, unwrap_linear_relu
 from jaxquant.nn.variables import QuantParams
 
 FP16_MAX = float(np.finfo(np.float16).max)

@@ -16,29 +16,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxquant.core.weights import activation_per_token, quantize_float_weight, weight_dtype
 from jaxquant.dtypes import bfloat16, float16, qint8
 from jaxquant.kernels.linear import pack_linear, quantized_linear_dynamic
-from jaxquant.nn.dynamic.weights import activation_per_token, quantize_float_weight, weight_dtype
+from jaxquant.nn.dynamic import float16 as half
+from jaxquant.nn.intrinsic import float_linear_arrays, unwrap_linear_relu
 from jaxquant.nn.variables import QuantCache, QuantParams, refresh_cache, seal_cache
 from jaxquant.qtensor import QTensor
-
-
-def unwrap_linear_relu(module: nnx.Module) -> tuple[nnx.Linear, bool]:
-    """``(linear, relu)`` for an ``nnx.Linear`` or a fused ``LinearReLU``."""
-    from jaxquant.nn.intrinsic import LinearReLU
-
-    if isinstance(module, LinearReLU):
-        return module.linear, True
-    return module, False
-
-
-def float_linear_arrays(linear: nnx.Linear, path: str) -> tuple[jax.Array, Optional[jax.Array]]:
-    """The float32 kernel ``(K, N)`` and bias ``(N,)`` (or None) of an ``nnx.Linear``."""
-    if not isinstance(linear, nnx.Linear):
-        raise TypeError(f"'{path}': expected an nnx.Linear, got {type(linear).__name__}")
-    kernel = jnp.asarray(linear.kernel.get_value(), jnp.float32)
-    bias = None if linear.bias is None else jnp.asarray(linear.bias.get_value(), jnp.float32)
-    return kernel, bias
 
 
 class Linear(nnx.Module):
@@ -78,8 +62,6 @@ class Linear(nnx.Module):
         or per channel) gives this class; a float16 / bfloat16 weight observer gives
         ``Float16Linear`` / ``BFloat16Linear`` (as PyTorch's one class serves qint8 and float16).
         ``per_token=None`` takes it from the qconfig's activation placeholder."""
-        from jaxquant.nn.dynamic import float16 as half
-
         wdtype = weight_dtype(qconfig, path)
         if wdtype == float16:
             return half.Float16Linear.from_float(module, qconfig, path)

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxquant.nn.dynamic.weights import check_finite
+from jaxquant.core.weights import check_finite
+from jaxquant.nn.dynamic.linear import Linear
 
 
 def matrix_linear(kernel: jax.Array, bias: Optional[jax.Array], qconfig: Any, path: str, *,
@@ -28,8 +29,6 @@ def matrix_linear(kernel: jax.Array, bias: Optional[jax.Array], qconfig: Any, pa
     """A dynamic 2-D linear (int8 / float16 / bfloat16 by ``qconfig.weight``) for a float32
     kernel ``(K, N)`` and bias ``(N,)`` or None, built as ``nnx.Linear`` -> ``Linear.from_float``
     so every dtype rule of the 2-D module applies unchanged."""
-    from jaxquant.nn.dynamic.linear import Linear
-
     kernel = jnp.asarray(kernel, jnp.float32)
     check_finite(kernel, path)
     k, n = kernel.shape

@@ -23,6 +23,8 @@ from flax.nnx import rnglib
 from flax.nnx.nn import initializers
 from flax.nnx.nn.recurrent import _select_last_carry as select_last_carry
 from flax.nnx.nn.recurrent import flip_sequences
+from jaxquant.module_paths import named_modules, set_submodule
+from jaxquant.nn.dynamic.linear import Linear
 
 ProjectionFactory = Callable[[nnx.Linear, Any, str], nnx.Module]
 
@@ -61,8 +63,6 @@ class _DynamicCell(nnx.RNNCellBase):
     def _from_parts(cls, cell: nnx.Module, dense_i: nnx.Linear, dense_h: nnx.Linear, qconfig: Any, path: str,
                     make_projection: Optional[ProjectionFactory], linear_kwargs: dict) -> "_DynamicCell":
         if make_projection is None:
-            from jaxquant.nn.dynamic.linear import Linear
-
             make_projection = functools.partial(Linear.from_float, **linear_kwargs)
         return cls(make_projection(dense_i, qconfig, f"{path}.dense_i"),
                    make_projection(dense_h, qconfig, f"{path}.dense_h"),
@@ -232,8 +232,6 @@ def whole_sequence_rnns(model: nnx.Module) -> nnx.Module:
     """Replace every ``nnx.RNN`` of ``model`` whose cell is a dynamic LSTM/GRU cell by :class:`RNN`
     (whole-sequence input projection), in place; returns ``model`` (a new :class:`RNN` when
     ``model`` itself is such an ``nnx.RNN``). ``quantize_dynamic`` calls it after swapping cells."""
-    from jaxquant.module_paths import named_modules, set_submodule
-
     paths = [path for path, module in named_modules(model)
              if type(module) is nnx.RNN and isinstance(module.cell, (LSTMCell, GRUCell))]
     for path in paths:

@@ -4,8 +4,8 @@
 
 Each keeps the float ``nnx.Conv`` (and ``nnx.BatchNorm``) whose Params are trained; the kernel goes
 through ``weight_fake_quant`` each call, the output through ``activation_post_process``.
-``to_quantized(path)`` gives the int8 :class:`jaxquant.nn.quantized.Conv` (BatchNorm folded with its
-running statistics first, as PyTorch's ``convert`` does).
+``convert`` gives the int8 :class:`jaxquant.nn.quantized.Conv` (BatchNorm folded with its running
+statistics first, as PyTorch's ``convert`` does).
 """
 from __future__ import annotations
 
@@ -14,55 +14,25 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jaxquant.core.conv import conv_padding, conv_with_kernel
-from jaxquant.core.conv import spatial_tuple as _broadcast
-from jaxquant.nn.qat.batchnorm_fold import fused_bn_forward
+from jaxquant.core.conv import conv_with_kernel
+from jaxquant.fusion.bn_folding import fuse_conv_bn_weights
+from jaxquant.nn import intrinsic
 from jaxquant.nn.qat.base import QATWeightLayer
-from jaxquant.nn.qat.base import out_qparams as _out_qparams
-from jaxquant.nn.qat.weight_fake_quant import fake_quant_kernel, quantize_kernel_with_fake_quant
 
 __all__ = ["Conv", "ConvReLU", "ConvBn", "ConvBnReLU", "conv_with_kernel"]
 
 
-def _quantized_conv(conv: nnx.Conv, weight, bias, module: Any, path: str, relu: bool):
-    from jaxquant.nn.quantized import Conv as QConv
-
-    if set(_broadcast(conv.input_dilation, len(conv.kernel_size))) != {1}:
-        raise ValueError(f"'{path}': input_dilation has no int8 kernel; keep this conv float (qconfig=None)")
-    if conv.mask is not None:
-        raise ValueError(f"'{path}': masked convolutions have no int8 kernel; keep this conv float")
-    out_scale, out_zp, out_dtype = _out_qparams(module, path)
-    return QConv(weight, bias, out_scale, out_zp, out_dtype, strides=conv.strides, padding=conv_padding(conv, path),
-                 dilation=conv.kernel_dilation, groups=conv.feature_group_count, relu=relu, name=path)
-
-
 class Conv(QATWeightLayer):
-    """QAT convolution: ``act_fq(relu?(conv(x, weight_fq(kernel)) + bias))``; NHWC float32 in and out."""
+    """QAT convolution: ``act_fq(relu?(conv(x, weight_fq(kernel)) + bias))``; NHWC float32 in and out. From an
+    ``nnx.Conv`` (or, for ``ConvReLU``, a fused ``intrinsic.ConvReLU``)."""
 
-    _float_attr = "conv"
+    _float_attr, _float_type, _fused_relu_type = "conv", nnx.Conv, intrinsic.ConvReLU
 
     def __init__(self, conv: nnx.Conv, qconfig: Any, path: str = ""):
         self._init_layer(conv, qconfig, path)
 
-    @classmethod
-    def from_float(cls, module: nnx.Module, qconfig: Any, path: str = "") -> "Conv":
-        """From an ``nnx.Conv`` (or, for ``ConvReLU``, a fused ``intrinsic.ConvReLU``)."""
-        from jaxquant.nn import intrinsic
-
-        return cls._from_unfused(module, qconfig, path, nnx.Conv, intrinsic.ConvReLU)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = fake_quant_kernel(self.weight_fake_quant, self.conv.kernel.get_value())
-        y = conv_with_kernel(self.conv, x, kernel)
-        if self.conv.bias is not None:
-            y = y + self.conv.bias.get_value()
-        return self._activation(y)
-
-    def to_quantized(self, path: str):
-        """The int8 :class:`jaxquant.nn.quantized.Conv` (weight quantized with ``weight_fake_quant``'s qparams)."""
-        bias = None if self.conv.bias is None else self.conv.bias.get_value()
-        weight = quantize_kernel_with_fake_quant(self.weight_fake_quant, self.conv.kernel.get_value(), path)
-        return _quantized_conv(self.conv, weight, bias, self, path, self._relu)
+    def _op(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return conv_with_kernel(self.conv, x, kernel)
 
 
 class ConvReLU(Conv):
@@ -71,42 +41,16 @@ class ConvReLU(Conv):
     _relu = True
 
 
-class ConvBn(QATWeightLayer):
+class ConvBn(Conv):
     """QAT ``ConvBn``: BatchNorm-in-the-loop convolution as PyTorch's ``ConvBn2d._forward_approximate``
-    (see :mod:`jaxquant.nn.qat.batchnorm_fold`). ``freeze_bn`` (int32 ``()`` in ``QuantStats``) makes
-    the BatchNorm use and keep its running statistics while training (``freeze_bn_stats``)."""
+    (see :mod:`jaxquant.nn.qat.batchnorm_fold`), from a fused ``intrinsic.ConvBn`` / ``ConvBnReLU``.
+    ``freeze_bn`` (int32 ``()`` in ``QuantStats``) makes the BatchNorm use and keep its running statistics
+    while training (``freeze_bn_stats``); convert folds the BatchNorm with them."""
 
-    _float_attr = "conv"
+    _fold_bn = staticmethod(fuse_conv_bn_weights)
 
     def __init__(self, conv: nnx.Conv, bn: nnx.BatchNorm, qconfig: Any, path: str = ""):
         self._init_layer(conv, qconfig, path, bn=bn)
-
-    @classmethod
-    def from_float(cls, module: nnx.Module, qconfig: Any, path: str = "") -> "ConvBn":
-        """From a fused ``intrinsic.ConvBn`` / ``intrinsic.ConvBnReLU`` (``fuse_modules_qat``)."""
-        return cls(module.conv, module.bn, qconfig, path)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        bias = None if self.conv.bias is None else self.conv.bias.get_value()
-        y = fused_bn_forward(lambda x, k: conv_with_kernel(self.conv, x, k), x, self.conv.kernel.get_value(), bias,
-                             self.bn, self.freeze_bn.get_value(), self.weight_fake_quant)
-        return self._activation(y)
-
-    def folded_weights(self) -> tuple[jax.Array, jax.Array]:
-        """Kernel and bias with the BatchNorm folded in using its running statistics (PyTorch's ``to_float``)."""
-        from jaxquant.fusion.bn_folding import fuse_conv_bn_weights
-
-        bn = self.bn
-        return fuse_conv_bn_weights(
-            self.conv.kernel.get_value(), None if self.conv.bias is None else self.conv.bias.get_value(),
-            bn.mean.get_value(), bn.var.get_value(), bn.epsilon,
-            None if bn.scale is None else bn.scale.get_value(), None if bn.bias is None else bn.bias.get_value())
-
-    def to_quantized(self, path: str):
-        """The int8 :class:`jaxquant.nn.quantized.Conv` with the BatchNorm folded."""
-        kernel, bias = self.folded_weights()
-        weight = quantize_kernel_with_fake_quant(self.weight_fake_quant, kernel, path)
-        return _quantized_conv(self.conv, weight, bias, self, path, self._relu)
 
 
 class ConvBnReLU(ConvBn):

@@ -17,8 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxquant.fake_quant.fake_quantize import FixedQParamsFakeQuantize
 from jaxquant.fake_quant.learnable import LearnableFakeQuantize
 from jaxquant.nn.variables import QuantStats
+from jaxquant.observers.protocols import FakeQuant
+from jaxquant.observers.base import check_observer_state
 
 __all__ = ["FakeQuantModule", "is_learnable"]
 
@@ -37,7 +40,7 @@ class FakeQuantModule(nnx.Module):
     """
 
     def __init__(self, fake_quant: Any, example_or_shape: Any = None):
-        if not hasattr(fake_quant, "apply") or not hasattr(fake_quant, "init"):
+        if not isinstance(fake_quant, FakeQuant):
             raise TypeError(
                 f"FakeQuantModule needs a fake-quantize config (FakeQuantize, FusedMovingAvgObsFakeQuantize, "
                 f"LearnableFakeQuantize...), got {fake_quant!r}; QAT qconfigs must use fake quantize, e.g. "
@@ -101,9 +104,6 @@ class FakeQuantModule(nnx.Module):
     def checked_qparams(self, path: str) -> tuple[jax.Array, jax.Array]:
         """Concrete qparams for ``convert``; raises ValueError naming ``path`` if the fake quant was never
         run (no training or calibration step) or its state went NaN/Inf."""
-        from jaxquant.observers.base import check_observer_state
-        from jaxquant.fake_quant.fake_quantize import FixedQParamsFakeQuantize
-
         fq = self.fake_quant
         state = self._current_state()
         learned = self.learnable and int(np.asarray(state.static_enabled)) == 0

@@ -12,6 +12,7 @@ import numpy as np
 
 from jaxquant.dtypes import qint8
 from jaxquant.nn.qat.fake_quant_module import FakeQuantModule
+from jaxquant.observers.base import check_observer_state
 from jaxquant.qtensor import QTensor, quantize_per_channel, quantize_per_tensor
 
 
@@ -31,8 +32,6 @@ def quantize_kernel_with_fake_quant(weight_fake_quant: FakeQuantModule, kernel: 
     BN-folded) weight, then ``calculate_qparams`` gives scale/zero point (per channel along the output
     axis, ``axis = kernel.ndim - 1``), and the integers are clamped to the fake quant's range.
     """
-    from jaxquant.observers.base import check_observer_state
-
     fq = weight_fake_quant.fake_quant
     if fq.dtype != qint8:
         raise ValueError(f"'{path}': int8 kernels need qint8 weights, the weight fake quant {fq!r} uses {fq.dtype!r}")

@@ -8,7 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxquant.core.weights import quantize_weight
 from jaxquant.dtypes import QDType, qint8, quint8
+from jaxquant.nn.qat.base import QATWeightLayer
+from jaxquant.nn.qat.weight_fake_quant import quantize_kernel_with_fake_quant
 from jaxquant.nn.variables import QuantParams
 from jaxquant.qtensor import QTensor
 
@@ -40,6 +43,30 @@ def observed_qparams(observer_module: Any, path: str) -> tuple[jax.Array, jax.Ar
     if not np.isfinite(float(scale)) or float(scale) <= 0:
         raise ValueError(f"'{path}': {observer_module!r} produced an invalid scale {float(scale)}")
     return scale, zero_point, dtype
+
+
+def weight_layer_source(module: Any, path: str, float_attr: str, fused_relu_type: type):
+    """What ``convert`` builds an int8 Linear/Conv from, read off an ``Observed`` float layer (or its fused
+    ReLU form, holding the layer under ``float_attr``) or off a QAT layer.
+
+    Returns ``(float layer, weight QTensor, bias float32 or None, (out scale, out zero point, out dtype),
+    relu)``; the weight is quantized with the qconfig's weight observer (``Observed``) or with the
+    trained weight fake quant's qparams (QAT, BatchNorm folded first).
+    """
+    if isinstance(module, QATWeightLayer):
+        if module.activation_post_process is None:
+            raise ValueError(f"'{path}': this QAT module has no output fake quant (its qconfig.activation is "
+                             "None), so it has no static output qparams to convert with")
+        out = observed_qparams(module.activation_post_process, path)
+        kernel, bias = module.float_weights()
+        weight = quantize_kernel_with_fake_quant(module.weight_fake_quant, kernel, path)
+        return getattr(module, module._float_attr), weight, bias, out, module._relu
+    float_module = module.module
+    relu = isinstance(float_module, fused_relu_type)
+    layer = getattr(float_module, float_attr) if relu else float_module
+    out = observed_qparams(module.activation_post_process, path)
+    weight = quantize_weight(layer.kernel.get_value(), module.qconfig, path)
+    return layer, weight, None if layer.bias is None else layer.bias.get_value(), out, relu
 
 
 class Int8WeightLayer(nnx.Module):

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from jaxquant.core.conv import conv_padding, spatial_tuple as _spatial_tuple
 from jaxquant.dtypes import QDType
 from jaxquant.kernels.conv import pack_conv, quantized_conv
-from jaxquant.nn.quantized.common import Int8WeightLayer, observed_qparams, require_qtensor
-from jaxquant.nn.quantized.weights import quantize_weight
+from jaxquant.nn.intrinsic import ConvReLU
+from jaxquant.nn.quantized.common import Int8WeightLayer, require_qtensor, weight_layer_source
 from jaxquant.nn.variables import QuantCache, refresh_cache, seal_cache
 from jaxquant.qtensor import QTensor
 
@@ -39,18 +39,14 @@ class Conv(Int8WeightLayer):
 
     @classmethod
     def from_observed(cls, observed, path: str) -> "Conv":
-        from jaxquant.nn.intrinsic import ConvReLU
-
-        float_module = observed.module
-        relu = isinstance(float_module, ConvReLU)
-        conv = float_module.conv if relu else float_module
+        """From an ``Observed`` ``nnx.Conv`` / ``ConvReLU`` or a QAT ``Conv`` / ``ConvReLU`` / ``ConvBn`` /
+        ``ConvBnReLU`` (BatchNorm folded with its running statistics, as PyTorch's convert does)."""
+        conv, weight, bias, (out_scale, out_zp, out_dtype), relu = weight_layer_source(observed, path, "conv",
+                                                                                      ConvReLU)
         if conv.input_dilation not in (None, 1) and set(_spatial_tuple(conv.input_dilation, 1)) != {1}:
             raise ValueError(f"'{path}': input_dilation has no int8 kernel; keep this conv float (qconfig=None)")
         if getattr(conv, "mask", None) is not None:
             raise ValueError(f"'{path}': masked convolutions have no int8 kernel; keep this conv float")
-        out_scale, out_zp, out_dtype = observed_qparams(observed.activation_post_process, path)
-        weight = quantize_weight(conv.kernel.get_value(), observed.qconfig, path)
-        bias = None if conv.bias is None else conv.bias.get_value()
         return cls(weight, bias, out_scale, out_zp, out_dtype, strides=conv.strides,
                    padding=conv_padding(conv, path), dilation=conv.kernel_dilation,
                    groups=conv.feature_group_count, relu=relu, name=path)

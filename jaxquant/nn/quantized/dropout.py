@@ -19,6 +19,11 @@ class Dropout(nnx.Dropout):
     """
 
     @classmethod
+    def from_observed(cls, module: nnx.Dropout, path: str = "") -> "Dropout":
+        """From an ``nnx.Dropout`` (convert's protocol; nothing was observed)."""
+        return cls.from_float(module)
+
+    @classmethod
     def from_float(cls, module: nnx.Dropout) -> "Dropout":
         rngs = module.rngs if isinstance(module.rngs, nnx.RngStream) else None
         return cls(module.rate, broadcast_dims=module.broadcast_dims, deterministic=module.deterministic,

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxquant.core.weights import quantize_weight
 from jaxquant.dtypes import QDType
 from jaxquant.nn.quantized.common import observed_qparams, require_qtensor
 from jaxquant.nn.variables import QuantParams
@@ -104,8 +105,6 @@ class ConvTranspose(nnx.Module):
 
     @classmethod
     def from_observed(cls, observed, path: str) -> "ConvTranspose":
-        from jaxquant.nn.quantized.weights import quantize_weight
-
         conv = observed.module
         if isinstance(conv.padding, str) and conv.padding.upper() == "CIRCULAR":
             raise ValueError(f"'{path}': CIRCULAR padding is not supported for quantized ConvTranspose")

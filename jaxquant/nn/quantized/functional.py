@@ -28,7 +28,8 @@ class QFunctional(nnx.Module):
         self.name = name
 
     @classmethod
-    def from_float_functional(cls, module, path: str) -> "QFunctional":
+    def from_observed(cls, module, path: str) -> "QFunctional":
+        """From a prepared ``FloatFunctional`` (its ``activation_post_process`` calibrated or trained)."""
         scale, zero_point, dtype = observed_qparams(module.activation_post_process, path)
         return cls(scale, zero_point, dtype, path)
 

@@ -12,8 +12,8 @@ import jax
 
 from jaxquant.dtypes import QDType
 from jaxquant.kernels.linear import pack_linear, quantized_linear
-from jaxquant.nn.quantized.common import Int8WeightLayer, observed_qparams, require_qtensor
-from jaxquant.nn.quantized.weights import quantize_weight
+from jaxquant.nn.intrinsic import LinearReLU
+from jaxquant.nn.quantized.common import Int8WeightLayer, require_qtensor, weight_layer_source
 from jaxquant.nn.variables import QuantCache, refresh_cache, seal_cache
 from jaxquant.qtensor import QTensor
 
@@ -37,14 +37,9 @@ class Linear(Int8WeightLayer):
 
     @classmethod
     def from_observed(cls, observed, path: str) -> "Linear":
-        from jaxquant.nn.intrinsic import LinearReLU
-
-        float_module = observed.module
-        relu = isinstance(float_module, LinearReLU)
-        linear = float_module.linear if relu else float_module
-        out_scale, out_zp, out_dtype = observed_qparams(observed.activation_post_process, path)
-        weight = quantize_weight(linear.kernel.get_value(), observed.qconfig, path)
-        bias = None if linear.bias is None else linear.bias.get_value()
+        """From an ``Observed`` ``nnx.Linear`` / ``LinearReLU`` or a QAT ``Linear`` / ``LinearReLU`` / ``LinearBn``."""
+        _, weight, bias, (out_scale, out_zp, out_dtype), relu = weight_layer_source(observed, path, "linear",
+                                                                                    LinearReLU)
         return cls(weight, bias, out_scale, out_zp, out_dtype, relu=relu, name=path)
 
     def rebuild_cache(self) -> "Linear":

@@ -3,7 +3,8 @@
 Two layers: a traceable core (:func:`observe_weight`, :func:`quantize_with_qparams`,
 :func:`quantize_weight_traceable`; pure jnp) and :func:`quantize_weight`, the host-side entry point
 used at conversion, which also checks what needs concrete values (finite weights, an observer that
-saw data, the observer's dtype and channel axis) and names the layer when something is wrong.
+saw data, the observer's dtype and channel axis) and names the layer when something is wrong. Every
+front end (NNX static and dynamic modules, Linen, graph mode) quantizes its weights here.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxquant.dtypes import calculate_qmin_qmax, per_channel_affine_float_qparams, qint8
+from jaxquant.dtypes import FloatDType, calculate_qmin_qmax, per_channel_affine_float_qparams, qint8, quint8
+from jaxquant.observers import check_observer_state
 from jaxquant.qtensor import QTensor, quantize_per_channel, quantize_per_tensor
 
 
@@ -108,15 +110,12 @@ def quantize_weight(kernel: jax.Array, qconfig: Any, path: str, dtypes: tuple = 
     Returns:
       A QTensor (int8 data for qint8; uint8 with float zero points for float-qparams observers).
     """
-    from jaxquant.observers import check_observer_state
-
     observer = weight_observer(qconfig, path)
     if observer.dtype not in dtypes:
         raise ValueError(f"'{path}': the weight observer {observer!r} targets {observer.dtype!r}; these kernels "
                          f"need {' or '.join(map(repr, dtypes))} weights")
     kernel = jnp.asarray(kernel, jnp.float32)
-    if not bool(jnp.all(jnp.isfinite(kernel))):
-        raise ValueError(f"'{path}': the weight contains NaN or Inf; fix the float model before quantizing")
+    check_finite(kernel, path)
     if observer.qscheme.is_per_channel and getattr(observer, "ch_axis", 0) not in (0, -kernel.ndim):
         raise ValueError(f"'{path}': weight observers see (out_channels, ...) weights; use ch_axis=0, got "
                          f"{observer.ch_axis}")
@@ -124,3 +123,47 @@ def quantize_weight(kernel: jax.Array, qconfig: Any, path: str, dtypes: tuple = 
     check_observer_state(observer, state, name=f"{path} (weight)")
     return quantize_with_qparams(kernel, scale, zero_point, observer.dtype, observer.qscheme,
                                  observer_quant_range(observer))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a dynamic qconfig: dynamic modules quantize their weights once, at conversion, as PyTorch's
+# from_float does; the activation "observer" of a dynamic qconfig (PlaceholderObserver(is_dynamic=True))
+# only carries configuration, since activation qparams are chosen on every call.
+
+
+def weight_dtype(qconfig: Any, path: str) -> Any:
+    """The dtype the qconfig's weight observer targets (``qint8``, ``quint8``, ``float16``, ...)."""
+    return weight_observer(qconfig, path).dtype
+
+
+def activation_per_token(qconfig: Any) -> bool:
+    """True when the qconfig's activation placeholder asks for per-row (per-token) qparams: a
+    per-channel ``qscheme`` on a dynamic activation observer means one scale per row of ``x``."""
+    act = getattr(qconfig, "activation", None)
+    if act is None:
+        return False
+    try:
+        observer = act()
+    except TypeError:
+        return False
+    qscheme = getattr(observer, "qscheme", None)
+    return bool(qscheme is not None and qscheme.is_per_channel)
+
+
+def check_finite(kernel: jax.Array, path: str) -> None:
+    if not bool(jnp.all(jnp.isfinite(kernel))):
+        raise ValueError(f"'{path}': the weight contains NaN or Inf; fix the float model before quantizing")
+
+
+def quantize_float_weight(kernel: jax.Array, qconfig: Any, path: str):
+    """A float kernel ``(..., C_out)`` quantized per the qconfig's weight observer: int8 for ``qint8``
+    observers, uint8 rows with float qparams for ``per_channel_affine_float_qparams`` (embeddings)."""
+    return quantize_weight(kernel, qconfig, path, dtypes=(qint8, quint8))
+
+
+def float_weight_dtype(qconfig: Any, path: str) -> FloatDType:
+    dtype = weight_dtype(qconfig, path)
+    if not isinstance(dtype, FloatDType):
+        raise ValueError(f"'{path}': expected a float16/bfloat16 weight observer, got {dtype!r}")
+    return dtype
+
