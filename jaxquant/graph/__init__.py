@@ -22,6 +22,7 @@ from jaxquant.graph.convert import convert_static, convert_without_calibration
 from jaxquant.graph.plan import make_plan, requant_candidates, resolve_qconfigs
 from jaxquant.graph.program import ObservedProgram, QATProgram, QuantizedProgram, _state_key
 from jaxquant.graph.program import calibrate as _calibrate
+from jaxquant.graph.record import from_record, to_record
 
 __all__ = ["prepare", "prepare_qat", "calibrate", "convert", "quantize_dynamic", "quantize_weight_only",
            "compare", "ObservedProgram", "QATProgram", "QuantizedProgram", "GraphQuantizationError"]
@@ -161,8 +162,6 @@ def quantize_weight_only(fn_or_model: Any, example_args: Any, qconfig_or_mapping
 
 def program_record(program: QuantizedProgram) -> tuple[dict, dict]:
     """``(header, arrays)`` defining an int8 program, for ``jq.save`` (JSON-able dict, numpy arrays)."""
-    from jaxquant.graph.record import to_record
-
     return to_record(program)
 
 
@@ -172,8 +171,6 @@ def program_from_record(header: dict, arrays: dict, fn_or_model: Any, example_ar
     ``example_args`` (the same function or model class, any param values of the right shapes, inputs of
     the shapes it was converted with); for ``jq.load``. Raises GraphQuantizationError naming the first op
     that differs from the saved program, or the array that does not fit."""
-    from jaxquant.graph.record import from_record
-
     fn, args, argnums, _, _ = _as_function(fn_or_model, example_args, params_argnums)
     graph = capture(fn, args, params_argnums=argnums)
     a = analyze(graph)

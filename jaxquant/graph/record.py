@@ -18,8 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant.dtypes import qint8, quint8
 from jaxquant.graph.analysis import Analysis, GraphQuantizationError, op_path
-from jaxquant.graph.program import QuantizedProgram, _flax_weight, _state_key
+from jaxquant.graph.capture import Lit
+from jaxquant.graph.convert import pack_unit, unit_meta
+from jaxquant.graph.plan import make_plan
+from jaxquant.graph.program import QuantizedProgram, _flax_weight, _runtime_needed, _state_key
+from jaxquant.qconfig import get_default_qconfig
 
 __all__ = ["to_record", "from_record", "RECORD_FORMAT"]
 
@@ -142,8 +147,6 @@ def _arr(arrays: dict, name: str, *, dtype=None, shape=None):
 
 
 def _weight_aval(a: Analysis, u):
-    from jaxquant.graph.capture import Lit
-
     return np.shape(u.w.value) if isinstance(u.w, Lit) else tuple(a.graph.avals[u.w].shape)
 
 
@@ -154,10 +157,6 @@ def _channels_ok(v, n: int) -> bool:
 def from_record(a: Analysis, h: dict, arrays: dict) -> QuantizedProgram:
     """Rebuild the int8 program for the freshly captured analysis ``a`` from a record (``to_record``).
     Raises GraphQuantizationError naming the first differing op or the array that does not fit."""
-    from jaxquant.dtypes import qint8, quint8
-    from jaxquant.graph.convert import pack_unit, unit_meta
-    from jaxquant.graph.plan import make_plan
-    from jaxquant.qconfig import get_default_qconfig
 
     _check_header(h)
     _compare_structure(a, h)
@@ -246,7 +245,6 @@ def from_record(a: Analysis, h: dict, arrays: dict) -> QuantizedProgram:
         prefix = f"float_units.{i}."
         w = _arr(arrays, prefix + "w", shape=_weight_aval(a, u))
         qp["float_units"][str(i)] = (w, _arr(arrays, prefix + "bias") if prefix + "bias" in arrays else None)
-    from jaxquant.graph.program import _runtime_needed
 
     for vid in sorted(_runtime_needed(a)):
         key = _state_key(vid)
