@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxquant.core.grad_guard import refuse_gradient
 from jaxquant.dtypes import float16, qint8, quint8, bfloat16
 from jaxquant.linen import conv as conv_layers
 from jaxquant.linen import dense as dense_layers
@@ -285,6 +286,7 @@ class QuantInterceptor:
         return {n: _get(module, QUANT_PARAMS, n) for n in names}
 
     def _static_forward(self, spec, module, path, x, qp, dtype) -> jax.Array:
+        x = refuse_gradient(x, f"'{display_path(path)}' ({type(module).__name__}, static int8)")
         xq = quantize_per_tensor(jnp.asarray(x, jnp.float32), qp["input_scale"], qp["input_zero_point"], dtype)
         return dequantize(spec.int8_apply(module, display_path(path), xq, qp, dtype))
 
@@ -313,6 +315,7 @@ class QuantInterceptor:
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"dynamic '{display_path(path)}' ({type(module).__name__}): expected a float input, "
                             f"got {x.dtype}")
+        x = refuse_gradient(x, f"'{display_path(path)}' ({type(module).__name__}, dynamic int8)")
         reduce_range, per_token = self._dynamic_options(qconfig)
         extra = {}
         if self._sequence_ranges and module.name in INPUT_PROJECTIONS and type(module.parent) in CELL_TYPES:
@@ -366,4 +369,5 @@ class QuantInterceptor:
                                  "model to the variables convert returned")
             scale = module.get_variable(QUANT_PARAMS, "output_scale")
             zero_point = module.get_variable(QUANT_PARAMS, "output_zero_point")
+        y = refuse_gradient(y, f"'{display_path(path)}' ({what}, static int8)")
         return dequantize(quantize_per_tensor(jnp.asarray(y, jnp.float32), scale, zero_point, dtype))
