@@ -187,7 +187,7 @@ def _recompute_qparams(record: Record, variables: Mapping, quant_params: dict) -
     weights op by op): fused into one big program XLA may round the float32 arithmetic of
     ``calculate_qparams`` differently and move a scale by an ulp. Layers stacked by ``nn.scan`` /
     ``nn.vmap`` are recomputed with ``jax.vmap`` over their leading axes."""
-    from jaxquant.linen.quant_state import activation_qparams, finish_qparams
+    from jaxquant.linen.quant_state import activation_qparams, finish_qparams, quantize_gate_group
     from jaxquant.nn.observer_module import calculate_qparams
 
     quant_params = jax.tree_util.tree_map(lambda x: x, quant_params)  # fresh dicts
@@ -205,6 +205,14 @@ def _recompute_qparams(record: Record, variables: Mapping, quant_params: dict) -
             for _ in range(n_lead):
                 fn = jax.vmap(fn)
             target[f"{prefix}_scale"], target[f"{prefix}_zero_point"] = fn(_subtree(stats, scope)[stats_name])
+        elif kind == "weight_group":  # one gate of a recurrent cell, quantized with its whole group
+            _, _, cell_scope, group, observer = entry
+            index = group.index(scope[-1])
+            cell_params = _subtree(params, cell_scope)
+            fn = lambda *kernels, observer=observer, index=index: quantize_gate_group(list(kernels), observer)[index]  # noqa: E731,E501
+            for _ in range(np.ndim(target["weight_scale"]) - 1):
+                fn = jax.vmap(fn)
+            target.update(fn(*[cell_params[n]["kernel"] for n in group]))
         else:
             _, _, kernel_name, quantize = entry
             n_lead = np.ndim(target["weight_scale"]) - 1
