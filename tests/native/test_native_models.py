@@ -80,9 +80,7 @@ def test_efficientnet_lite0_native_equals_xla():
     spec = importlib.util.spec_from_file_location("efficientnet_lite0_ptq", path)
     ex = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ex)
-    # 96x96 crops of the real images (the model is fully convolutional): the same layers and kernels
-    # as at 224, and a fifth of the pixels, which the pure-XLA int8 convs at the suite's XLA -O0 pay for
-    images = sample_images(6, size=96)
+    images = sample_images(6)
     with use_native(True):
         int8 = ex.quantize_jaxquant(eff.load_efficientnet_lite0(), images[:4], "relu6-range", "minmax",
                                     batch=4, progress=False)
