@@ -72,8 +72,31 @@ def set_submodule(model: nnx.Module, path: str, new) -> None:
 
 
 def copy_model(model: nnx.Module) -> nnx.Module:
-    """A deep copy sharing nothing mutable with ``model`` (``nnx.clone``)."""
-    return nnx.clone(model)
+    """A deep copy sharing nothing mutable with ``model`` (``nnx.clone``), each module's attributes
+    in ``model``'s order.
+
+    ``nnx.clone`` goes through ``split``/``merge``, which rebuilds every module with its attributes
+    sorted by name; the transforms copy through here, so a prepared or converted model keeps the
+    definition order the user wrote (what ``summary`` and PyTorch's printouts follow).
+    """
+    copy = nnx.clone(model)
+    done: set[int] = set()
+    for path, node in nnx.iter_graph(model):
+        if not isinstance(node, nnx.Module) or id(node) in done:
+            continue
+        done.add(id(node))
+        twin = get_submodule(copy, path_to_str(path)) if path else copy
+        _reorder_attributes(vars(twin), list(vars(node)))
+    return copy
+
+
+def _reorder_attributes(attrs: dict, order: list[str]) -> None:
+    ranked = [k for k in order if k in attrs] + [k for k in attrs if k not in set(order)]
+    if ranked == list(attrs):
+        return
+    items = [(k, attrs[k]) for k in ranked]
+    attrs.clear()  # same keys and values, new insertion order
+    attrs.update(items)
 
 
 def replace_contents(target: nnx.Module, source: nnx.Module) -> None:

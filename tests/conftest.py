@@ -9,3 +9,14 @@ import os
 
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Test files that hold a ``slow`` test run first (each file kept together, so module fixtures are
+    built once; otherwise collection order). Under ``pytest -n 2`` the longest tests then start
+    early instead of leaving one worker busy alone at the end."""
+    def file_of(item):
+        return item.nodeid.split("::", 1)[0]
+
+    slow_files = {file_of(item) for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: file_of(item) not in slow_files)

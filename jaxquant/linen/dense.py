@@ -44,9 +44,8 @@ class DenseLayer:
         return quantized_linear(xq, _packed(qp), qp["output_scale"], qp["output_zero_point"], out_dtype=out_dtype)
 
     def dynamic_apply(self, module: Any, path: str, x: jax.Array, qp: dict, *, reduce_range: bool,
-                      per_token: bool, x_min_max: Optional[tuple] = None) -> jax.Array:
-        return quantized_linear_dynamic(x, _packed(qp), reduce_range=reduce_range, per_token=per_token,
-                                        x_min_max=x_min_max)
+                      per_token: bool) -> jax.Array:
+        return quantized_linear_dynamic(x, _packed(qp), reduce_range=reduce_range, per_token=per_token)
 
 
 def _dense_general_axes(module: Any, x_ndim: int, path: str) -> tuple[int, ...]:

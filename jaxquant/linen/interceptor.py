@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxquant.core.grad_guard import refuse_gradient
 from jaxquant.core.weights import activation_per_token, weight_dtype
 from jaxquant.dtypes import bfloat16, float16, qint8, quint8
 from jaxquant.linen import conv as conv_layers, dense as dense_layers, embed as embed_layers, stubs
@@ -27,11 +28,12 @@ from jaxquant.linen.quant_state import (
     activation_qparams,
     fake_quant,
     observe,
+    quantize_gate_group,
     quantize_kernel,
     quantize_kernel_with_fake_quant,
 )
-from jaxquant.qconfig_mapping import qconfig_for
 from jaxquant.observers.protocols import FakeQuant
+from jaxquant.qconfig_mapping import qconfig_for
 from jaxquant.qtensor import dequantize, quantize_per_tensor
 
 MODES = ("float", "observe", "qat", "convert_static", "static", "convert_dynamic", "dynamic", "record")
@@ -44,12 +46,22 @@ WEIGHTED_LAYERS: dict[type, Any] = {
     nn.ConvTranspose: conv_layers.ConvTransposeLayer(),
 }
 # Recurrent cells are quantized as a unit (as PyTorch's dynamic LSTM/GRU): the Dense layers inside
-# take the cell's qconfig.
-CELL_TYPES = (nn.LSTMCell, nn.GRUCell)
-# The cells' input projections (Dense names in flax's LSTMCell / GRUCell). Under ``nn.RNN`` they are
-# quantized with one activation range over the whole input sequence, as PyTorch's CPU dynamic
-# LSTM/GRU project all steps at once; the hidden projections keep a range per step.
-INPUT_PROJECTIONS = frozenset({"ii", "if", "ig", "io", "ir", "iz", "in"})
+# take the cell's qconfig. Their gate Denses (flax's names, PyTorch's gate order) form two groups,
+# the input and the hidden projection; dynamic quantization gives each group one weight, as
+# PyTorch's weight_ih / weight_hh (one per-tensor scale for all gates). Under ``nn.RNN`` the input
+# projection of all steps is one dot over the whole sequence (one activation scale, M = T*B rows),
+# as PyTorch's CPU dynamic LSTM/GRU; the hidden projection runs per step.
+CELL_GATES = {nn.LSTMCell: (("ii", "if", "ig", "io"), ("hi", "hf", "hg", "ho")),
+              nn.GRUCell: (("ir", "iz", "in"), ("hr", "hz", "hn"))}
+CELL_TYPES = tuple(CELL_GATES)
+
+
+def _gate_group(module: Any) -> Optional[tuple[str, ...]]:
+    """The names of the gate group ``module`` (a Dense) belongs to, or None outside a cell."""
+    for group in CELL_GATES.get(type(module.parent), ()):
+        if module.name in group:
+            return group
+    return None
 
 
 @dataclasses.dataclass
@@ -89,9 +101,9 @@ class QuantInterceptor:
         self.model = model
         self.mode = model.mode
         self.record = record if record is not None else Record()
-        # (min, max) of the input sequence of each nn.RNN being run (innermost last); traced values
-        # of the outer trace, closed over by the scan body.
-        self._sequence_ranges: list[tuple[jax.Array, jax.Array]] = []
+        # Depth of dynamic nn.RNN calls whose input projection already ran over the whole sequence:
+        # inside, a cell's input Denses receive their slice of the projected step.
+        self._projected_rnns = 0
 
     # ------------------------------------------------------------------ qconfig
     def _lookup(self, module: Any) -> Any:
@@ -122,13 +134,8 @@ class QuantInterceptor:
             return args[0]  # folded into the layer before it by fuse_modules
         mtype = type(module)
         if mtype is nn.RNN and method == "__call__" and self.mode in ("dynamic", "convert_dynamic") \
-                and type(module.cell) in CELL_TYPES and args:
-            x = jnp.asarray(args[0], jnp.float32)
-            self._sequence_ranges.append((jnp.min(x), jnp.max(x)))
-            try:
-                return next_fun(*args, **kwargs)
-            finally:
-                self._sequence_ranges.pop()
+                and type(module.cell) in CELL_TYPES and (args or "inputs" in kwargs):
+            return self._rnn_dynamic(module, next_fun, args, kwargs)
         if method == "__call__" and mtype in WEIGHTED_LAYERS:
             return self._weighted(WEIGHTED_LAYERS[mtype], module, path, next_fun, args, kwargs)
         if mtype is nn.Embed and method == "setup" and self.mode in ("static", "dynamic") and \
@@ -288,6 +295,7 @@ class QuantInterceptor:
         return {n: _get(module, QUANT_PARAMS, n) for n in names}
 
     def _static_forward(self, spec, module, path, x, qp, dtype) -> jax.Array:
+        x = refuse_gradient(x, f"'{display_path(path)}' ({type(module).__name__}, static int8)")
         xq = quantize_per_tensor(jnp.asarray(x, jnp.float32), qp["input_scale"], qp["input_zero_point"], dtype)
         return dequantize(spec.int8_apply(module, display_path(path), xq, qp, dtype))
 
@@ -295,15 +303,42 @@ class QuantInterceptor:
         per_token = self.model.per_token if self.model.per_token is not None else activation_per_token(qconfig)
         return self.model.reduce_range, per_token
 
-    def _convert_dynamic(self, spec, module, path, qconfig, x) -> jax.Array:
+    @staticmethod
+    def _dynamic_weight_observer(qconfig: Any, path: str, what: str) -> Any:
         wdtype = weight_dtype(qconfig, display_path(path))
         if wdtype in (float16, bfloat16):
             raise NotImplementedError(f"'{display_path(path)}': {wdtype!r} dynamic weights are not supported in "
                                       "jaxquant.linen yet; use qint8 (default_dynamic_qconfig)")
         if wdtype != qint8:
-            raise ValueError(f"'{display_path(path)}' ({type(module).__name__}) cannot be dynamically quantized with "
+            raise ValueError(f"'{display_path(path)}' ({what}) cannot be dynamically quantized with "
                              f"{wdtype!r} weights; use default_dynamic_qconfig or per_channel_dynamic_qconfig")
-        qp = self._weight_qparams(spec, module, path, qconfig)
+        observer = qconfig.weight()
+        return getattr(observer, "observer", observer)
+
+    def _gate_qparams(self, module: Any, path: str, qconfig: Any, group: tuple[str, ...]) -> dict:
+        """convert_dynamic of one gate Dense of a cell: its share of the group's weight (one scale)."""
+        observer = self._dynamic_weight_observer(qconfig, path, type(module).__name__)
+        cell_params = module.parent.variables.get("params", {})
+        missing = [n for n in group if n not in cell_params]
+        if missing:
+            raise ValueError(f"'{display_path(module_path(module.parent))}' ({type(module.parent).__name__}): no float "
+                             f"params for its gates {missing}; pass the model's variables (params)")
+        scope, cell_scope = tuple(module.path), tuple(module.parent.path)
+        self.record.checks.append(("weight", scope, "kernel", None))
+        self.record.qparams.append(("weight_group", scope, cell_scope, group, observer))
+        qp = quantize_gate_group([cell_params[n]["kernel"] for n in group], observer)[group.index(module.name)]
+        bias = _get(module, "params", "bias")
+        if bias is not None:
+            qp["bias"] = jnp.asarray(bias, jnp.float32)
+        return qp
+
+    def _convert_dynamic(self, spec, module, path, qconfig, x) -> jax.Array:
+        group = _gate_group(module)
+        if group is not None:
+            qp = self._gate_qparams(module, path, qconfig, group)
+        else:
+            self._dynamic_weight_observer(qconfig, path, type(module).__name__)
+            qp = self._weight_qparams(spec, module, path, qconfig)
         self._write(module, qp, (spec.kernel_name, "bias"))
         return self._dynamic_forward(spec, module, path, qconfig, x, qp)
 
@@ -312,12 +347,65 @@ class QuantInterceptor:
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"dynamic '{display_path(path)}' ({type(module).__name__}): expected a float input, "
                             f"got {x.dtype}")
+        group = _gate_group(module)
+        if self._projected_rnns and group is not None and group == CELL_GATES[type(module.parent)][0]:
+            # the input projection already ran over the whole sequence: x is this step's projection
+            # of all gates; this gate's columns are its output (bias included)
+            width = int(module.features)
+            start = group.index(module.name) * width
+            return x[..., start:start + width]
+        x = refuse_gradient(x, f"'{display_path(path)}' ({type(module).__name__}, dynamic int8)")
         reduce_range, per_token = self._dynamic_options(qconfig)
-        extra = {}
-        if self._sequence_ranges and module.name in INPUT_PROJECTIONS and type(module.parent) in CELL_TYPES:
-            extra["x_min_max"] = self._sequence_ranges[-1]
-        return spec.dynamic_apply(module, display_path(path), x, qp, reduce_range=reduce_range, per_token=per_token,
-                                  **extra)
+        return spec.dynamic_apply(module, display_path(path), x, qp, reduce_range=reduce_range, per_token=per_token)
+
+    def _rnn_dynamic(self, rnn: Any, next_fun, args, kwargs) -> Any:
+        """A dynamic ``nn.RNN`` over an LSTM/GRU cell: project the whole input sequence with the cell's
+        input gates at once (one int8 dot, one activation scale), then run the scan on the projected
+        sequence; the cell's input Denses pick their columns (see :meth:`_dynamic_forward`)."""
+        cell = rnn.cell
+        qconfig = self._lookup(cell)
+        if qconfig is None:
+            return next_fun(*args, **kwargs)
+        cell_path = module_path(cell)
+        what = type(cell).__name__
+        names = CELL_GATES[type(cell)][0]
+        if self.mode == "convert_dynamic":
+            observer = self._dynamic_weight_observer(qconfig, cell_path, what)
+            params = cell.variables.get("params", {})
+            if any(n not in params for n in names):
+                raise ValueError(f"'{display_path(cell_path)}' ({what}): no float params for its input gates {names}; "
+                                 "pass the model's variables (params)")
+            gates = quantize_gate_group([params[n]["kernel"] for n in names], observer)
+            biases = [params[n].get("bias") for n in names]
+        else:
+            stored = cell.variables.get(QUANT_PARAMS, {})
+            if any(n not in stored or "weight_int" not in stored[n] for n in names):
+                raise ValueError(f"'{display_path(cell_path)}' ({what}): its qconfig quantizes it but the variables "
+                                 f"have no '{QUANT_PARAMS}' for its gates {names}; apply the converted model to the "
+                                 "variables quantize_dynamic returned, and list "
+                                 f"'{QUANT_PARAMS}' in nn.RNN's variable_broadcast")
+            gates = [{k: stored[n][k] for k in ("weight_int", "weight_scale", "weight_zero_point")} for n in names]
+            biases = [stored[n].get("bias") for n in names]
+        qp = {k: jnp.concatenate([g[k] for g in gates], axis=-1) for k in gates[0]}
+        if any(b is not None for b in biases):
+            qp["bias"] = jnp.concatenate([jnp.asarray(b, jnp.float32) if b is not None else
+                                          jnp.zeros(g["weight_int"].shape[-1:], jnp.float32)
+                                          for b, g in zip(biases, gates)])
+        args = list(args)
+        x = jnp.asarray(args[0] if args else kwargs.pop("inputs"))
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"dynamic '{display_path(cell_path)}' ({what}): expected a float input sequence, "
+                            f"got {x.dtype}")
+        x = refuse_gradient(x, f"'{display_path(cell_path)}' ({what}, dynamic int8)")
+        reduce_range, per_token = self._dynamic_options(qconfig)
+        projected = dense_layers.DenseLayer().dynamic_apply(None, display_path(cell_path), x, qp,
+                                                            reduce_range=reduce_range, per_token=per_token)
+        args = [projected] + args[1:]
+        self._projected_rnns += 1
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            self._projected_rnns -= 1
 
     # ------------------------------------------------------------------ embed
     def _embed(self, module, path, method, next_fun, args, kwargs) -> jax.Array:
@@ -365,4 +453,5 @@ class QuantInterceptor:
                                  "model to the variables convert returned")
             scale = module.get_variable(QUANT_PARAMS, "output_scale")
             zero_point = module.get_variable(QUANT_PARAMS, "output_zero_point")
+        y = refuse_gradient(y, f"'{display_path(path)}' ({what}, static int8)")
         return dequantize(quantize_per_tensor(jnp.asarray(y, jnp.float32), scale, zero_point, dtype))

@@ -88,6 +88,17 @@ def quantize_kernel(kernel: jax.Array, observer: Any) -> dict:
     return _as_params(quantize_weight_traceable(kernel, observer))
 
 
+def quantize_gate_group(kernels: list, observer: Any) -> list[dict]:
+    """Quantize the kernels ``(..., K, N_g)`` of a recurrent cell's gates (e.g. an LSTM's four input
+    Denses) as one weight ``(..., K, sum N_g)``, as PyTorch quantizes ``weight_ih``/``weight_hh``: one
+    per-tensor scale over all gates (per channel it changes nothing). Returns one
+    :func:`quantize_kernel` dict per gate, in the order given."""
+    sizes = [int(k.shape[-1]) for k in kernels]
+    whole = quantize_kernel(jnp.concatenate([jnp.asarray(k, jnp.float32) for k in kernels], axis=-1), observer)
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    return [{name: value[..., lo:hi] for name, value in whole.items()} for lo, hi in zip(bounds, bounds[1:])]
+
+
 def quantize_kernel_with_fake_quant(kernel: jax.Array, config: Any, state: Any) -> dict:
     """Quantize a float kernel ``(..., C_out)`` with a weight fake quant's qparams after running it once
     more on the kernel (PyTorch's QAT ``from_float``; :func:`jaxquant.nn.qat.weight_fake_quant.

@@ -23,7 +23,7 @@ from jaxquant.linen.interceptor import Record
 from jaxquant.linen.model import QuantizedModel
 from jaxquant.linen.names import QUANT_PARAMS, QUANT_STATS, display_path
 from jaxquant.linen.qconfig_mappings import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
-from jaxquant.linen.quant_state import activation_qparams, finish_qparams
+from jaxquant.linen.quant_state import activation_qparams, finish_qparams, quantize_gate_group
 from jaxquant.observers.base import check_observer_state
 from jaxquant.qconfig import QConfig, default_dynamic_qconfig_for
 from jaxquant.qconfig_mapping import QConfigMapping, as_qconfig_mapping
@@ -196,6 +196,14 @@ def _recompute_qparams(record: Record, variables: Mapping, quant_params: dict) -
             for _ in range(n_lead):
                 fn = jax.vmap(fn)
             target[f"{prefix}_scale"], target[f"{prefix}_zero_point"] = fn(_subtree(stats, scope)[stats_name])
+        elif kind == "weight_group":  # one gate of a recurrent cell, quantized with its whole group
+            _, _, cell_scope, group, observer = entry
+            index = group.index(scope[-1])
+            cell_params = _subtree(params, cell_scope)
+            fn = lambda *kernels, observer=observer, index=index: quantize_gate_group(list(kernels), observer)[index]  # noqa: E731,E501
+            for _ in range(np.ndim(target["weight_scale"]) - 1):
+                fn = jax.vmap(fn)
+            target.update(fn(*[cell_params[n]["kernel"] for n in group]))
         else:
             _, _, kernel_name, quantize = entry
             n_lead = np.ndim(target["weight_scale"]) - 1

@@ -152,8 +152,8 @@ def summary(model: nnx.Module, qconfig_mapping: Any = None) -> ModelSummary:
       :class:`ModelSummary`: per module (that holds arrays or a quantization setting) its path, type,
       status, QConfig, weight and activation dtypes, weight qscheme and own bytes. Rows are depth
       first (each module right before its children; list items by index), attributes in the order
-      the module assigned them; ``prepare``/``convert`` return copies made by ``nnx.split``/``merge``,
-      whose attributes are in name order.
+      the module assigned them (``prepare``/``convert``/``quantize_dynamic`` keep that order in their
+      copies), as PyTorch prints a model.
     """
     from jaxquant.tools.size import model_arrays
 

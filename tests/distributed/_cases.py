@@ -3,6 +3,9 @@
 Not collected by a plain ``pytest tests/`` (the file name does not match ``test_*.py``), because in
 that process jax is already initialised with one device. Run directly with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m pytest tests/distributed/_cases.py``.
+
+Every ``shard_map`` here runs under ``jax.jit``, as it would in use: called eagerly, shard_map runs
+its body op by op on each of the 8 devices (60 s for the histogram sync instead of 5 s).
 """
 import functools
 import os
@@ -131,8 +134,8 @@ def test_sharded_update_keeps_nonfinite_flag_from_any_shard():
     mesh = _mesh()
     x = np.random.default_rng(3).normal(size=(16, 4)).astype(np.float32)
     x[13, 2] = np.nan  # lives on device 6 only
-    f = jax.shard_map(lambda s, x: jd.sharded_update(obs, s, x, "data"), mesh=mesh,
-                      in_specs=(P(), P("data")), out_specs=P())
+    f = jax.jit(jax.shard_map(lambda s, x: jd.sharded_update(obs, s, x, "data"), mesh=mesh,
+                              in_specs=(P(), P("data")), out_specs=P()))
     got = f(obs.init(), _put(jnp.asarray(x), mesh, P("data")))
     _assert_tree_equal(obs.update(obs.init(), jnp.asarray(x)), got)
     assert bool(got.nonfinite)
@@ -145,7 +148,7 @@ def test_sync_observer_state_minmax_and_per_channel_are_exact():
         def local_then_sync(s, x, obs=obs):
             return jd.sync_observer_state(obs, obs.update(s, x), "data")
 
-        got = jax.shard_map(local_then_sync, mesh=mesh, in_specs=(P(), P("data")), out_specs=P())(
+        got = jax.jit(jax.shard_map(local_then_sync, mesh=mesh, in_specs=(P(), P("data")), out_specs=P()))(
             obs.init(x), _put(x, mesh, P("data")))
         _assert_tree_equal(obs.update(obs.init(x), x), got)
 
@@ -156,8 +159,8 @@ def test_sync_observer_state_histogram_exact_when_ranges_agree_and_mass_kept_oth
     rng = np.random.default_rng(5)
     x = rng.uniform(-1, 1, size=(N_DEV, 10)).astype(np.float32)
     x[:, 0], x[:, 1] = -1.0, 1.0  # every shard holds the global extremes: same range everywhere
-    f = jax.shard_map(lambda s, x: jd.sync_observer_state(obs, obs.update(s, x), "data"), mesh=mesh,
-                      in_specs=(P(), P("data")), out_specs=P())
+    f = jax.jit(jax.shard_map(lambda s, x: jd.sync_observer_state(obs, obs.update(s, x), "data"), mesh=mesh,
+                              in_specs=(P(), P("data")), out_specs=P()))
     got = f(obs.init(), _put(jnp.asarray(x), mesh, P("data")))
     _assert_tree_equal(obs.update(obs.init(), jnp.asarray(x)), got)
     # different ranges per shard: the merge re-bins (approximate) but keeps range and total mass
@@ -192,7 +195,7 @@ def test_histogram_local_update_inside_shard_map():
         return jd.sync_observer_state(obs, obs.update(obs.update(s, a), b), "data")
 
     # check_vma is on: the local update type-checks per device
-    f = jax.shard_map(local_then_sync, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P())
+    f = jax.jit(jax.shard_map(local_then_sync, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P()))
     state = f(obs.init(), _put(a, mesh, P("data")), _put(b, mesh, P("data")))
     both = np.concatenate([np.asarray(a).ravel(), np.asarray(b).ravel()])
     assert float(state.min_val) == both.min() and float(state.max_val) == both.max()

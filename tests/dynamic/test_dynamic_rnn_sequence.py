@@ -139,10 +139,6 @@ def _linen_params(kind, tm):
 
 
 @pytest.mark.slow  # ~20 s on a loaded 2-core machine
-@pytest.mark.xfail(strict=True, reason="gap: jaxquant.linen quantizes each gate's Dense with its own "
-                   "per-tensor weight scale; PyTorch (and the NNX path) use one scale over the four/three "
-                   "gates' concatenated weight_ih/weight_hh. The activation scales already match (whole "
-                   "sequence, see test_linen_dynamic.py); XPASS once the cell's Denses share a weight scale.")
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_linen_rnn_matches_torch_dynamic(kind):
     import flax.linen as nn
@@ -171,3 +167,30 @@ def test_linen_rnn_matches_torch_dynamic(kind):
     qm, qv = jql.quantize_dynamic(Seq(), v, jnp.asarray(x))
     yj = np.asarray(jax.jit(qm.apply)(qv, jnp.asarray(x)))
     np.testing.assert_allclose(yj, yt, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_linen_one_input_projection_dot_and_one_weight_scale_per_group(kind):
+    import flax.linen as nn
+
+    import jaxquant.linen as jql
+
+    cell_type = nn.LSTMCell if kind == "lstm" else nn.GRUCell
+
+    class Seq(nn.Module):
+        @nn.compact
+        def __call__(self, xs):
+            return nn.RNN(cell_type(H), variable_broadcast=["params", jql.QUANT_PARAMS])(xs)
+
+    x = jnp.asarray(_inputs())
+    v = Seq().init(jax.random.key(0), x)
+    qm, qv = jql.quantize_dynamic(Seq(), v, x)
+    cell = next(iter(qv[jql.QUANT_PARAMS].values()))
+    for group in (("ii", "if", "ig", "io"), ("hi", "hf", "hg", "ho")) if kind == "lstm" else \
+            (("ir", "iz", "in"), ("hr", "hz", "hn")):
+        scales = np.concatenate([np.asarray(cell[g]["weight_scale"]) for g in group])
+        kernels = np.concatenate([np.asarray(v["params"][next(iter(v["params"]))][g]["kernel"]) for g in group], -1)
+        # PyTorch's per-tensor symmetric qint8 weight scale over the group's concatenated weight
+        np.testing.assert_allclose(scales, np.abs(kernels).max() / 127.5, rtol=1e-6)
+    hlo = jax.jit(qm.apply).lower(qv, x).as_text()
+    assert f"tensor<{B * T}x{I}xui8>" in hlo or f"tensor<{B * T}x{I}xi8>" in hlo, "no whole-sequence dot"

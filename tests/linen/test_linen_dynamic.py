@@ -70,18 +70,22 @@ def test_dynamic_lstm_cell_in_nn_rnn_equals_cell_equations_over_nnx_dynamic_line
     cell_q = qv[jql.QUANT_PARAMS]["LSTMCell_0"]  # nn.RNN keeps the cell's scope
     assert set(cell_q) == {"ii", "if", "ig", "io", "hi", "hf", "hg", "ho"} and "params" not in qv
     y = np.asarray(jax.jit(qm.apply)(qv, xs))
-    # reference: Linen LSTMCell's equations with NNX dynamic Linears of the same weights; the input
-    # projections run over the whole sequence at once (one activation scale), as PyTorch's LSTM
+    # reference: Linen LSTMCell's equations with two NNX dynamic Linears, one per gate group (the four
+    # gates' kernels concatenated: one weight scale, PyTorch's weight_ih / weight_hh); the input
+    # projection runs over the whole sequence at once (one activation scale), as PyTorch's LSTM
     p = v["params"]["LSTMCell_0"]
-    d = {k: _nnx_dyn(p[k]) for k in p}
-    xi = {k: d[k](xs) for k in ("ii", "if", "ig", "io")}
+    d_i = _nnx_dyn({"kernel": jnp.concatenate([p[k]["kernel"] for k in ("ii", "if", "ig", "io")], -1)})
+    d_h = _nnx_dyn({"kernel": jnp.concatenate([p[k]["kernel"] for k in ("hi", "hf", "hg", "ho")], -1),
+                    "bias": jnp.concatenate([p[k]["bias"] for k in ("hi", "hf", "hg", "ho")])})
+    xi = jnp.split(d_i(xs), 4, axis=-1)
     h = c = jnp.zeros((2, 6))
     outs = []
     for t in range(xs.shape[1]):
-        i = jax.nn.sigmoid(xi["ii"][:, t] + d["hi"](h))
-        f = jax.nn.sigmoid(xi["if"][:, t] + d["hf"](h))
-        g = jnp.tanh(xi["ig"][:, t] + d["hg"](h))
-        o = jax.nn.sigmoid(xi["io"][:, t] + d["ho"](h))
+        hi, hf, hg, ho = jnp.split(d_h(h), 4, axis=-1)
+        i = jax.nn.sigmoid(xi[0][:, t] + hi)
+        f = jax.nn.sigmoid(xi[1][:, t] + hf)
+        g = jnp.tanh(xi[2][:, t] + hg)
+        o = jax.nn.sigmoid(xi[3][:, t] + ho)
         c = f * c + i * g
         h = o * jnp.tanh(c)
         outs.append(h)
@@ -130,8 +134,14 @@ def test_dynamic_gru_cell_equals_cell_equations_over_nnx_dynamic_linears():
     qm, qv = jql.quantize_dynamic(cell, v, h, x)
     assert set(qv[jql.QUANT_PARAMS]) == {"ir", "iz", "in", "hr", "hz", "hn"} and "params" not in qv
     new_h, _ = jax.jit(qm.apply)(qv, h, x)
-    d = {k: _nnx_dyn(p) for k, p in v["params"].items()}
-    r = jax.nn.sigmoid(d["ir"](x) + d["hr"](h))
-    z = jax.nn.sigmoid(d["iz"](x) + d["hz"](h))
-    n = jnp.tanh(d["in"](x) + r * d["hn"](h))
+    # one NNX dynamic Linear per gate group (kernels concatenated: one weight scale, as PyTorch's GRU)
+    p = v["params"]
+    cat = lambda names, key: jnp.concatenate([p[k][key] if key in p[k] else  # noqa: E731
+                                              jnp.zeros(p[k]["kernel"].shape[-1:]) for k in names], -1)
+    d_i = _nnx_dyn({"kernel": cat(("ir", "iz", "in"), "kernel"), "bias": cat(("ir", "iz", "in"), "bias")})
+    d_h = _nnx_dyn({"kernel": cat(("hr", "hz", "hn"), "kernel"), "bias": cat(("hr", "hz", "hn"), "bias")})
+    (xr, xz, xn), (hr, hz, hn) = jnp.split(d_i(x), 3, -1), jnp.split(d_h(h), 3, -1)
+    r = jax.nn.sigmoid(xr + hr)
+    z = jax.nn.sigmoid(xz + hz)
+    n = jnp.tanh(xn + r * hn)
     np.testing.assert_allclose(np.asarray(new_h), np.asarray((1.0 - z) * n + z * h), rtol=1e-6, atol=1e-6)

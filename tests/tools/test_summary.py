@@ -1,4 +1,5 @@
 """summary(): what was quantized, with which dtypes/schemes and bytes; mapping entries that matched nothing."""
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -73,12 +74,16 @@ def test_rows_depth_first_in_definition_order():
     model = Net(nnx.Rngs(0))
     blocks = [f"blocks.{i}.zconv" for i in range(11)]
     assert [r.path for r in summary(model).modules] == ["stem", *blocks, "head"]
-    # prepare copies the model through nnx.split/merge, which orders attributes by name: depth first
-    # by name, list items by index
+    # prepare and convert copy the model (nnx.split/merge sorts attributes by name); the copies keep
+    # the definition order, as PyTorch's prepared/converted models print
     prepared = jq.prepare(model, jq.get_default_qconfig("x86"))
     paths = [r.path for r in summary(prepared).modules]
     nested = [q for b in blocks for q in (b, b + ".module")]
-    expected = [*nested, "dequant", "head", "head.module", "quant", "stem", "stem.module"]
+    expected = ["quant", "stem", "stem.module", *nested, "head", "head.module", "dequant"]
     assert [q for q in paths if q in expected] == expected, paths
     for b in blocks:  # an observed layer's observer sits right after its float module
         assert paths.index(b + ".activation_post_process") == paths.index(b + ".module") + 1
+    jq.calibrate(prepared, [jnp.ones((2, 3), jnp.float32)], progress=False)
+    assert [r.path for r in summary(jq.convert(prepared)).modules] == ["quant", "stem", *blocks, "head"]
+    dynamic = jq.quantize_dynamic(model, {nnx.Linear})
+    assert [r.path for r in summary(dynamic).modules] == ["stem", *blocks, "head"]

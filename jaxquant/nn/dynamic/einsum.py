@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxquant.nn.dynamic.linear_general import matrix_linear
+from jaxquant.core.grad_guard import refuse_gradient
+from jaxquant.nn.dynamic.linear_general import is_int8_linear, matrix_linear
 
 _ELLIPSIS = "..."
 
@@ -149,6 +150,8 @@ class Einsum(nnx.Module):
         if out_sharding is not None:
             raise NotImplementedError(f"dynamic Einsum '{self.name}': out_sharding is not supported")
         x = jnp.asarray(x)
+        if is_int8_linear(self.linear):  # float16/bfloat16 weights keep their (meaningful) gradients
+            x = refuse_gradient(x, f"dynamic Einsum '{self.name}'")
         named = len(spec.inputs) - (_ELLIPSIS in spec.inputs)
         if x.ndim < named or (_ELLIPSIS not in spec.inputs and x.ndim != named):
             raise ValueError(f"dynamic Einsum '{self.name}': input of shape {x.shape} does not match "

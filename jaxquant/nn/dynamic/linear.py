@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxquant.core.grad_guard import refuse_gradient
 from jaxquant.core.weights import activation_per_token, quantize_float_weight, weight_dtype
 from jaxquant.dtypes import bfloat16, float16, qint8
 from jaxquant.kernels.linear import pack_linear, quantized_linear_dynamic
@@ -101,6 +102,7 @@ class Linear(nnx.Module):
             raise ValueError(f"dynamic Linear '{self.name}': input has {x.shape[-1]} features, expected "
                              f"{self.in_features}")
         refresh_cache(self, self.name)  # loaded QuantParams (nnx.update): repack, or say why not
+        x = refuse_gradient(x, f"dynamic Linear '{self.name}'")
         return quantized_linear_dynamic(x, self.params.get_value(), reduce_range=self.reduce_range,
                                         per_token=self.per_token, relu=self.relu)
 

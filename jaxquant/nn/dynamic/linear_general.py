@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxquant.core.grad_guard import refuse_gradient
 from jaxquant.core.weights import check_finite
 from jaxquant.nn.dynamic.linear import Linear
 
@@ -37,6 +38,12 @@ def matrix_linear(kernel: jax.Array, bias: Optional[jax.Array], qconfig: Any, pa
     if bias is not None:
         dense.bias.set_value(jnp.asarray(bias, jnp.float32).reshape(n))
     return Linear.from_float(dense, qconfig, path, reduce_range=reduce_range, per_token=per_token)
+
+
+def is_int8_linear(linear: nnx.Module) -> bool:
+    from jaxquant.nn.dynamic.linear import Linear
+
+    return isinstance(linear, Linear)
 
 
 def _canonical_tuple(x: Any) -> tuple:
@@ -93,6 +100,8 @@ class LinearGeneral(nnx.Module):
         if out_sharding is not None:
             raise NotImplementedError(f"dynamic LinearGeneral '{self.name}': out_sharding is not supported")
         x = jnp.asarray(x)
+        if is_int8_linear(self.linear):  # float16/bfloat16 weights keep their (meaningful) gradients
+            x = refuse_gradient(x, f"dynamic LinearGeneral '{self.name}'")
         ndim = x.ndim
         axes = tuple(a % ndim if -ndim <= a < ndim else a for a in self.axis)
         if any(not 0 <= a < ndim for a in axes) or len(set(axes)) != len(axes):

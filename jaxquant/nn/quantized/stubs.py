@@ -7,7 +7,7 @@ from flax import nnx
 
 from jaxquant.dtypes import QDType
 from jaxquant.nn.quantized.common import observed_qparams
-from jaxquant.nn.quantized.grad_guard import refuse_gradient
+from jaxquant.core.grad_guard import refuse_gradient
 from jaxquant.nn.variables import QuantParams
 from jaxquant.qtensor import QTensor, dequantize, quantize_per_tensor
 

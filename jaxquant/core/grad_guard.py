@@ -1,4 +1,6 @@
-"""Refuse differentiation through a converted (int8) model instead of returning zero gradients."""
+"""Refuse differentiation through an int8 model (converted, or dynamically quantized) instead of
+returning zero gradients. In the core layer: the NNX modules and the Linen interceptor both guard
+their int8 inputs with it."""
 from __future__ import annotations
 
 from functools import partial
@@ -19,7 +21,7 @@ def refuse_gradient(x: jax.Array, where: str) -> jax.Array:
 @refuse_gradient.defjvp
 def _refuse_gradient_jvp(where, primals, tangents):
     raise TypeError(
-        f"{where}: jax.grad (or jvp/vjp) through a converted int8 model: quantization rounds to integers, "
-        "so every gradient would be exactly zero. Differentiate the float model, or train with "
-        "quantization-aware training (jaxquant.prepare_qat: fake quantization with straight-through "
-        "gradients) and call convert afterwards")
+        f"{where}: jax.grad (or jvp/vjp) through an int8 model (converted or dynamically quantized): "
+        "quantization rounds to integers, so every gradient would be exactly zero. Differentiate the float "
+        "model, or train with quantization-aware training (jaxquant.prepare_qat, or jaxquant.linen.prepare_qat: "
+        "fake quantization with straight-through gradients) and call convert afterwards")
