@@ -80,7 +80,9 @@ def test_efficientnet_lite0_native_equals_xla():
     spec = importlib.util.spec_from_file_location("efficientnet_lite0_ptq", path)
     ex = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ex)
-    images = sample_images(6)
+    # 96x96 images (the model is fully convolutional): the same layers and kernels as at 224 at a
+    # fifth of the pixels; at this size the previous native conv disagreed with XLA (a packed-layout bug)
+    images = sample_images(6, size=96)
     with use_native(True):
         int8 = ex.quantize_jaxquant(eff.load_efficientnet_lite0(), images[:4], "relu6-range", "minmax",
                                     batch=4, progress=False)

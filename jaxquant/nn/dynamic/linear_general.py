@@ -41,8 +41,6 @@ def matrix_linear(kernel: jax.Array, bias: Optional[jax.Array], qconfig: Any, pa
 
 
 def is_int8_linear(linear: nnx.Module) -> bool:
-    from jaxquant.nn.dynamic.linear import Linear
-
     return isinstance(linear, Linear)
 
 
