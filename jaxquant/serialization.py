@@ -153,13 +153,7 @@ def save(path: PathLike, model: Any, *, qconfig: Any = None,
     if isinstance(model, QuantizedProgram):
         return _save_graph_program(path, model, qconfig, metadata)
     arrays = _defining_arrays(model)
-    entries, offset = [], 0
-    for name, array in arrays.items():
-        offset = _align(offset)
-        entries.append({"path": name, "dtype": _dtype_name(array.dtype), "shape": list(array.shape),
-                        "offset": offset, "nbytes": int(array.nbytes)})
-        offset += array.nbytes
-    data_nbytes = _align(offset)
+    entries, data_nbytes = _layout(arrays)
     header = {
         "format": "jaxquant.checkpoint",
         "format_version": FORMAT_VERSION,
@@ -172,6 +166,17 @@ def save(path: PathLike, model: Any, *, qconfig: Any = None,
         "metadata": metadata or {},
     }
     return _write_file(path, header, entries, arrays)
+
+
+def _layout(arrays: dict) -> tuple[list, int]:
+    """Header entries placing each array at an aligned offset of the data block, and its size."""
+    entries, offset = [], 0
+    for name, array in arrays.items():
+        offset = _align(offset)
+        entries.append({"path": name, "dtype": _dtype_name(array.dtype), "shape": list(array.shape),
+                        "offset": offset, "nbytes": int(array.nbytes)})
+        offset += array.nbytes
+    return entries, _align(offset)
 
 
 def _write_file(path: PathLike, header: dict, entries: list, arrays: dict) -> int:
@@ -194,16 +199,10 @@ def _write_file(path: PathLike, header: dict, entries: list, arrays: dict) -> in
 def _save_graph_program(path: PathLike, program: Any, qconfig: Any, metadata: Optional[dict]) -> int:
     """A graph-mode int8 program: the same container; the header's ``graph`` says which ops were
     quantized and how, the arrays are its unpacked int8 weights, qparams and float values."""
-
     record, arrays = program_record(program)
-    entries, offset = [], 0
-    for name, array in arrays.items():
-        offset = _align(offset)
-        entries.append({"path": name, "dtype": _dtype_name(array.dtype), "shape": list(array.shape),
-                        "offset": offset, "nbytes": int(array.nbytes)})
-        offset += array.nbytes
+    entries, data_nbytes = _layout(arrays)
     header = {"format": RECORD_FORMAT, "format_version": FORMAT_VERSION, "jaxquant_version": __version__,
-              "model_type": "jaxquant.graph.QuantizedProgram", "data_nbytes": _align(offset), "arrays": entries,
+              "model_type": "jaxquant.graph.QuantizedProgram", "data_nbytes": data_nbytes, "arrays": entries,
               "modules": {}, "graph": record, "qconfig": None if qconfig is None else repr(qconfig),
               "metadata": metadata or {}}
     return _write_file(path, header, entries, arrays)
@@ -211,7 +210,6 @@ def _save_graph_program(path: PathLike, program: Any, qconfig: Any, metadata: Op
 
 def _load_graph_program(checkpoint: Checkpoint, where: str, fn_or_model: Any, example_args: Any,
                         params_argnums: int) -> Any:
-
     if example_args is None:
         raise CheckpointError(f"{where} holds a graph-mode int8 program; load it with "
                               "jq.load(path, fn_or_model, example_args=...) giving the function (or NNX model) "

@@ -138,9 +138,8 @@ def _linen_params(kind, tm):
             "hn": {"kernel": rows(whh, 2).T, "bias": rows(bhh, 2)}}
 
 
-@pytest.mark.slow  # ~20 s on a loaded 2-core machine
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
-def test_linen_rnn_matches_torch_dynamic(kind):
+def _linen_sequence_model(kind):
+    """A Linen nn.RNN over an LSTM or GRU cell of width H (the quant params broadcast over time)."""
     import flax.linen as nn
 
     import jaxquant.linen as jql
@@ -152,6 +151,15 @@ def test_linen_rnn_matches_torch_dynamic(kind):
         def __call__(self, xs):
             return nn.RNN(cell_type(H), variable_broadcast=["params", jql.QUANT_PARAMS])(xs)
 
+    return Seq
+
+
+@pytest.mark.slow  # ~20 s on a loaded 2-core machine
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_linen_rnn_matches_torch_dynamic(kind):
+    import jaxquant.linen as jql
+
+    Seq = _linen_sequence_model(kind)
     torch.manual_seed(0)
     tm = torch.nn.LSTM(I, H, batch_first=True) if kind == "lstm" else torch.nn.GRU(I, H, batch_first=True)
     x = _inputs()
@@ -171,17 +179,9 @@ def test_linen_rnn_matches_torch_dynamic(kind):
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_linen_one_input_projection_dot_and_one_weight_scale_per_group(kind):
-    import flax.linen as nn
-
     import jaxquant.linen as jql
 
-    cell_type = nn.LSTMCell if kind == "lstm" else nn.GRUCell
-
-    class Seq(nn.Module):
-        @nn.compact
-        def __call__(self, xs):
-            return nn.RNN(cell_type(H), variable_broadcast=["params", jql.QUANT_PARAMS])(xs)
-
+    Seq = _linen_sequence_model(kind)
     x = jnp.asarray(_inputs())
     v = Seq().init(jax.random.key(0), x)
     qm, qv = jql.quantize_dynamic(Seq(), v, x)
