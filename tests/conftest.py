@@ -10,6 +10,17 @@ import os
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+# Many tests compile the same small programs (one model converted several ways, the same kernels at
+# the same shapes): a compilation cache shared by the xdist workers compiles each once per run.
+jax.config.update("jax_compilation_cache_dir", os.environ.get(
+    "JAXQUANT_TEST_XLA_CACHE", os.path.join(tempfile.gettempdir(), f"jaxquant-test-xla-cache-{os.getuid()}")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 
 def pytest_collection_modifyitems(config, items):
     """Test files that hold a ``slow`` test run first (each file kept together, so module fixtures are
