@@ -65,17 +65,27 @@ def test_llama_matches_transformers_llama():
     np.testing.assert_allclose(np.asarray(ours), ref, atol=2e-4, rtol=2e-4)
 
 
+def _cached_decode(model, tokens, prefill):
+    """A KV-cached decode of ``tokens`` (1, T): the first ``prefill`` at once, then one per call.
+    Returns the prefill's logits (1, prefill, V) and each later step's (1, V)."""
+    forward, state = make_forward(model)
+    cache = init_cache(CFG, 1, 16)
+    logits, cache = forward(state, jnp.asarray(tokens[:, :prefill]), cache, jnp.int32(0))
+    steps = []
+    for i in range(prefill, tokens.shape[1]):
+        step, cache = forward(state, jnp.asarray(tokens[:, i:i + 1]), cache, jnp.int32(i))
+        steps.append(step[:, 0])
+    return logits, steps
+
+
 def test_kv_cache_decode_equals_full_forward():
     model = _tiny()
     tokens = np.random.default_rng(3).integers(0, CFG.vocab_size, (1, 9)).astype(np.int32)
     full, _ = model(jnp.asarray(tokens))
-    forward, state = make_forward(model)
-    cache = init_cache(CFG, 1, 16)
-    logits, cache = forward(state, jnp.asarray(tokens[:, :5]), cache, jnp.int32(0))
+    logits, steps = _cached_decode(model, tokens, 5)
     np.testing.assert_allclose(logits, full[:, :5], atol=1e-5)
-    for i in range(5, 9):
-        step, cache = forward(state, jnp.asarray(tokens[:, i:i + 1]), cache, jnp.int32(i))
-        np.testing.assert_allclose(step[:, 0], full[:, i], atol=1e-5)
+    for i, step in enumerate(steps, start=5):
+        np.testing.assert_allclose(step, full[:, i], atol=1e-5)
 
 
 def test_generate_matches_argmax_of_full_forward():
@@ -103,13 +113,10 @@ def test_weight_only_kv_cache_decode_equals_its_full_forward(decode_rows):
     model = jq.quantize_weight_only(_tiny(), jq.int8_weight_only(decode_rows=decode_rows))
     tokens = np.random.default_rng(4).integers(0, CFG.vocab_size, (1, 12)).astype(np.int32)
     full, _ = model(jnp.asarray(tokens))
-    forward, state = make_forward(model)
-    cache = init_cache(CFG, 1, 16)
-    logits, cache = forward(state, jnp.asarray(tokens[:, :9]), cache, jnp.int32(0))
+    logits, steps = _cached_decode(model, tokens, 9)
     np.testing.assert_allclose(logits, full[:, :9], atol=1e-5)
     spread = float(jnp.std(full))
     assert spread > 0.05
     atol = 1e-5 if decode_rows == 0 else 0.05 * spread
-    for i in range(9, 12):
-        step, cache = forward(state, jnp.asarray(tokens[:, i:i + 1]), cache, jnp.int32(i))
-        np.testing.assert_allclose(step[:, 0], full[:, i], atol=atol)
+    for i, step in enumerate(steps, start=9):
+        np.testing.assert_allclose(step, full[:, i], atol=atol)
