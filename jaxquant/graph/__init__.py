@@ -20,9 +20,11 @@ from jaxquant.graph.analysis import GraphQuantizationError, analyze
 from jaxquant.graph.capture import capture
 from jaxquant.graph.convert import convert_static, convert_without_calibration
 from jaxquant.graph.plan import make_plan, requant_candidates, resolve_qconfigs
-from jaxquant.graph.program import ObservedProgram, QATProgram, QuantizedProgram, _state_key
+from jaxquant.graph.program import ObservedProgram, QATProgram, QuantizedProgram, _record_units, _state_key
 from jaxquant.graph.program import calibrate as _calibrate
 from jaxquant.graph.record import from_record, to_record
+from jaxquant.module_paths import named_modules
+from jaxquant.qconfig import default_dynamic_qconfig, default_per_channel_qconfig
 
 __all__ = ["prepare", "prepare_qat", "calibrate", "convert", "quantize_dynamic", "quantize_weight_only",
            "compare", "ObservedProgram", "QATProgram", "QuantizedProgram", "GraphQuantizationError"]
@@ -34,8 +36,6 @@ def _as_function(fn_or_model: Any, example_args: Any, params_argnums: int):
     from flax import nnx
 
     if isinstance(fn_or_model, nnx.Module):
-        from jaxquant.module_paths import named_modules
-
         graphdef, state = nnx.split(fn_or_model)
         inputs = example_args if isinstance(example_args, tuple) else (example_args,)
 
@@ -142,8 +142,6 @@ def quantize_dynamic(fn_or_model: Any, example_args: Any, qconfig_or_mapping: An
     """Dynamic quantization: int8 weights of every ``dot_general`` with a weight (u8 x s8 dots, activation
     qparams chosen per call, per tensor or per token), and both sides of activation x activation dots.
     Convolutions stay float. ``qconfig_or_mapping`` defaults to ``jq.default_dynamic_qconfig``."""
-    from jaxquant.qconfig import default_dynamic_qconfig
-
     spec = default_dynamic_qconfig if qconfig_or_mapping is None else qconfig_or_mapping
     a, plan, params, _ = _prepare(fn_or_model, example_args, spec, params_argnums, "dynamic")
     return convert_without_calibration(a, plan, params, "dynamic", reduce_range=reduce_range, per_token=per_token)
@@ -153,8 +151,6 @@ def quantize_weight_only(fn_or_model: Any, example_args: Any, qconfig_or_mapping
                          params_argnums: int = 0) -> QuantizedProgram:
     """Weight-only int8: every weighted dot/conv stores an int8 weight (per channel by default) and computes
     in float on the dequantized weight. Defaults to ``jq.default_per_channel_qconfig``'s weight observer."""
-    from jaxquant.qconfig import default_per_channel_qconfig
-
     spec = default_per_channel_qconfig if qconfig_or_mapping is None else qconfig_or_mapping
     a, plan, params, _ = _prepare(fn_or_model, example_args, spec, params_argnums, "weight_only")
     return convert_without_calibration(a, plan, params, "weight_only")
@@ -183,8 +179,6 @@ def compare(program: QuantizedProgram, float_params: Any, *inputs) -> list:
     ``(path, sqnr)`` per quantized unit, in program order, plus ``("output", sqnr)``.
 
     ``float_params``: the float params the program was converted from."""
-    from jaxquant.graph.program import _record_units
-
     def compute_sqnr(x, y):  # PyTorch's compute_sqnr (jaxquant.tools sits above the front ends)
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         signal, noise = np.linalg.norm(x), np.linalg.norm(x - y)

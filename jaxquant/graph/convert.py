@@ -11,9 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.core.weights import quantize_weight
+from jaxquant.core.qparams import calculate_qparams
+from jaxquant.core.weights import activation_per_token, quantize_weight
+from jaxquant.dtypes import qint8, quint8
 from jaxquant.graph import kernels as K
 from jaxquant.graph.analysis import Analysis, GraphQuantizationError, Unit
+from jaxquant.graph.fold import weight_channel_axes
 from jaxquant.graph.program import (
     ObservedProgram,
     QuantizedProgram,
@@ -23,17 +26,13 @@ from jaxquant.graph.program import (
     _runtime_needed,
     _state_key,
 )
+from jaxquant.observers import check_observer_state
 from jaxquant.qtensor import quantize_per_tensor
 
 __all__ = ["convert_static", "convert_without_calibration", "unit_meta", "pack_unit"]
 
 
 def _checked_qparams(obs, state, path):
-    from jaxquant.dtypes import qint8, quint8
-    from jaxquant.observers import check_observer_state
-
-    from jaxquant.core.qparams import calculate_qparams
-
     check_observer_state(obs, state, name=path)
     # the same compiled function eager convert uses: the histogram search rounds the same way
     scale, zp = calculate_qparams(obs, state)
@@ -161,9 +160,6 @@ def convert_static(program: ObservedProgram, state: dict, params=None) -> Quanti
 def convert_without_calibration(a: Analysis, plan, params, mode: str, *, reduce_range: bool = True,
                                 per_token=None) -> QuantizedProgram:
     """Dynamic (activation qparams per call) or weight-only conversion."""
-    from jaxquant.graph.program import ObservedProgram
-    from jaxquant.core.weights import activation_per_token
-
     helper = ObservedProgram(a, plan, params, {})
     pre, folded = helper.host_fold(params)
     qp = {"units": {}, "float_units": {}, "acts": {}, "floats": _floats(a, pre)}
@@ -183,10 +179,10 @@ def convert_without_calibration(a: Analysis, plan, params, mode: str, *, reduce_
         qconfig = plan.unit_qconfigs[i]
         b = None if bias is None else jnp.asarray(bias, jnp.float32)
         if mode == "weight_only":
-            wq = quantize_weight(jnp.moveaxis(jnp.asarray(w, jnp.float32), _w_axes(a, u), -1)
+            wq = quantize_weight(jnp.moveaxis(jnp.asarray(w, jnp.float32), weight_channel_axes(a, u), -1)
                                  .reshape(_w_lead(w, a, u) + (-1,)), qconfig, u.path)
             n = wq.shape[-1]
-            shape = tuple(w.shape[d] if d in _w_axes(a, u) else 1 for d in range(np.ndim(w)))
+            shape = tuple(w.shape[d] if d in weight_channel_axes(a, u) else 1 for d in range(np.ndim(w)))
             qp["units"][str(i)] = {"w_q": _restore(wq.int_data, w, a, u),
                                    "w_scale": jnp.broadcast_to(wq.scale, (n,)).reshape(shape),
                                    "w_zp": jnp.broadcast_to(wq.zero_point, (n,)).reshape(shape).astype(jnp.float32),
@@ -201,19 +197,13 @@ def convert_without_calibration(a: Analysis, plan, params, mode: str, *, reduce_
     return QuantizedProgram(a, plan, qp, static, mode, raw)
 
 
-def _w_axes(a, u):
-    from jaxquant.graph.fold import weight_channel_axes
-
-    return weight_channel_axes(a, u)
-
-
 def _w_lead(w, a, u):
-    axes = _w_axes(a, u)
+    axes = weight_channel_axes(a, u)
     return tuple(s for d, s in enumerate(np.shape(w)) if d not in axes)
 
 
 def _restore(wq_moved, w, a, u):
     """An int8 weight quantized with its channel axes flattened last, back in the operand layout."""
-    axes = _w_axes(a, u)
+    axes = weight_channel_axes(a, u)
     chan = tuple(np.shape(w)[d] for d in axes)
     return jnp.moveaxis(wq_moved.reshape(_w_lead(w, a, u) + chan), tuple(range(-len(axes), 0)), axes)

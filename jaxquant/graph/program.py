@@ -18,11 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.core.batches import iterate_batches
+from jaxquant.core.weights import observer_quant_range, weight_observer
+from jaxquant.fake_quant.functional import fake_quantize_per_channel_affine, fake_quantize_per_tensor_affine
 from jaxquant.graph import kernels as K
 from jaxquant.graph.analysis import Analysis, GraphQuantizationError, Unit
 from jaxquant.graph.capture import Lit, eval_op
 from jaxquant.graph.fold import fold_unit, prelude, weight_channel_axes
 from jaxquant.graph.plan import Plan
+from jaxquant.observers import check_observer_state
 from jaxquant.qtensor import QTensor, dequantize, quantize_per_tensor
 
 __all__ = ["ObservedProgram", "QATProgram", "QuantizedProgram", "unit_float"]
@@ -81,9 +84,6 @@ def _run_float(a: Analysis, plan: Plan, pre: dict, folded: dict, inputs_leaves, 
         state[key] = obs.update(state[key], jax.lax.stop_gradient(value))
         if not fake_quant:
             return value
-        from jaxquant.fake_quant.functional import fake_quantize_per_tensor_affine
-        from jaxquant.core.weights import observer_quant_range
-
         scale, zp = obs.calculate_qparams(state[key])
         qmin, qmax = observer_quant_range(obs)
         return fake_quantize_per_tensor_affine(value, jax.lax.stop_gradient(scale), zp, qmin, qmax)
@@ -121,10 +121,6 @@ def _run_float(a: Analysis, plan: Plan, pre: dict, folded: dict, inputs_leaves, 
 def _fake_quant_weight(a: Analysis, u: Unit, w, qconfig):
     """Per-channel (or per-tensor) fake quantization of a weight with the qconfig's weight observer, qparams
     from the current weight (stop-gradient): straight-through gradients to the float params."""
-    from jaxquant.fake_quant.functional import (fake_quantize_per_channel_affine,
-                                                fake_quantize_per_tensor_affine)
-    from jaxquant.core.weights import observer_quant_range, weight_observer
-
     obs = weight_observer(qconfig, u.path)
     axes = weight_channel_axes(a, u)
     w_pt = jnp.moveaxis(w, axes, tuple(range(len(axes)))).reshape((-1,) + tuple(
@@ -205,8 +201,6 @@ def calibrate(program: ObservedProgram, batches: Iterable[Any], params: Any = No
 
     ``batches``: arrays (one input each) or tuples of inputs. ``params`` defaults to ``program.params``.
     """
-    from jaxquant.observers import check_observer_state
-
     params = program.params if params is None else params
     state = dict(program.init_state if state is None else state)
     pre, folded = program.host_fold(params)

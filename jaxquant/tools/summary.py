@@ -8,6 +8,11 @@ from typing import Any, Optional
 from flax import nnx
 
 from jaxquant.module_paths import named_modules
+from jaxquant.nn.observed import Observed
+from jaxquant.nn.variables import QuantParams
+from jaxquant.quantization_mappings import get_default_static_quant_module_mappings
+from jaxquant.tools.size import model_arrays
+from jaxquant.transforms import propagate_qconfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +65,6 @@ def _own_bytes(arrays: dict, path: str, child_paths: list[str]) -> int:
 
 def _describe(module: Any) -> tuple[str, Optional[str], Optional[str], Optional[str], Optional[str]]:
     """(status, qconfig text, weight dtype, activation dtype, scheme)."""
-    from jaxquant.nn.observed import Observed
-    from jaxquant.nn.variables import QuantParams
-
     if isinstance(module, Observed):
         observer = module.activation_post_process
         return "observed", repr(module.qconfig), None, None if observer is None else repr(observer.dtype), None
@@ -80,9 +82,6 @@ def _describe(module: Any) -> tuple[str, Optional[str], Optional[str], Optional[
 
 
 def _unmatched(mapping: Any, modules: list[tuple[str, Any]]) -> list[str]:
-    from jaxquant.nn.observed import Observed
-    from jaxquant.quantization_mappings import get_default_static_quant_module_mappings
-
     paths = [p for p, _ in modules]
     types = set()
     static_map = get_default_static_quant_module_mappings()
@@ -155,16 +154,12 @@ def summary(model: nnx.Module, qconfig_mapping: Any = None) -> ModelSummary:
       the module assigned them (``prepare``/``convert``/``quantize_dynamic`` keep that order in their
       copies), as PyTorch prints a model.
     """
-    from jaxquant.tools.size import model_arrays
-
     modules = named_modules(model)
     rank = _definition_order(model)
     modules.sort(key=lambda item: rank.get(item[0], len(rank)))  # stable: unknown paths keep their order
     arrays = model_arrays(model)
     resolved = {}
     if qconfig_mapping is not None:
-        from jaxquant.transforms import propagate_qconfig
-
         resolved = propagate_qconfig(model, qconfig_mapping)
     rows = []
     for path, module in modules:

@@ -25,25 +25,6 @@ ALLOWED = {
     ("jaxquant.weight_only.smoothquant", "jaxquant.module_paths"),
     ("jaxquant.weight_only.smoothquant", "jaxquant.nn.dynamic"),
     ("jaxquant.weight_only.smoothquant", "jaxquant.qconfig"),
-    # graph mode (graph2's area, issue #14): to be hoisted when its branch lands
-    ("jaxquant.graph", "jaxquant.graph.program"),
-    ("jaxquant.graph", "jaxquant.module_paths"),
-    ("jaxquant.graph", "jaxquant.qconfig"),
-    ("jaxquant.graph.convert", "jaxquant.core.qparams"),
-    ("jaxquant.graph.convert", "jaxquant.core.weights"),
-    ("jaxquant.graph.convert", "jaxquant.dtypes"),
-    ("jaxquant.graph.convert", "jaxquant.graph.fold"),
-    ("jaxquant.graph.convert", "jaxquant.graph.program"),
-    ("jaxquant.graph.convert", "jaxquant.observers"),
-    ("jaxquant.graph.program", "jaxquant.core.weights"),
-    ("jaxquant.graph.program", "jaxquant.fake_quant.functional"),
-    ("jaxquant.graph.program", "jaxquant.observers"),
-    # tools/summary.py (trust2's area this session)
-    ("jaxquant.tools.summary", "jaxquant.nn.observed"),
-    ("jaxquant.tools.summary", "jaxquant.nn.variables"),
-    ("jaxquant.tools.summary", "jaxquant.quantization_mappings"),
-    ("jaxquant.tools.summary", "jaxquant.tools.size"),
-    ("jaxquant.tools.summary", "jaxquant.transforms"),
 }
 
 
