@@ -25,7 +25,7 @@ from timing import import_torch, markdown_table, median_ms, paired_ratio, time_i
 
 import jaxquant as jq  # noqa: E402
 from jaxquant.datasets.fashion_mnist import load_fashion_mnist, to_float_nhwc  # noqa: E402
-from jaxquant.models.fashion_cnn import FashionCNN, fusion_patterns  # noqa: E402
+from jaxquant.models.fashion_cnn import FashionCNN, fusion_patterns, set_batchnorm_statistics  # noqa: E402
 from jaxquant.tools import model_size_bytes  # noqa: E402
 
 
@@ -84,12 +84,7 @@ def build_models(images: np.ndarray, with_torch: bool = True):
     """(float model, jaxquant int8 model, torch float twin, torch int8 twin) with the same weights,
     calibrated on the same 500 test images (x86 default qconfig in both); torch entries are None
     when ``with_torch`` is false."""
-    model = FashionCNN(rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(0)
-    for block in (model.block1, model.block2):
-        c = block.bn.mean.get_value().shape[0]
-        block.bn.mean.set_value(jnp.asarray(rng.normal(0, 0.1, c), jnp.float32))
-        block.bn.var.set_value(jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32))
+    model = set_batchnorm_statistics(FashionCNN(rngs=nnx.Rngs(0)), np.random.default_rng(0))
     model.eval()
 
     calibration = [jnp.asarray(images[i:i + 100]) for i in range(0, 500, 100)]

@@ -7,6 +7,8 @@ Conv-BN-ReLU and Linear-ReLU groups for ``fuse_modules``.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import jaxquant.nn as jqnn
@@ -51,3 +53,22 @@ def fusion_patterns(model: FashionCNN) -> list[list[str]]:
         ["block2.conv", "block2.bn", "block2.relu"],
         ["fc1", "relu"],
     ]
+
+
+def set_batchnorm_statistics(model: FashionCNN, rng: np.random.Generator, *, mean_std: float = 0.1,
+                             affine: bool = False) -> FashionCNN:
+    """Give both blocks' BatchNorms trained-looking values, so a fold of an untrained model is exercised.
+
+    Per block, drawn from ``rng`` in this order: running mean ~ N(0, ``mean_std``), running variance ~
+    U(0.5, 2.0), and with ``affine`` also scale ~ U(0.5, 1.5) and bias ~ N(0, 0.2) (all float32, one
+    value per channel). For tests and benchmarks that quantize a model without training it. Changes
+    ``model`` in place and returns it (its train/eval mode untouched).
+    """
+    for block in (model.block1, model.block2):
+        c = block.bn.mean.get_value().shape[0]
+        block.bn.mean.set_value(jnp.asarray(rng.normal(0, mean_std, c), jnp.float32))
+        block.bn.var.set_value(jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32))
+        if affine:
+            block.bn.scale.set_value(jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32))
+            block.bn.bias.set_value(jnp.asarray(rng.normal(0, 0.2, c), jnp.float32))
+    return model

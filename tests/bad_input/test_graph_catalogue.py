@@ -9,6 +9,7 @@ import pytest
 
 import jaxquant as jq
 from jaxquant.graph import GraphQuantizationError
+from testkit.graph_mlp import mlp_inputs, mlp_params
 
 
 def mlp(params, x):
@@ -16,18 +17,8 @@ def mlp(params, x):
     return h @ params["fc2"]["w"] + params["fc2"]["b"]
 
 
-def _mlp_params(seed=0):
-    rng = np.random.default_rng(seed)
-    f = lambda *s: jnp.asarray(rng.normal(0, 0.3, s), jnp.float32)
-    return {"fc1": {"w": f(8, 16), "b": f(16)}, "fc2": {"w": f(16, 4), "b": f(4)}}
-
-
-def _x(seed=1, n=5):
-    return jnp.asarray(np.random.default_rng(seed).normal(size=(n, 8)), jnp.float32)
-
-
 def test_G01_rule_matching_nothing():
-    params, x = _mlp_params(), _x()
+    params, x = mlp_params(), mlp_inputs()
     mapping = jq.QConfigMapping().set_global(jq.default_per_channel_qconfig).set_module_name_regex("encoder", None)
     with pytest.raises(GraphQuantizationError, match=r"set_module_name_regex\('encoder'\) matches no op path; op paths: fc1, fc2"):
         jq.graph.prepare(mlp, (params, x), mapping)
@@ -41,8 +32,8 @@ def test_G02_unidentifiable_weight():
         return jnp.einsum("bk,bkn->bn", x, params["w"])
 
     params = {"w": jnp.ones((5, 8, 3), jnp.float32)}
-    observed = jq.graph.prepare(batched, (params, _x()), jq.default_per_channel_qconfig)
-    state = jq.graph.calibrate(observed, [_x()], progress=False)
+    observed = jq.graph.prepare(batched, (params, mlp_inputs()), jq.default_per_channel_qconfig)
+    state = jq.graph.calibrate(observed, [mlp_inputs()], progress=False)
     with pytest.raises(GraphQuantizationError, match=r"'w' \(dot_general at op \d+\).*batch dimensions.*set_module_name\('w', None\)"):
         jq.graph.convert(observed, state)
 
@@ -53,21 +44,21 @@ def test_G03_op_count_mismatch_between_prepare_and_run():
         return jnp.tanh(y) if x.shape[0] > 4 else y  # the program differs with the batch size
 
     params = {"w": jnp.ones((8, 3), jnp.float32)}
-    observed = jq.graph.prepare(shape_dependent, (params, _x()), jq.default_per_channel_qconfig)
-    qprog = jq.graph.convert(observed, jq.graph.calibrate(observed, [_x()], progress=False))
+    observed = jq.graph.prepare(shape_dependent, (params, mlp_inputs()), jq.default_per_channel_qconfig)
+    qprog = jq.graph.convert(observed, jq.graph.calibrate(observed, [mlp_inputs()], progress=False))
     with pytest.raises(GraphQuantizationError, match=r"has 1 ops, the one prepared has 2; they differ from op 1 \(tanh"):
-        qprog(_x(n=2))
+        qprog(mlp_inputs(n=2))
 
 
 def test_G04_observer_state_of_another_program():
-    params, x = _mlp_params(), _x()
+    params, x = mlp_params(), mlp_inputs()
     observed = jq.graph.prepare(mlp, (params, x), jq.default_per_channel_qconfig)
     with pytest.raises(GraphQuantizationError, match="observer state has 0 entries but the program has 3"):
         jq.graph.convert(observed, {})
 
 
 def test_G05_uncalibrated_observer():
-    params, x = _mlp_params(), _x()
+    params, x = mlp_params(), mlp_inputs()
     observed = jq.graph.prepare(mlp, (params, x), jq.default_per_channel_qconfig)
     with pytest.raises(ValueError, match="fc1"):
         jq.graph.convert(observed, observed.init_state)
@@ -80,19 +71,19 @@ def test_G06_control_flow_warns_and_stays_float():
 
     params = {"w": jnp.eye(8, dtype=jnp.float32), "out": jnp.ones((8, 2), jnp.float32)}
     with pytest.warns(UserWarning, match=r"'(while|scan)' at op \d+ .*control flow; it and everything inside its body run in float"):
-        observed = jq.graph.prepare(looped, (params, _x()), jq.default_per_channel_qconfig)
-    qprog = jq.graph.convert(observed, jq.graph.calibrate(observed, [_x()], progress=False))
+        observed = jq.graph.prepare(looped, (params, mlp_inputs()), jq.default_per_channel_qconfig)
+    qprog = jq.graph.convert(observed, jq.graph.calibrate(observed, [mlp_inputs()], progress=False))
     assert qprog.unit_paths == ["out"]
-    np.testing.assert_allclose(np.asarray(qprog(_x())), np.asarray(looped(params, _x())), rtol=0.05, atol=0.05)
+    np.testing.assert_allclose(np.asarray(qprog(mlp_inputs())), np.asarray(looped(params, mlp_inputs())), rtol=0.05, atol=0.05)
 
 
 def test_G07_nothing_to_quantize():
     with pytest.raises(GraphQuantizationError, match="no dot_general/conv_general_dilated op got a qconfig"):
-        jq.graph.prepare(lambda p, x: jnp.tanh(x * p), (jnp.float32(2.0), _x()), jq.default_per_channel_qconfig)
+        jq.graph.prepare(lambda p, x: jnp.tanh(x * p), (jnp.float32(2.0), mlp_inputs()), jq.default_per_channel_qconfig)
 
 
 def _saved_dynamic_mlp(tmp_path):
-    params, x = _mlp_params(), _x()
+    params, x = mlp_params(), mlp_inputs()
     path = tmp_path / "mlp.jq"
     jq.save(path, jq.graph.quantize_dynamic(mlp, (params, x)))
     return path, params, x

@@ -10,19 +10,13 @@ from flax import nnx
 
 import jaxquant as jq
 from graph_hlo import assert_int8_dots
-from jaxquant.models.fashion_cnn import FashionCNN, fusion_patterns
+from jaxquant.models.fashion_cnn import FashionCNN, fusion_patterns, set_batchnorm_statistics
 
 
 def _trained_like_model():
-    model = FashionCNN(width=8, rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(1)
     # non-trivial BatchNorm statistics, so the fold is exercised
-    for blk in (model.block1, model.block2):
-        c = blk.bn.mean.get_value().shape[0]
-        blk.bn.mean.set_value(jnp.asarray(rng.normal(0, 0.3, c), jnp.float32))
-        blk.bn.var.set_value(jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32))
-        blk.bn.scale.set_value(jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32))
-        blk.bn.bias.set_value(jnp.asarray(rng.normal(0, 0.2, c), jnp.float32))
+    model = set_batchnorm_statistics(FashionCNN(width=8, rngs=nnx.Rngs(0)), np.random.default_rng(1),
+                                     mean_std=0.3, affine=True)
     model.eval()
     return model
 

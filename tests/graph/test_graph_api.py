@@ -7,6 +7,7 @@ import pytest
 
 import jaxquant as jq
 from jaxquant.graph import GraphQuantizationError
+from testkit.graph_mlp import mlp_inputs, mlp_params
 
 
 def mlp(params, x):
@@ -18,18 +19,8 @@ def mlp(params, x):
     return h @ params["fc2"]["w"] + params["fc2"]["b"]
 
 
-def _mlp_params(seed=0):
-    rng = np.random.default_rng(seed)
-    f = lambda *s: jnp.asarray(rng.normal(0, 0.3, s), jnp.float32)
-    return {"fc1": {"w": f(8, 16), "b": f(16)}, "fc2": {"w": f(16, 4), "b": f(4)}}
-
-
-def _x(seed=1, n=5):
-    return jnp.asarray(np.random.default_rng(seed).normal(size=(n, 8)), jnp.float32)
-
-
 def test_plain_function_static_matches_numpy_reference():
-    params, x = _mlp_params(), _x()
+    params, x = mlp_params(), mlp_inputs()
     observed = jq.graph.prepare(mlp, (params, x), jq.default_per_channel_qconfig)
     assert observed.units == [("fc1", "linear", ("add", "relu")), ("fc2", "linear", ("add",))]
     state = jq.graph.calibrate(observed, [x], progress=False)
@@ -60,10 +51,10 @@ def test_plain_function_static_matches_numpy_reference():
 
 
 def test_other_batch_size_export_and_compare():
-    params, x = _mlp_params(), _x()
+    params, x = mlp_params(), mlp_inputs()
     observed = jq.graph.prepare(mlp, (params, x), jq.default_per_channel_qconfig)
     qprog = jq.graph.convert(observed, jq.graph.calibrate(observed, [x], progress=False))
-    x7 = _x(2, n=7)
+    x7 = mlp_inputs(2, n=7)
     y7 = jax.jit(qprog.apply)(qprog.params, x7)  # re-captured at the new shape
     assert y7.shape == (7, 4)
     exported = jax.export.export(jax.jit(qprog.apply))(qprog.params, x)
@@ -74,7 +65,7 @@ def test_other_batch_size_export_and_compare():
 
 
 def test_mapping_rules_on_op_paths():
-    params, x = _mlp_params(), _x()
+    params, x = mlp_params(), mlp_inputs()
     mapping = jq.QConfigMapping().set_global(jq.default_per_channel_qconfig).set_module_name_regex("fc2", None)
     observed = jq.graph.prepare(mlp, (params, x), mapping)
     assert [p for p, _, _ in observed.units] == ["fc1"]

@@ -5,7 +5,7 @@ import pytest
 from jax import lax
 
 import jaxquant.kernels.conv as conv_mod
-from conftest import dot_signatures, entry_fusions, requantize_ref
+from kernel_refs import dot_signatures, entry_fusions, requantize_ref
 from jaxquant.dtypes import qint8, quint8
 from jaxquant.kernels.conv import pack_conv, pack_conv_transpose, quantized_conv, quantized_conv_transpose
 from jaxquant.qtensor import QTensor

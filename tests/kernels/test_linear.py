@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxquant.choose_qparams import choose_qparams_from_min_max
-from conftest import dot_signatures, entry_fusions, requantize_ref
+from kernel_refs import dot_signatures, entry_fusions, requantize_ref
 from jaxquant.dtypes import qint8, quint8
 from jaxquant.kernels.linear import pack_linear, quantized_linear, quantized_linear_dynamic
 from jaxquant.qtensor import QTensor

@@ -11,7 +11,7 @@ import jaxquant as jq
 import jaxquant.linen as jql
 from jaxquant.nn import dynamic as nnqd
 
-from conftest import batches, nnx_linear
+from linen_models import batches, nnx_linear
 
 
 class MLP(nn.Module):

@@ -12,7 +12,7 @@ import jaxquant as jq
 import jaxquant.linen as jql
 from jaxquant.qtensor import dequantize, quantize_per_tensor
 
-from conftest import batches
+from linen_models import batches
 
 PER_TENSOR = jq.QConfig(activation=jq.MinMaxObserver.with_args(reduce_range=True), weight=jq.default_weight_observer)
 PER_CHANNEL = jq.QConfig(activation=jq.MinMaxObserver.with_args(reduce_range=True),

@@ -10,7 +10,7 @@ from flax import nnx
 import jaxquant as jq
 import jaxquant.linen as jql
 
-from conftest import PerLayer, batches, nnx_linear
+from linen_models import PerLayer, batches, nnx_linear
 
 QAT_QCONFIG = jq.QConfig(activation=jq.default_fake_quant, weight=jq.default_per_channel_weight_fake_quant)
 

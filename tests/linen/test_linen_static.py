@@ -12,7 +12,7 @@ from flax import nnx
 import jaxquant as jq
 import jaxquant.linen as jql
 
-from conftest import PerLayer, batches, nnx_linear
+from linen_models import PerLayer, batches, nnx_linear
 
 
 def _qconfig():

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import jaxquant as jq
-from jaxquant.models.fashion_cnn import FashionCNN, fusion_patterns
+from jaxquant.models.fashion_cnn import FashionCNN, fusion_patterns, set_batchnorm_statistics
 from jaxquant.native import GEMV_MAX_M, native_backend_available, native_backend_reason, use_native
 
 needs_native = pytest.mark.skipif(not native_backend_available(),
@@ -17,12 +17,8 @@ needs_native = pytest.mark.skipif(not native_backend_available(),
 @pytest.fixture(scope="module")
 def fashion_int8():
     """A small Fashion CNN (width 8), BatchNorm statistics set, calibrated on smooth random images."""
-    model = FashionCNN(width=8, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
-    for block in (model.block1, model.block2):
-        c = block.bn.mean.get_value().shape[0]
-        block.bn.mean.set_value(jnp.asarray(rng.normal(0, 0.1, c), jnp.float32))
-        block.bn.var.set_value(jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32))
+    model = set_batchnorm_statistics(FashionCNN(width=8, rngs=nnx.Rngs(0)), rng)
     model.eval()
     images = rng.uniform(0, 1, (24, 28, 28, 1)).astype(np.float32)
     with use_native(True):

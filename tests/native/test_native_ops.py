@@ -7,7 +7,6 @@ skip when it is absent (then the library runs the XLA kernels, which the rest of
 import os
 import subprocess
 import sys
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ from jaxquant.kernels.linear import (int8_matmul_acc, pack_linear, pack_weight, 
                                      quantized_linear_dynamic)
 from jaxquant.qtensor import QTensor
 from jaxquant.native import native_backend_available, native_backend_reason, use_native
+from testkit.threads import run_in_threads
 
 needs_native = pytest.mark.skipif(not native_backend_available(),
                                   reason=f"native backend unavailable: {native_backend_reason()}")
@@ -226,19 +226,15 @@ def test_concurrent_calls_from_threads():
         xs = [QTensor(jnp.asarray(rng.integers(0, 256, (1, s, s, 16)).astype(np.uint8)), jnp.float32(0.02),
                       jnp.int32(9), quint8) for s in (9, 13)]
         want = [np.asarray(conv(x)) for x in xs]
-        errors = []
+        mismatches = []
 
         def work(i):
             for _ in range(10):
                 if not np.array_equal(np.asarray(conv(xs[i])), want[i]):
-                    errors.append(i)
+                    mismatches.append(i)
 
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    assert not errors
+        errors = run_in_threads(work, 2)
+    assert not errors and not mismatches, (errors, mismatches)
 
 
 def test_env_var_turns_the_backend_off():

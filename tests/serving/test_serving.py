@@ -1,6 +1,5 @@
 """jaxquant.compile: the serving callable equals the model, pads/slices buckets, compiles ahead of time,
 is safe under concurrent callers, serves Linen and plain functions, and fails clearly."""
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +10,7 @@ from flax import nnx
 import jaxquant as jq
 from jaxquant.models.fashion_cnn import FashionCNN, fusion_patterns
 from jaxquant.models.minilm import MiniLM, MiniLMConfig
+from testkit.threads import run_in_threads
 
 
 def _images(n, seed=0):
@@ -191,24 +191,15 @@ def test_concurrent_callers_get_the_sequential_outputs():
     inputs = [_rows(n, seed=10 + i) for i, n in enumerate((1, 2, 1, 2))]
     sequential = [_split_jit(int8)(x) for x in inputs]
     served = jq.compile(int8)  # cold: the threads race to fill the cache
-    results, errors = {}, []
-    start = threading.Barrier(4)
+    results = {}
 
     def worker(t):
-        try:
-            start.wait()
-            for r in range(3):
-                for i in range(len(inputs)):
-                    k = (i + t) % len(inputs)
-                    results[(t, r, k)] = np.asarray(served(inputs[k]))
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        for r in range(3):
+            for i in range(len(inputs)):
+                k = (i + t) % len(inputs)
+                results[(t, r, k)] = np.asarray(served(inputs[k]))
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    errors = run_in_threads(worker, 4)
     assert not errors, errors
     assert len(results) == 4 * 3 * len(inputs)
     for (_, _, k), y in results.items():

@@ -13,7 +13,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import numpy as np
@@ -22,6 +21,7 @@ from flax import nnx
 
 from jaxquant import serialization
 from jaxquant.serialization import CheckpointError, read_checkpoint, save
+from testkit.threads import run_in_threads
 
 
 def _model(seed: int) -> nnx.Module:
@@ -44,21 +44,11 @@ def test_F04_concurrent_thread_saves_leave_one_complete_file(tmp_path):
     path = tmp_path / "m.jq"
     save(path, _model(0), metadata={"writer": -1})
     models = [_model(i) for i in range(4)]
-    errors = []
-
     def writer(i):
-        try:
-            for _ in range(15):
-                save(path, models[i], metadata={"writer": i})
-        except Exception as e:  # noqa: BLE001 - collected and asserted below
-            errors.append(e)
+        for _ in range(15):
+            save(path, models[i], metadata={"writer": i})
 
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert run_in_threads(writer, 4) == []
     tag = _tag(path)
     assert tag in range(4)
     np.testing.assert_array_equal(read_checkpoint(path).arrays["kernel"], np.asarray(models[tag].kernel[...]))
