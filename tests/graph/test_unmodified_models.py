@@ -209,10 +209,11 @@ def test_nnx_vit_qat_gradients():
         y, _ = qat.apply(p, qat.init_state, x)
         return jnp.sum(y ** 2)
 
-    g = jax.grad(loss)(params)
+    # under jit, as a training step runs (eagerly, every forward and backward op compiles on its own)
+    g = jax.jit(jax.grad(loss))(params)
     leaves = [l for l in jax.tree_util.tree_leaves(g) if jnp.issubdtype(l.dtype, jnp.floating)]
     assert sum(float(jnp.abs(l).sum()) > 0 for l in leaves) >= len(leaves) // 2
-    qprog = jq.graph.convert(qat, qat.apply(params, qat.init_state, x)[1])
+    qprog = jq.graph.convert(qat, jax.jit(qat.apply)(params, qat.init_state, x)[1])
     _check_program(qprog, (x,), model(x), 0.95)
 
 
