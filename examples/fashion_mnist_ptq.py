@@ -131,9 +131,11 @@ def main(argv=None) -> dict:
           f"({int8_bytes / float_bytes:.3f}x); reloaded bit-exact; jax.export artifact {len(artifact) / 1024:.0f} KB")
 
     latency = {}
+    # --quick is a smoke run (and the test suite compiles at XLA O0): a few rounds show the path works
+    timing = {"rounds": 3, "calls": 5} if args.quick else {}
     for batch in (1, 64):
         x = jnp.asarray(test_x[:batch])
-        latency[batch] = latency_ms({"float": model, "int8": int8_model}, x)
+        latency[batch] = latency_ms({"float": model, "int8": int8_model}, x, **timing)
 
     results = {
         "float_accuracy": float_acc, "int8_accuracy": int8_acc, "accuracy_drop": float_acc - int8_acc,
