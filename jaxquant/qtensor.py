@@ -15,11 +15,13 @@ of the hot path; there bad values give meaningless integers, as in PyTorch. Debu
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Union
+from typing import Hashable, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxquant import torch_numerics as tn
 from jaxquant.dtypes import (
@@ -417,3 +419,36 @@ def quantize_per_group(
     q = _scalar_kernel_codes(x, _expand(scales, x.shape, block_size), _expand(zero_points, x.shape, block_size),
                              dtype.min, dtype.max)
     return QTensor(q.astype(dtype.storage), scales, zero_points, dtype, qscheme, None, block_size)
+
+
+def shard_qtensor(q: QTensor, mesh: Mesh, axis_name: Hashable, axis: Optional[int] = None) -> QTensor:
+    """Place a QTensor on ``mesh`` with its int data split along ``axis`` over mesh axis ``axis_name``.
+
+    ``axis`` defaults to the QTensor's channel axis (output channels of a per-channel weight, the last
+    axis in flax layout). Per-channel scales and zero points are split the same way when ``axis`` is
+    the channel axis, so each device holds its channels' integers together with their scales;
+    otherwise (per tensor, or splitting another axis) they are replicated.
+
+    Args:
+      q: a per-tensor or per-channel QTensor; ``q.shape[axis]`` must be divisible by the size of mesh
+        axis ``axis_name``.
+    Returns:
+      The same QTensor (values unchanged) whose leaves are ``jax.Array``s with ``NamedSharding``.
+    """
+    if q.block_size is not None:
+        raise ValueError(f"shard_qtensor: {q!r} is per group; only per-tensor and per-channel QTensors are supported")
+    if axis is None:
+        if q.axis is None:
+            raise ValueError(f"shard_qtensor: {q!r} is per tensor; pass axis= (e.g. axis=-1 for output "
+                             "features of a flax kernel)")
+        axis = q.axis
+    axis = axis % q.ndim
+    n = mesh.shape[axis_name]
+    if q.shape[axis] % n:
+        raise ValueError(f"shard_qtensor: axis {axis} of {q!r} has {q.shape[axis]} entries, not divisible by the "
+                         f"{n} devices of mesh axis {axis_name!r}; pad the layer or use a mesh axis that divides it")
+    spec = [None] * q.ndim
+    spec[axis] = axis_name
+    qp = NamedSharding(mesh, P(axis_name) if q.axis == axis else P())
+    return QTensor(jax.device_put(q.int_data, NamedSharding(mesh, P(*spec))), jax.device_put(q.scale, qp),
+                   jax.device_put(q.zero_point, qp), q.dtype, q.qscheme, q.axis)
