@@ -12,6 +12,7 @@ converted ``jaxquant.nn.quantized.Linear``'s parts.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Hashable, Optional
 
 import jax
@@ -52,12 +53,12 @@ def _parallel(x: QTensor, w: QTensor, bias: Optional[jax.Array], out_scale: jax.
     _check_divisible(k if rows else n, mesh, axis_name, f"{'in' if rows else 'out'}_features of {name}")
     if x.shape[-1] != k:
         raise ValueError(f"{what}: input has {x.shape[-1]} features, '{name}' expects {k}")
-    w_scale = jnp.broadcast_to(w.scale, (n,))
-    w_zp = jnp.broadcast_to(w.zero_point, (n,))
+    w_scale, w_zp = (jnp.broadcast_to(a, (n,)) for a in w.channel_qparams())
     lead = x.shape[:-1]
     x2 = QTensor(x.int_data.reshape(-1, k), x.scale, x.zero_point, x.dtype, x.qscheme, None)
     if rows:
-        x_spec = QTensor(P(None, axis_name), P(), P(), x.dtype, x.qscheme, None)
+        # the spec tree must carry x2's static metadata (its block size) to match it
+        x_spec = dataclasses.replace(x2, int_data=P(None, axis_name), scale=P(), zero_point=P())
         in_specs = (x_spec, P(axis_name, None), P(), P(), None if bias is None else P(), P(), P())
         out_spec = P()
         # the int32 partial accumulators (zero-point terms included) are summed before the epilogue
