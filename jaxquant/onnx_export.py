@@ -134,7 +134,7 @@ def _bias_dq(g: _Graph, module, x: QTensor, path: str, out_channels: int,
     if bias is None:
         return [], None
     bias = np.broadcast_to(np.asarray(bias, np.float32), (out_channels,))
-    acc_scale = (np.float32(x.scale) * np.asarray(module.weight_scale.get_value(), np.float32)).astype(np.float32)
+    acc_scale = (np.float32(x.q_scale()) * np.asarray(module.weight_scale.get_value(), np.float32)).astype(np.float32)
     acc_scale = np.broadcast_to(acc_scale, (out_channels,)).astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         quotient = np.asarray(bias, np.float64) / acc_scale.astype(np.float64)

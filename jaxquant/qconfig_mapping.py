@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
 from jaxquant.fake_quant.fake_quantize import FixedQParamsFakeQuantize
@@ -179,6 +180,41 @@ def as_qconfig_mapping(qconfig_or_mapping: Any):
     mapping = QConfigMapping()
     if qconfig_or_mapping is not None:
         mapping.set_global(qconfig_or_mapping)
+    return mapping
+
+
+def dynamic_qconfig_mapping(qconfig_spec: Any, dtype: Any, default_types: Callable[[], tuple], module_base: type,
+                            base_name: str, *, kind: str = "", types_hint: str = "",
+                            check_path: Optional[Callable[[str], None]] = None) -> "QConfigMapping":
+    """``quantize_dynamic``'s ``qconfig_spec`` (PyTorch's: ``None`` for ``default_types()``, a set of
+    module types or paths, or a dict from type / dotted path to QConfig or None) as a QConfigMapping,
+    every entry checked: types must subclass ``module_base`` (named ``base_name`` in the error, with
+    ``types_hint`` after it),
+    paths go through ``check_path`` (which raises for a path the model lacks). ``kind`` names the
+    front end in messages ("Linen " or "")."""
+    if qconfig_spec is None or isinstance(qconfig_spec, (set, frozenset, list, tuple)):
+        qconfig = _qconfig.default_dynamic_qconfig_for(dtype)
+        qconfig_spec = {k: qconfig for k in (default_types() if qconfig_spec is None else qconfig_spec)}
+    elif not isinstance(qconfig_spec, Mapping):
+        raise TypeError(f"quantize_dynamic: qconfig_spec must be None, a set of {kind}module types, or a dict from "
+                        f"module type / dotted path to QConfig; got {type(qconfig_spec).__name__}")
+    mapping = QConfigMapping()
+    for key, value in qconfig_spec.items():
+        if value is not None and not isinstance(value, QConfig):
+            raise TypeError(f"quantize_dynamic: qconfig_spec[{key!r}] must be a QConfig or None, got "
+                            f"{type(value).__name__} ({value!r})")
+        if isinstance(key, type):
+            if not issubclass(key, module_base):
+                raise TypeError(f"quantize_dynamic: qconfig_spec key {key.__qualname__} is not {base_name} type"
+                                f"{types_hint}")
+            mapping.set_object_type(key, value)
+        elif isinstance(key, str):
+            if check_path is not None:
+                check_path(key)
+            mapping.set_module_name(key, value)
+        else:
+            raise TypeError(f"quantize_dynamic: qconfig_spec key {key!r} ({type(key).__name__}) is neither a "
+                            f"{kind}module type nor a dotted module path string")
     return mapping
 
 

@@ -15,11 +15,13 @@ of the hot path; there bad values give meaningless integers, as in PyTorch. Debu
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Union
+from typing import Hashable, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxquant import torch_numerics as tn
 from jaxquant.dtypes import (
@@ -42,17 +44,23 @@ class QTensor:
     """A quantized tensor: ``int_data`` with its ``scale`` and ``zero_point``.
 
     Leaves (arrays): ``int_data`` (any shape, storage dtype of ``dtype``: int8/uint8/int32),
-    ``scale`` (float32, shape ``()`` per tensor or ``(C,)`` per channel) and ``zero_point``
-    (int32 with the same shape as ``scale``; float32 for ``per_channel_affine_float_qparams``).
-    Metadata (static, never traced): ``dtype`` (a :class:`~jaxquant.dtypes.QDType`),
-    ``qscheme``, ``axis`` (the channel axis, or ``None`` per tensor) and ``block_size``.
+    ``scale`` (float32) and ``zero_point`` (int32; float32 for ``per_channel_affine_float_qparams``),
+    both of the data's rank with ``shape[i] // block_size[i]`` entries along axis ``i``.
+    Metadata (static, never traced): ``dtype`` (a :class:`~jaxquant.dtypes.QDType`), ``qscheme``,
+    ``axis`` (the channel axis of a per-channel tensor, else ``None``) and ``block_size``.
 
-    Granularity is one idea, :attr:`blocks`: the size of the block of elements that shares one
-    scale/zero point, one entry per data axis. Per tensor it is the data's shape, per channel 1 on
-    ``axis`` and the full size elsewhere. Per group (``block_size`` set, from
-    :func:`quantize_per_group`; int4 weights, GPTQ/AWQ) scales and zero points have the data's rank,
-    ``shape[i] // block_size[i]`` entries along axis ``i``; ``axis`` is None. :func:`dequantize`
-    broadcasts every granularity the same way (:func:`expand_qparams`).
+    Granularity is one idea, ``block_size``: the size of the block of elements that shares one
+    scale/zero point, one entry per data axis, always set. Per tensor it is the data's shape, per
+    channel 1 on ``axis`` and the full size elsewhere, per group (from :func:`quantize_per_group`;
+    int4 weights, GPTQ/AWQ) what was asked. :func:`dequantize` broadcasts every granularity the
+    same way (:func:`expand_qparams`).
+
+    The constructor also takes PyTorch's shapes (a ``()`` scale per tensor, ``(C,)`` per channel
+    along ``axis``) and reshapes them to the data's rank, so files written before qparams had the
+    data's rank load unchanged. PyTorch's accessors are views: :meth:`q_scale` / :meth:`q_zero_point`
+    give ``()``, :meth:`q_per_channel_scales` / :meth:`q_per_channel_zero_points` give ``(C,)``.
+    ``axis`` is kept next to ``block_size`` because a block size alone cannot say which axis is the
+    channel axis when other axes have size 1 (PyTorch's ``q_per_channel_axis`` must).
     """
 
     int_data: jax.Array
@@ -63,18 +71,45 @@ class QTensor:
     axis: Optional[int] = dataclasses.field(metadata=dict(static=True), default=None)
     block_size: Optional[tuple[int, ...]] = dataclasses.field(metadata=dict(static=True), default=None)
 
+    def __post_init__(self) -> None:
+        data = self.int_data
+        # pytree operations also build QTensors of placeholders (PartitionSpecs, None, shape structs)
+        if not isinstance(data, (jax.Array, np.ndarray)):
+            return
+        ndim = data.ndim
+        shape = tuple(data.shape)
+        if self.axis is not None:
+            if not -ndim <= self.axis < ndim:
+                raise ValueError(f"QTensor: axis {self.axis} is out of range for data of shape {shape}")
+            object.__setattr__(self, "axis", self.axis % ndim)
+            blocks = tuple(1 if i == self.axis else d for i, d in enumerate(shape))
+        elif self.block_size is None or not self.qscheme.is_per_channel:
+            blocks = shape
+        else:
+            blocks = tuple(int(b) for b in self.block_size)
+        object.__setattr__(self, "block_size", blocks)
+        if len(blocks) != ndim or any(b <= 0 or d % b for d, b in zip(shape, blocks)):
+            return  # reported by quantize_per_group; a stacked (vmapped) QTensor keeps what it was given
+        qshape = tuple(d // b for d, b in zip(shape, blocks))
+        for name in ("scale", "zero_point"):
+            a = getattr(self, name)
+            if not isinstance(a, (jax.Array, np.ndarray)):
+                if not isinstance(a, (int, float, np.generic)):
+                    continue
+                a = jnp.asarray(a, jnp.float32 if name == "scale" else None)
+            # PyTorch's () / (C,) qparams take the data's rank; a stacked QTensor's extra entries stay
+            if tuple(a.shape) != qshape and a.size == int(np.prod(qshape)):
+                a = a.reshape(qshape)
+            object.__setattr__(self, name, a)
+
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.int_data.shape)
 
     @property
     def blocks(self) -> tuple[int, ...]:
-        """Elements sharing one scale along each axis (see the class docstring)."""
-        if self.block_size is not None:
-            return tuple(self.block_size)
-        if self.axis is None:
-            return self.shape
-        return tuple(1 if i == self.axis else d for i, d in enumerate(self.shape))
+        """Elements sharing one scale along each axis: ``block_size``."""
+        return tuple(self.block_size)
 
     @property
     def ndim(self) -> int:
@@ -94,34 +129,51 @@ class QTensor:
         return dequantize(self)
 
     def q_scale(self) -> jax.Array:
+        """The scale of a per-tensor QTensor, float32 ``()``."""
         self._require_per_tensor("q_scale")
-        return self.scale
+        return self.scale.reshape(())
 
     def q_zero_point(self) -> jax.Array:
+        """The zero point of a per-tensor QTensor, int32 ``()``."""
         self._require_per_tensor("q_zero_point")
-        return self.zero_point
+        return self.zero_point.reshape(())
 
     def q_per_channel_scales(self) -> jax.Array:
+        """The scales of a per-channel QTensor, float32 ``(C,)``."""
         self._require_per_channel("q_per_channel_scales")
-        return self.scale
+        return self.scale.reshape(-1)
 
     def q_per_channel_zero_points(self) -> jax.Array:
+        """The zero points of a per-channel QTensor, ``(C,)``."""
         self._require_per_channel("q_per_channel_zero_points")
-        return self.zero_point
+        return self.zero_point.reshape(-1)
 
     def q_per_channel_axis(self) -> int:
         self._require_per_channel("q_per_channel_axis")
         return self.axis  # type: ignore[return-value]
 
-    def _require_per_tensor(self, what: str) -> None:
+    def channel_qparams(self) -> tuple[jax.Array, jax.Array]:
+        """``(scale, zero_point)`` as the kernels take them: ``()`` per tensor, ``(C,)`` per channel
+        (:meth:`q_scale` or :meth:`q_per_channel_scales`, and the zero points likewise)."""
         if self.axis is not None:
-            raise ValueError(f"QTensor.{what}() needs a per-tensor QTensor; this one is {self.qscheme!r} "
-                             f"along axis {self.axis}: use q_per_channel_* instead")
+            return self.q_per_channel_scales(), self.q_per_channel_zero_points()
+        return self.q_scale(), self.q_zero_point()
+
+    def with_int_data(self, int_data: jax.Array) -> "QTensor":
+        """The same qparams and metadata over other integers of the same shape (e.g. after a max-pool)."""
+        return dataclasses.replace(self, int_data=int_data)
+
+    def _require_per_tensor(self, what: str) -> None:
+        if self.axis is not None or self.qscheme.is_per_channel:
+            raise ValueError(f"QTensor.{what}() needs a per-tensor QTensor; this one is {self.qscheme!r}"
+                             + (f" along axis {self.axis}: use q_per_channel_* instead" if self.axis is not None
+                                else f" with block_size {self.block_size}: read .scale (the data's rank)"))
 
     def _require_per_channel(self, what: str) -> None:
         if self.axis is None:
-            raise ValueError(f"QTensor.{what}() needs a per-channel QTensor; this one is {self.qscheme!r}: "
-                             "use q_scale()/q_zero_point() instead")
+            raise ValueError(f"QTensor.{what}() needs a per-channel QTensor; this one is {self.qscheme!r}"
+                             + (": use q_scale()/q_zero_point() instead" if not self.qscheme.is_per_channel
+                                else f" with block_size {self.block_size}: read .scale (the data's rank)"))
 
     def __jax_array__(self):
         # Reached when a quantized activation flows into a float JAX op (jnp.*, nnx.relu, ...):
@@ -133,7 +185,7 @@ class QTensor:
 
     def __repr__(self) -> str:
         where = "" if self.axis is None else f", axis={self.axis}"
-        if self.block_size is not None:
+        if self.axis is None and self.qscheme.is_per_channel:
             where += f", block_size={tuple(self.block_size)}"
         return f"QTensor(shape={self.shape}, dtype={self.dtype!r}, qscheme={self.qscheme!r}{where})"
 
@@ -338,23 +390,19 @@ def quantize_per_channel(
 
 
 def _expand(a: jax.Array, shape: tuple[int, ...], block_size: tuple[int, ...]) -> jax.Array:
-    # per group: repeat each scale over its block (data-rank scales, so a repeat per grouped axis)
+    # repeat each entry over its block along the axes with several blocks; an axis with one block
+    # (size 1 in the qparams) broadcasts as is
     for i, b in enumerate(block_size):
-        if b > 1 and a.shape[i] != shape[i]:
+        if a.shape[i] not in (1, shape[i]):
             a = jnp.repeat(a, b, axis=i, total_repeat_length=shape[i])
     return a
 
 
 def expand_qparams(q: QTensor) -> tuple[jax.Array, jax.Array]:
     """``(scale, zero_point)`` of ``q`` shaped to broadcast against ``q.int_data``, for every
-    granularity: ``()`` per tensor, 1 on all axes but ``axis`` per channel, the data's shape per
-    group. Dtypes as stored."""
-    if q.block_size is not None:
-        return (_expand(q.scale, q.shape, q.block_size), _expand(q.zero_point, q.shape, q.block_size))
-    if q.axis is None:
-        return q.scale, q.zero_point
-    bshape = _channel_shape(q.int_data.ndim, q.axis)
-    return q.scale.reshape(bshape), q.zero_point.reshape(bshape)
+    granularity (all ones per tensor, 1 on all axes but ``axis`` per channel, the data's shape on
+    the grouped axes per group). Dtypes as stored."""
+    return _expand(q.scale, q.shape, q.block_size), _expand(q.zero_point, q.shape, q.block_size)
 
 
 def dequantize(q: QTensor) -> jax.Array:
@@ -417,3 +465,36 @@ def quantize_per_group(
     q = _scalar_kernel_codes(x, _expand(scales, x.shape, block_size), _expand(zero_points, x.shape, block_size),
                              dtype.min, dtype.max)
     return QTensor(q.astype(dtype.storage), scales, zero_points, dtype, qscheme, None, block_size)
+
+
+def shard_qtensor(q: QTensor, mesh: Mesh, axis_name: Hashable, axis: Optional[int] = None) -> QTensor:
+    """Place a QTensor on ``mesh`` with its int data split along ``axis`` over mesh axis ``axis_name``.
+
+    ``axis`` defaults to the QTensor's channel axis (output channels of a per-channel weight, the last
+    axis in flax layout). Per-channel scales and zero points are split the same way when ``axis`` is
+    the channel axis, so each device holds its channels' integers together with their scales;
+    otherwise (per tensor, or splitting another axis) they are replicated.
+
+    Args:
+      q: a per-tensor or per-channel QTensor; ``q.shape[axis]`` must be divisible by the size of mesh
+        axis ``axis_name``.
+    Returns:
+      The same QTensor (values unchanged) whose leaves are ``jax.Array``s with ``NamedSharding``.
+    """
+    if q.axis is None and q.qscheme.is_per_channel:
+        raise ValueError(f"shard_qtensor: {q!r} is per group; only per-tensor and per-channel QTensors are supported")
+    if axis is None:
+        if q.axis is None:
+            raise ValueError(f"shard_qtensor: {q!r} is per tensor; pass axis= (e.g. axis=-1 for output "
+                             "features of a flax kernel)")
+        axis = q.axis
+    axis = axis % q.ndim
+    n = mesh.shape[axis_name]
+    if q.shape[axis] % n:
+        raise ValueError(f"shard_qtensor: axis {axis} of {q!r} has {q.shape[axis]} entries, not divisible by the "
+                         f"{n} devices of mesh axis {axis_name!r}; pad the layer or use a mesh axis that divides it")
+    spec = [None] * q.ndim
+    spec[axis] = axis_name
+    qp = NamedSharding(mesh, P(*spec) if q.axis == axis else P())  # qparams have the data's rank
+    return QTensor(jax.device_put(q.int_data, NamedSharding(mesh, P(*spec))), jax.device_put(q.scale, qp),
+                   jax.device_put(q.zero_point, qp), q.dtype, q.qscheme, q.axis)

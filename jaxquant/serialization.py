@@ -435,7 +435,7 @@ def check_compatible(checkpoint: Checkpoint, model: nnx.Module, where: str = "ch
         problems.append(f"array '{name}' is in the model, not in the checkpoint (missing key)")
     for name in sorted(set(template) & set(checkpoint.arrays)):
         saved, ours = checkpoint.arrays[name], template[name]
-        if saved.shape != ours.shape:
+        if saved.shape != ours.shape and not _qparams_of_old_rank(name, saved.shape, ours.shape):
             problems.append(f"array '{name}': shape {list(saved.shape)} in the checkpoint, {list(ours.shape)} in the model")
         if saved.dtype != ours.dtype:
             problems.append(f"array '{name}': dtype {saved.dtype.name} in the checkpoint, {ours.dtype.name} in the model")
@@ -443,6 +443,13 @@ def check_compatible(checkpoint: Checkpoint, model: nnx.Module, where: str = "ch
         shown = "\n  ".join(problems[:20]) + ("" if len(problems) <= 20 else f"\n  ... and {len(problems) - 20} more")
         raise CheckpointError(f"{where} does not fit this model ({len(problems)} difference(s)); build the "
                               f"template the same way as the saved model (same architecture, fusion, qconfig):\n  {shown}")
+
+
+def _qparams_of_old_rank(name: str, saved: tuple, ours: tuple) -> bool:
+    """A QTensor's ``()`` / ``(C,)`` scale or zero point as files written before QTensor qparams took
+    the data's rank hold them: the same entries, only the size-1 axes differ (reshaped on load)."""
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf in ("scale", "zero_point") and tuple(d for d in saved if d != 1) == tuple(d for d in ours if d != 1)
 
 
 def _assign_arrays(model: nnx.Module, arrays: dict[str, np.ndarray]) -> None:
@@ -454,7 +461,9 @@ def _assign_arrays(model: nnx.Module, arrays: dict[str, np.ndarray]) -> None:
         if not flat:
             continue
         names = [prefix + sub for sub, _ in _leaves(value)]
-        variable.set_value(jax.tree_util.tree_unflatten(treedef, [jnp.asarray(arrays[n]) for n in names]))
+        # reshaped to the template's leaves: check_compatible let through only qparams of the old rank
+        loaded = [jnp.asarray(arrays[n]).reshape(np.shape(leaf)) for n, leaf in zip(names, flat)]
+        variable.set_value(jax.tree_util.tree_unflatten(treedef, loaded))
     nnx.update(model, state)
 
 

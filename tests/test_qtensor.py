@@ -82,7 +82,7 @@ def test_pytree_jit_and_vmap():
     roundtrip(quantize_per_tensor(x + 1, 0.07, 12, D.quint8))
     assert len(traces) == 1  # same static metadata: no retrace
     qs = jax.vmap(lambda row, s: quantize_per_tensor(row, s, 0, D.qint8))(x, jnp.array([0.1, 0.2, 0.3]))
-    assert qs.int_data.shape == (3, 4) and qs.scale.shape == (3,)
+    assert qs.int_data.shape == (3, 4) and qs.scale.shape == (3, 1)  # one (1,) scale of the data's rank per row
     rows = jax.vmap(dequantize)(qs)
     for i, s in enumerate([0.1, 0.2, 0.3]):
         np.testing.assert_array_equal(np.asarray(rows[i]), np.asarray(quantize_per_tensor(x[i], s, 0, D.qint8).dequantize()))

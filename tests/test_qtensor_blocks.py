@@ -57,9 +57,9 @@ def test_one_group_per_axis_is_per_channel_and_per_tensor():
     pg = quantize_per_group(x, s[None], z[None], (5, 1), qint8)
     np.testing.assert_array_equal(np.asarray(pg.int_data), np.asarray(pc.int_data))
     np.testing.assert_array_equal(np.asarray(dequantize(pg)), np.asarray(dequantize(pc)))
-    assert pc.blocks == (5, 1) and pc.block_size is None
+    assert pc.blocks == pc.block_size == (5, 1) and pc.scale.shape == (1, 7)  # block_size always set
     pt = quantize_per_tensor(x, 0.05, 3, qint8)
-    assert pt.blocks == (5, 7)
+    assert pt.block_size == (5, 7) and pt.scale.shape == (1, 1) and pt.q_scale().shape == ()
     s_b, z_b = expand_qparams(pc)
     assert s_b.shape == (1, 7) and z_b.shape == (1, 7)
 
@@ -94,3 +94,27 @@ def test_per_group_observer_matches_numpy_min_max():
     assert np.all(err <= np.asarray(scale).repeat(4, axis=1) / 2 + 1e-7)
     with pytest.raises(ValueError, match="re-run init"):
         obs.update(state, np.zeros((4, 8), np.float32))
+
+
+@pytest.mark.parametrize("bits,symmetric,group", [(8, True, 4), (4, False, 4), (4, True, None)])
+def test_block_quantized_weight_is_a_per_group_qtensor(bits, symmetric, group):
+    from jaxquant.weight_only.blockwise import quantize_blockwise
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(10, 5)).astype(np.float32)  # K = 10: partial last group of 4
+    bq = quantize_blockwise(w, bits=bits, group_size=group, symmetric=symmetric, allow_partial_group=True)
+    q = bq.codes()
+    gs = 10 if group is None else group
+    assert q.block_size == (1, gs) and q.shape == (5, bq.padded_in_features) and q.scale.shape == (5, bq.n_groups)
+    assert q.dtype.max == (1 << bits) - 1 and q.axis is None
+    # int4: the container keeps two rows per byte; the QTensor holds them unpacked
+    assert bq.data.shape[0] == (3 if bits == 4 else 5)
+    codes = np.asarray(q.int_data).astype(np.int64)
+    want = np_dequantize_per_group(codes, np.asarray(bq.scale), np.asarray(bq.zero_point), (1, gs))[:, :10].T
+    np.testing.assert_array_equal(np.asarray(bq.dequantize()), want)
+    # and the codes are round(w / s) + zp of each group (numpy, per group; XLA's float32 division may
+    # differ from numpy's by an ulp, which moves a value sitting on a .5 tie by one code)
+    wt = np.pad(w.T, ((0, 0), (0, bq.padded_in_features - 10)))
+    s = np.repeat(np.asarray(bq.scale), gs, axis=1)
+    z = np.repeat(np.asarray(bq.zero_point), gs, axis=1)
+    want_codes = np.clip(np.round(wt / s) + z, 0, (1 << bits) - 1)
+    assert np.abs(codes - want_codes).max() <= 1 and (codes != want_codes).mean() < 0.05

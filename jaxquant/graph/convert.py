@@ -143,8 +143,9 @@ def convert_static(program: ObservedProgram, state: dict, params=None) -> Quanti
         out_dtype = static["acts"][_state_key(u.out)]
         wq = quantize_weight(_flax_weight(a, u, jnp.asarray(w)), qconfig, u.path)
         n = wq.shape[-1]
-        w_scale = jnp.broadcast_to(wq.scale, (n,)).astype(jnp.float32)
-        w_zp = jnp.broadcast_to(wq.zero_point, (n,)).astype(jnp.int32)
+        w_scale, w_zp = wq.channel_qparams()
+        w_scale = jnp.broadcast_to(w_scale, (n,)).astype(jnp.float32)
+        w_zp = jnp.broadcast_to(w_zp, (n,)).astype(jnp.int32)
         b = None if bias is None else jnp.asarray(bias, jnp.float32)
         entry = {"out_scale": out_scale, "out_zp": out_zp}
         clamp = _clamp_codes(u, out_scale, out_zp, out_dtype)
@@ -182,15 +183,17 @@ def convert_without_calibration(a: Analysis, plan, params, mode: str, *, reduce_
             wq = quantize_weight(jnp.moveaxis(jnp.asarray(w, jnp.float32), weight_channel_axes(a, u), -1)
                                  .reshape(_w_lead(w, a, u) + (-1,)), qconfig, u.path)
             n = wq.shape[-1]
+            w_scale, w_zp = wq.channel_qparams()
             shape = tuple(w.shape[d] if d in weight_channel_axes(a, u) else 1 for d in range(np.ndim(w)))
             qp["units"][str(i)] = {"w_q": _restore(wq.int_data, w, a, u),
-                                   "w_scale": jnp.broadcast_to(wq.scale, (n,)).reshape(shape),
-                                   "w_zp": jnp.broadcast_to(wq.zero_point, (n,)).reshape(shape).astype(jnp.float32),
+                                   "w_scale": jnp.broadcast_to(w_scale, (n,)).reshape(shape),
+                                   "w_zp": jnp.broadcast_to(w_zp, (n,)).reshape(shape).astype(jnp.float32),
                                    "bias": b}
             static[i] = unit_meta(a, u, "weight_only", w_dtype=np.asarray(w).dtype)
             continue
         wq = quantize_weight(_flax_weight(a, u, jnp.asarray(w)), qconfig, u.path)
-        raw[str(i)] = {"w_q": wq.int_data, "w_scale": wq.scale, "w_zp": wq.zero_point, "bias": b}
+        w_scale, w_zp = wq.channel_qparams()
+        raw[str(i)] = {"w_q": wq.int_data, "w_scale": w_scale, "w_zp": w_zp, "bias": b}
         qp["units"][str(i)] = {"packed": pack_unit(a, u, raw[str(i)])}
         static[i] = unit_meta(a, u, "dynamic", reduce_range=reduce_range,
                               per_token=activation_per_token(qconfig) if per_token is None else bool(per_token))

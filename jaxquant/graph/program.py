@@ -380,7 +380,8 @@ def _run_unit(a: Analysis, u: Unit, meta: dict, p: dict, get_q, get_f):
             rq = quantize_per_tensor(rf, rs, rz).int_data
         else:
             lqt, rqt = get_q(lhs), get_q(rhs)
-            lq, lz, ls, rq, rz, rs = lqt.int_data, lqt.zero_point, lqt.scale, rqt.int_data, rqt.zero_point, rqt.scale
+            lq, lz, ls = lqt.int_data, lqt.q_zero_point(), lqt.q_scale()
+            rq, rz, rs = rqt.int_data, rqt.q_zero_point(), rqt.q_scale()
         acc = K.int8_dot_general(lq, lz, rq, rz, dn)
         return (acc.astype(jnp.float32) * (jnp.float32(ls) * jnp.float32(rs))).astype(out_aval.dtype)
     if meta["mode"] == "weight_only":

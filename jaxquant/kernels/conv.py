@@ -293,7 +293,7 @@ def quantized_conv(x: QTensor, packed: PackedConv, out_scale: jax.Array, out_zer
     if x.ndim != nd + 2 or x.shape[-1] != p.in_channels:
         raise ValueError(f"quantized_conv expects (N, {nd} spatial dims, {p.in_channels}) input, "
                          f"got shape {x.shape}")
-    x_u8, zx = to_uint8_activation(x.int_data, x.zero_point)
+    x_u8, zx = to_uint8_activation(x.int_data, x.q_zero_point())
     pads = None if isinstance(p.padding, str) else p.padding
     if any(s > 1 for s in p.input_dilation) or (pads and any(lo < 0 or hi < 0 for lo, hi in pads)):
         # interior padding inserts stride-1 copies of the zero point (real 0); negative pads crop
@@ -301,7 +301,7 @@ def quantized_conv(x: QTensor, packed: PackedConv, out_scale: jax.Array, out_zer
             (min(lo, 0), min(hi, 0), s - 1) for (lo, hi), s in zip(pads, p.input_dilation)] + [(0, 0, 0)])
         p = dataclasses.replace(p, padding=tuple((max(lo, 0), max(hi, 0)) for lo, hi in pads))
     offset = _input_offset(p, zx)
-    act_times_w, multiplier = output_multiplier(x.scale, p.w_scale, out_scale)
+    act_times_w, multiplier = output_multiplier(x.q_scale(), p.w_scale, out_scale)
     bias_over_scale = None if p.bias is None else p.bias / act_times_w
     if p.kind != "dot":
         # Every tap slice reads the input; without the barrier XLA fuses the producer (the quantize

@@ -57,9 +57,9 @@ def quantized_einsum(x: QTensor, packed: PackedEinsum, out_scale: jax.Array, out
     shape ``jnp.einsum(equation, x, kernel)`` gives, requantized to ``(out_scale, out_zero_point)``."""
     if x.axis is not None:
         raise ValueError("quantized_einsum: activations must be quantized per tensor, got a per-channel QTensor")
-    x32 = x.int_data.astype(jnp.int32) - x.zero_point
+    x32 = x.int_data.astype(jnp.int32) - x.q_zero_point()
     acc = jnp.einsum(packed.equation, x32, packed.w_centered, preferred_element_type=jnp.int32)
-    act_times_w, multiplier = output_multiplier(x.scale, packed.w_scale, out_scale)
+    act_times_w, multiplier = output_multiplier(x.q_scale(), packed.w_scale, out_scale)
     y = requantize(acc, multiplier, out_zero_point,
                    bias_over_scale=None if packed.bias is None else packed.bias / act_times_w,
                    relu=relu, out_dtype=out_dtype.storage)

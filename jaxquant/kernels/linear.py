@@ -274,11 +274,11 @@ def quantized_linear(x: QTensor, packed: PackedLinear, out_scale: jax.Array, out
     """
     if x.axis is not None:
         raise ValueError("quantized_linear: activations must be quantized per tensor, got a per-channel QTensor")
-    x_u8, zx = to_uint8_activation(_flat_input(x.int_data, packed, "quantized_linear"), x.zero_point)
+    x_u8, zx = to_uint8_activation(_flat_input(x.int_data, packed, "quantized_linear"), x.q_zero_point())
     acc = int8_matmul_acc(x_u8, zx, packed.weight, layout=layout)
     if reduce_accumulator is not None:
         acc = reduce_accumulator(acc)
-    act_times_w, multiplier = output_multiplier(x.scale, packed.w_scale, out_scale)
+    act_times_w, multiplier = output_multiplier(x.q_scale(), packed.w_scale, out_scale)
     y = requantize(acc, multiplier, out_zero_point,
                    bias_over_scale=None if packed.bias is None else packed.bias / act_times_w,
                    relu=relu, out_dtype=out_dtype.storage)

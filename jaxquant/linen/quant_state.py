@@ -70,10 +70,11 @@ def finish_qparams(scale: jax.Array, zero_point: jax.Array) -> tuple[jax.Array, 
 def _as_params(q: QTensor) -> dict:
     """A quantized kernel as the Linen ``quant_params`` entries (per-channel shapes even per tensor)."""
     c = q.shape[-1]
+    scale, zero_point = q.channel_qparams()
     return {
         "weight_int": q.int_data,
-        "weight_scale": jnp.broadcast_to(jnp.asarray(q.scale, jnp.float32), (c,)),
-        "weight_zero_point": jnp.broadcast_to(jnp.asarray(q.zero_point), (c,)),
+        "weight_scale": jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (c,)),
+        "weight_zero_point": jnp.broadcast_to(jnp.asarray(zero_point), (c,)),
     }
 
 

@@ -25,8 +25,7 @@ from jaxquant.linen.names import QUANT_PARAMS, QUANT_STATS, display_path
 from jaxquant.linen.qconfig_mappings import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
 from jaxquant.linen.quant_state import activation_qparams, finish_qparams, quantize_gate_group
 from jaxquant.observers.base import check_observer_state
-from jaxquant.qconfig import QConfig, default_dynamic_qconfig_for
-from jaxquant.qconfig_mapping import QConfigMapping, as_qconfig_mapping
+from jaxquant.qconfig_mapping import as_qconfig_mapping, dynamic_qconfig_mapping
 
 __all__ = ["prepare", "prepare_qat", "calibrate", "convert", "quantize_dynamic", "as_quantized_model"]
 
@@ -267,39 +266,20 @@ def convert(model: QuantizedModel, variables: Any, *example_args: Any, **example
     return model.replace(mode="static"), _converted_variables(variables, quant_params, record)
 
 
-def _dynamic_mapping(qconfig_spec: Any, dtype: Any):
-    if qconfig_spec is None:
-        qconfig = default_dynamic_qconfig_for(dtype)
+def _dynamic_default_types(dtype: Any):
+    def types() -> tuple:
         if dtype == qint8:
-            types = (nn.Dense, nn.DenseGeneral, nn.LSTMCell, nn.GRUCell)
-        elif dtype == quint8:
-            types = (nn.Embed,)
-        else:
-            raise ValueError(f"quantize_dynamic: jaxquant.linen supports dtype qint8 (Dense, DenseGeneral, LSTMCell, "
-                             f"GRUCell) or quint8 (Embed), got {dtype!r}")
-        qconfig_spec = {t: qconfig for t in types}
-    elif isinstance(qconfig_spec, (set, frozenset, list, tuple)):
-        qconfig = default_dynamic_qconfig_for(dtype)
-        qconfig_spec = {k: qconfig for k in qconfig_spec}
-    elif not isinstance(qconfig_spec, Mapping):
-        raise TypeError(f"quantize_dynamic: qconfig_spec must be None, a set of Linen module types, or a dict from "
-                        f"type / dotted path to QConfig; got {type(qconfig_spec).__name__}")
-    mapping = QConfigMapping()
-    for key, value in qconfig_spec.items():
-        if value is not None and not isinstance(value, QConfig):
-            raise TypeError(f"quantize_dynamic: qconfig_spec[{key!r}] must be a QConfig or None, got "
-                            f"{type(value).__name__}")
-        if isinstance(key, type):
-            if not issubclass(key, nn.Module):
-                raise TypeError(f"quantize_dynamic: qconfig_spec key {key.__qualname__} is not a flax.linen Module "
-                                "type (NNX types belong to jaxquant.quantize_dynamic)")
-            mapping.set_object_type(key, value)
-        elif isinstance(key, str):
-            mapping.set_module_name(key, value)
-        else:
-            raise TypeError(f"quantize_dynamic: qconfig_spec key {key!r} is neither a Linen module type nor a "
-                            "dotted module path")
-    return mapping
+            return (nn.Dense, nn.DenseGeneral, nn.LSTMCell, nn.GRUCell)
+        if dtype == quint8:
+            return (nn.Embed,)
+        raise ValueError(f"quantize_dynamic: jaxquant.linen supports dtype qint8 (Dense, DenseGeneral, LSTMCell, "
+                         f"GRUCell) or quint8 (Embed), got {dtype!r}")
+    return types
+
+
+def _dynamic_mapping(qconfig_spec: Any, dtype: Any):
+    return dynamic_qconfig_mapping(qconfig_spec, dtype, _dynamic_default_types(dtype), nn.Module, "a flax.linen Module",
+                                   kind="Linen ", types_hint=" (NNX types belong to jaxquant.quantize_dynamic)")
 
 
 def quantize_dynamic(model: Union[nn.Module, QuantizedModel], variables: Any, *example_args: Any,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Hashable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -137,6 +137,17 @@ class ObserverBase:
         """``(scale float32, zero_point int32)`` from the state."""
         raise NotImplementedError(f"calculate_qparams should not be called for {type(self).__name__}")
 
+    def sharded_update(self, state: State, x: jax.Array, axis_name: Optional[Hashable]) -> State:
+        """``update(state, concat_over_axis(x))`` computed from this device's shard ``x`` inside
+        ``shard_map``/``pmap`` over ``axis_name`` (``None``: ``x`` is the whole batch, i.e. ``update``).
+
+        Each observer family says how its batch statistics cross devices (min/max with
+        ``pmin``/``pmax``, histogram counts with ``psum``) before its own state transition runs, so
+        the result is replicated and equals one device's update on the whole batch bit for bit.
+        Observers with no such rule raise ``NotImplementedError``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no sharded_update rule")
+
     def merge(self, *states: State) -> State:
         """One state from states that saw different data (each device's shards, in device order), as
         if one observer had seen it all: what ``jaxquant.distributed.sync_observer_state`` computes.
@@ -197,6 +208,19 @@ def merge_stats_states(*states: StatsState) -> StatsState:
         return functools.reduce(op, [getattr(st, field) for st in states])
     return StatsState(fold(jnp.minimum, "min_val"), fold(jnp.maximum, "max_val"), fold(jnp.maximum, "num_batches"),
                       fold(jnp.logical_or, "nonfinite"))
+
+
+def any_over_axis(flag: jax.Array, axis_name: Hashable) -> jax.Array:
+    """Logical or of ``flag`` over the mapped axis (an int32 ``pmax``: bool collectives are not portable)."""
+    return jax.lax.pmax(jnp.asarray(flag).astype(jnp.int32), axis_name) > 0
+
+
+def all_reduce_min_max(lo: jax.Array, hi: jax.Array, bad: jax.Array,
+                       axis_name: Optional[Hashable]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The global batch ``(min, max, nonfinite flag)`` from each device's (``axis_name`` None: unchanged)."""
+    if axis_name is None:
+        return lo, hi, bad
+    return jax.lax.pmin(lo, axis_name), jax.lax.pmax(hi, axis_name), any_over_axis(bad, axis_name)
 
 
 def refuse_moving_average_merge(observer: Any) -> None:
@@ -398,3 +422,39 @@ __all__ = [
     "check_observer_state",
     "finite_min_max",
 ]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunningMinMaxObserverBase(UniformQuantizationObserverBase):
+    """``update``/``sharded_update``/``merge`` of the min/max observer families, written once: the
+    batch's finite min/max (:meth:`batch_min_max`: per tensor, per channel or per block), reduced
+    over the mapped axis when sharded, folded into the state by :meth:`fold` (running min/max here;
+    moving-average subclasses override ``fold`` and refuse ``merge``)."""
+
+    def batch_min_max(self, state: StatsState, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(min, max, nonfinite)`` of the finite entries of float32 ``x``, shaped as the state's."""
+        raise NotImplementedError
+
+    def fold(self, state: StatsState, lo: jax.Array, hi: jax.Array, bad: jax.Array) -> StatsState:
+        """Running min/max: the batch's min/max folded in with ``minimum``/``maximum``."""
+        return StatsState(jnp.minimum(lo, state.min_val), jnp.maximum(hi, state.max_val),
+                          state.num_batches + 1, state.nonfinite | bad)
+
+    def update(self, state: StatsState, x: jax.Array) -> StatsState:
+        """Fold the finite min/max of ``x`` (float, any dtype: converted to float32 as PyTorch does)
+        into ``state``; NaN/Inf entries are left out and flagged."""
+        return self.sharded_update(state, x, None)
+
+    def sharded_update(self, state: StatsState, x: jax.Array, axis_name: Optional[Hashable]) -> StatsState:
+        """As :meth:`update` on the whole batch split over ``axis_name``: the global min/max
+        (``pmin``/``pmax``) go through this observer's own ``fold`` (so moving averages see the
+        global batch's min/max)."""
+        x = as_float32(x, type(self).__name__)
+        if x.size == 0:
+            return state
+        return self.fold(state, *all_reduce_min_max(*self.batch_min_max(state, x), axis_name))
+
+    def merge(self, *states: StatsState) -> StatsState:
+        """Exact: the min of the per-device mins and the max of the maxes."""
+        return merge_stats_states(*states)
+

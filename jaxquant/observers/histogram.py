@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from fractions import Fraction
-from typing import Any, NamedTuple
+from typing import Any, Hashable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxquant.dtypes import qint32
 from jaxquant import torch_numerics as tn
-from jaxquant.observers.base import UniformQuantizationObserverBase, as_float32, finite_min_max
+from jaxquant.observers.base import UniformQuantizationObserverBase, all_reduce_min_max, as_float32, finite_min_max
 
 
 class HistogramState(NamedTuple):
@@ -141,7 +141,43 @@ class HistogramObserver(UniformQuantizationObserverBase):
         NaN/Inf entries are left out and flagged (PyTorch drops +-Inf with a warning and fails on
         NaN); a batch with no finite value leaves the histogram unchanged.
         """
-        return histogram_update(self, state, x)
+        return self.sharded_update(state, x, None)
+
+    def sharded_update(self, state: HistogramState, x: jax.Array, axis_name: Optional[Hashable]) -> HistogramState:
+        """As :meth:`update` on the whole batch split over ``axis_name`` (inside ``shard_map``/``pmap``;
+        ``None``: ``x`` is the whole batch). The batch range and NaN flag are reduced over the axis
+        before anything depends on them and the shards' int32 bin counts are summed with ``psum``
+        (exact), so every device computes the single-device result."""
+        x = as_float32(x, type(self).__name__)
+        if x.size == 0:
+            return state
+        x_min, x_max, bad = all_reduce_min_max(*finite_min_max(x), axis_name)
+        has_data = x_min <= x_max
+        cur_min, cur_max = state.min_val, state.max_val
+        first = (cur_min == jnp.inf) | (cur_max == -jnp.inf)
+        new_min = jnp.where(first, x_min, jnp.minimum(cur_min, x_min))
+        new_max = jnp.where(first, x_max, jnp.maximum(cur_max, x_max))
+        safe_min = jnp.where(has_data, new_min, 0.0)
+        safe_max = jnp.where(has_data, new_max, 0.0)
+        # Exact int32 counts (summed over shards as integers), made float32 once, as PyTorch's histc
+        # sums its per-thread partial counts; a float32 count would stop growing at 2**24 per bin.
+        upd = tn.histc_counts(x, self.bins, safe_min, safe_max, valid=jnp.isfinite(x))
+        if axis_name is not None:
+            upd = jax.lax.psum(upd, axis_name)
+        upd = upd.astype(jnp.float32)
+        same = (new_min == cur_min) & (new_max == cur_max)
+
+        def grow(_: Any) -> jax.Array:
+            return self._combine_histograms(state.histogram, cur_min, cur_max, upd, safe_min, safe_max)
+
+        combined = jax.lax.cond(first | same, lambda _: upd + jnp.where(first, 0.0, state.histogram), grow, None)
+        return HistogramState(
+            histogram=jnp.where(has_data, combined, state.histogram),
+            min_val=jnp.where(has_data, new_min, cur_min),
+            max_val=jnp.where(has_data, new_max, cur_max),
+            num_batches=state.num_batches + 1,
+            nonfinite=state.nonfinite | bad,
+        )
 
     def merge(self, *states: HistogramState) -> HistogramState:
         """Each histogram re-binned into the union of the ranges (PyTorch's ``_combine_histograms`` rule;
@@ -313,48 +349,3 @@ class HistogramObserver(UniformQuantizationObserverBase):
 
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
-
-
-def histogram_update(observer: HistogramObserver, state: HistogramState, x: jax.Array,
-                     axis_name: Any = None) -> HistogramState:
-    """``observer.update(state, x)``; with ``axis_name`` (inside ``shard_map``/``pmap``), ``x`` is this
-    device's shard and the update is the one of the whole batch split over that axis.
-
-    The one place the update rule lives (``jaxquant.distributed.sharded_update`` calls it): the batch
-    range and NaN flag are reduced over the axis before anything depends on them, and the bin counts
-    of the shards are summed (``psum`` of int32 counts, exact), so every device
-    computes the single-device result.
-    """
-    x = as_float32(x, type(observer).__name__)
-    if x.size == 0:
-        return state
-    x_min, x_max, bad = finite_min_max(x)
-    if axis_name is not None:
-        x_min, x_max = jax.lax.pmin(x_min, axis_name), jax.lax.pmax(x_max, axis_name)
-        bad = jax.lax.pmax(bad.astype(jnp.int32), axis_name) > 0  # an or; bool collectives are not portable
-    has_data = x_min <= x_max
-    cur_min, cur_max = state.min_val, state.max_val
-    first = (cur_min == jnp.inf) | (cur_max == -jnp.inf)
-    new_min = jnp.where(first, x_min, jnp.minimum(cur_min, x_min))
-    new_max = jnp.where(first, x_max, jnp.maximum(cur_max, x_max))
-    safe_min = jnp.where(has_data, new_min, 0.0)
-    safe_max = jnp.where(has_data, new_max, 0.0)
-    # Exact int32 counts (summed over shards as integers), made float32 once, as PyTorch's histc
-    # sums its per-thread partial counts; a float32 count would stop growing at 2**24 per bin.
-    upd = tn.histc_counts(x, observer.bins, safe_min, safe_max, valid=jnp.isfinite(x))
-    if axis_name is not None:
-        upd = jax.lax.psum(upd, axis_name)
-    upd = upd.astype(jnp.float32)
-    same = (new_min == cur_min) & (new_max == cur_max)
-
-    def grow(_: Any) -> jax.Array:
-        return observer._combine_histograms(state.histogram, cur_min, cur_max, upd, safe_min, safe_max)
-
-    combined = jax.lax.cond(first | same, lambda _: upd + jnp.where(first, 0.0, state.histogram), grow, None)
-    return HistogramState(
-        histogram=jnp.where(has_data, combined, state.histogram),
-        min_val=jnp.where(has_data, new_min, cur_min),
-        max_val=jnp.where(has_data, new_max, cur_max),
-        num_batches=state.num_batches + 1,
-        nonfinite=state.nonfinite | bad,
-    )

@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.torch_numerics import rounded
-from jaxquant.observers.base import (StatsState, UniformQuantizationObserverBase, as_float32, finite_min_max,
-                                     fresh_stats, merge_stats_states, refuse_moving_average_merge)
+from jaxquant.observers.base import (RunningMinMaxObserverBase, StatsState, finite_min_max, fresh_stats,
+                                     refuse_moving_average_merge)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MinMaxObserver(UniformQuantizationObserverBase):
+class MinMaxObserver(RunningMinMaxObserverBase):
     """Running min and max of everything observed; qparams by PyTorch's formula.
 
     Per-tensor qschemes only (``per_tensor_affine``, ``per_tensor_symmetric``). State is a
@@ -33,27 +33,8 @@ class MinMaxObserver(UniformQuantizationObserverBase):
         """Scalar state: ``min_val = +inf``, ``max_val = -inf`` (nothing observed)."""
         return fresh_stats(())
 
-    def update(self, state: StatsState, x: jax.Array) -> StatsState:
-        """Fold ``min(x)``/``max(x)`` (finite entries only) into the running min/max.
-
-        Args:
-          state: from :meth:`init` or a previous update.
-          x: float array of any shape and dtype (converted to float32, as PyTorch does).
-        """
-        x = as_float32(x, type(self).__name__)
-        if x.size == 0:
-            return state
-        lo, hi, bad = finite_min_max(x)
-        return StatsState(
-            min_val=jnp.minimum(lo, state.min_val),
-            max_val=jnp.maximum(hi, state.max_val),
-            num_batches=state.num_batches + 1,
-            nonfinite=state.nonfinite | bad,
-        )
-
-    def merge(self, *states: StatsState) -> StatsState:
-        """Exact: the min of the per-device mins and the max of the maxes."""
-        return merge_stats_states(*states)
+    def batch_min_max(self, state: StatsState, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return finite_min_max(x)
 
     def calculate_qparams(self, state: StatsState) -> tuple[jax.Array, jax.Array]:
         """``(scale, zero_point)`` of shape ``()``: float32 and int32.
@@ -90,15 +71,9 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
         """Refused: an average of per-device moving averages is not the moving average of the global batches."""
         refuse_moving_average_merge(self)
 
-    def update(self, state: StatsState, x: jax.Array) -> StatsState:
-        """Moving-average update with ``x``'s finite min/max; a batch without finite values is skipped."""
-        x = as_float32(x, type(self).__name__)
-        if x.size == 0:
-            return state
-        lo, hi, bad = finite_min_max(x)
-        new_min, new_max = moving_average(state.min_val, state.max_val, lo, hi, self.averaging_constant)
-        return StatsState(new_min, new_max, state.num_batches + 1, state.nonfinite | bad)
-
+    def fold(self, state: StatsState, lo: jax.Array, hi: jax.Array, bad: jax.Array) -> StatsState:
+        """Moving-average step with the batch's finite min/max; a batch without finite values is skipped."""
+        return fold_moving_average(self.averaging_constant, state, lo, hi, bad)
 
 def moving_average(
     min_val: jax.Array, max_val: jax.Array, cur_min: jax.Array, cur_max: jax.Array, c: float
@@ -118,3 +93,8 @@ def moving_average(
     new_min = jnp.where(seen, jnp.where(first, cur_min, avg_min), min_val)
     new_max = jnp.where(seen, jnp.where(first, cur_max, avg_max), max_val)
     return new_min, new_max
+
+def fold_moving_average(c: float, state: StatsState, lo: jax.Array, hi: jax.Array, bad: jax.Array) -> StatsState:
+    """:func:`moving_average` of the state with a batch's ``(lo, hi, bad)``, one more batch counted."""
+    new_min, new_max = moving_average(state.min_val, state.max_val, lo, hi, c)
+    return StatsState(new_min, new_max, state.num_batches + 1, state.nonfinite | bad)

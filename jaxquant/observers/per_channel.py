@@ -9,10 +9,10 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxquant.observers.base import (StatsState, UniformQuantizationObserverBase, as_float32, finite_min_max,
-                                     fresh_stats, merge_stats_states, refuse_moving_average_merge)
+from jaxquant.observers.base import (RunningMinMaxObserverBase, StatsState, finite_min_max, fresh_stats,
+                                     refuse_moving_average_merge)
 from jaxquant.dtypes import QScheme, per_channel_affine
-from jaxquant.observers.minmax import moving_average
+from jaxquant.observers.minmax import fold_moving_average
 from jaxquant.qtensor import group_qparams_shape
 
 
@@ -26,7 +26,7 @@ def _shape_of(example_or_shape: Any, who: str) -> tuple[int, ...]:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
+class PerChannelMinMaxObserver(RunningMinMaxObserverBase):
     """Running min/max per slice along ``ch_axis``; qparams per channel by PyTorch's formula.
 
     State: :class:`~jaxquant.observers.base.StatsState` with ``min_val``/``max_val`` of shape ``(C,)``.
@@ -68,7 +68,7 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
             return fresh_stats(group_qparams_shape(shape, self.block_size, type(self).__name__))
         return fresh_stats((self._channels(shape),))
 
-    def _channel_min_max(self, state: StatsState, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def batch_min_max(self, state: StatsState, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         if self.block_size is not None:
             qshape = group_qparams_shape(x.shape, self.block_size, type(self).__name__)
             if qshape != tuple(state.min_val.shape):
@@ -85,19 +85,6 @@ class PerChannelMinMaxObserver(UniformQuantizationObserverBase):
             )
         y = jnp.moveaxis(x, self.ch_axis, 0).reshape(channels, -1)
         return finite_min_max(y, axis=1)
-
-    def update(self, state: StatsState, x: jax.Array) -> StatsState:
-        """Fold per-channel min/max of ``x`` (float, ``x.shape[ch_axis] == C``) into the state."""
-        x = as_float32(x, type(self).__name__)
-        if x.size == 0:
-            return state
-        lo, hi, bad = self._channel_min_max(state, x)
-        return StatsState(jnp.minimum(lo, state.min_val), jnp.maximum(hi, state.max_val),
-                          state.num_batches + 1, state.nonfinite | bad)
-
-    def merge(self, *states: StatsState) -> StatsState:
-        """Exact: the min of the per-device mins and the max of the maxes."""
-        return merge_stats_states(*states)
 
     def calculate_qparams(self, state: StatsState) -> tuple[jax.Array, jax.Array]:
         """``(scales (C,) float32, zero_points (C,) int32)``; float32 zero points for
@@ -119,13 +106,9 @@ class MovingAveragePerChannelMinMaxObserver(PerChannelMinMaxObserver):
                 f"{type(self).__name__}: averaging_constant must be in (0, 1], got {self.averaging_constant}"
             )
 
-    def update(self, state: StatsState, x: jax.Array) -> StatsState:
-        x = as_float32(x, type(self).__name__)
-        if x.size == 0:
-            return state
-        lo, hi, bad = self._channel_min_max(state, x)
-        new_min, new_max = moving_average(state.min_val, state.max_val, lo, hi, self.averaging_constant)
-        return StatsState(new_min, new_max, state.num_batches + 1, state.nonfinite | bad)
+    def fold(self, state: StatsState, lo: jax.Array, hi: jax.Array, bad: jax.Array) -> StatsState:
+        """Per-channel moving-average step; channels without finite values in the batch keep theirs."""
+        return fold_moving_average(self.averaging_constant, state, lo, hi, bad)
 
     def merge(self, *states: StatsState) -> StatsState:
         """Refused: an average of per-device moving averages is not the moving average of the global batches."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Optional
+from typing import Any, Hashable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ from jaxquant.dtypes import (
     quint8,
     validate_qrange,
 )
-from jaxquant.observers.base import ObserverBase, as_float32
+from jaxquant.observers.base import ObserverBase, any_over_axis, as_float32
 
 
 class CountState(NamedTuple):
@@ -50,6 +50,13 @@ class _CountingObserver(ObserverBase):
 
     def update(self, state: CountState, x: jax.Array) -> CountState:
         return _count(state, x)
+
+    def sharded_update(self, state: CountState, x: jax.Array, axis_name: Optional[Hashable]) -> CountState:
+        """One more batch; non-finite if any device's shard held NaN/Inf."""
+        new = _count(state, x)
+        if axis_name is None:
+            return new
+        return new._replace(nonfinite=state.nonfinite | any_over_axis(new.nonfinite, axis_name))
 
     def merge(self, *states: CountState) -> CountState:
         """The largest count; non-finite if any device saw non-finite values."""

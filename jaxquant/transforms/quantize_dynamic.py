@@ -18,8 +18,7 @@ from jaxquant.dtypes import FloatDType, QDType, qint8
 from jaxquant.fake_quant.fake_quantize import Identity
 from jaxquant.module_paths import named_modules
 from jaxquant.nn.dynamic.rnn import whole_sequence_rnns
-from jaxquant.qconfig import QConfig, default_dynamic_qconfig_for
-from jaxquant.qconfig_mapping import QConfigMapping
+from jaxquant.qconfig_mapping import dynamic_qconfig_mapping
 from jaxquant.quantization_mappings import (
     DYNAMIC_DEFAULT_TYPES,
     get_default_dynamic_quant_module_mappings,
@@ -37,35 +36,16 @@ __all__ = ["quantize_dynamic", "get_default_dynamic_quant_module_mappings", "DYN
 
 def _normalise_spec(model: nnx.Module, qconfig_spec: QConfigSpec, dtype: Any):
     """``qconfig_spec`` as a QConfigMapping (global None), validating every entry."""
-    if qconfig_spec is None:
-        qconfig = default_dynamic_qconfig_for(dtype)
-        qconfig_spec = {t: qconfig for t in DYNAMIC_DEFAULT_TYPES(dtype)}
-    elif isinstance(qconfig_spec, (set, frozenset, list, tuple)):
-        qconfig = default_dynamic_qconfig_for(dtype)
-        qconfig_spec = {k: qconfig for k in qconfig_spec}
-    elif not isinstance(qconfig_spec, Mapping):
-        raise TypeError(f"quantize_dynamic: qconfig_spec must be None, a set of module types, or a dict from "
-                        f"module type / dotted path to QConfig; got {type(qconfig_spec).__name__}")
     paths = {p for p, _ in named_modules(model)}
-    mapping = QConfigMapping()
-    for key, value in qconfig_spec.items():
-        if value is not None and not isinstance(value, QConfig):
-            raise TypeError(f"quantize_dynamic: qconfig_spec[{key!r}] must be a QConfig or None, got "
-                            f"{type(value).__name__} ({value!r})")
-        if isinstance(key, type):
-            if not issubclass(key, nnx.Module):
-                raise TypeError(f"quantize_dynamic: qconfig_spec key {key.__qualname__} is not an nnx.Module type")
-            mapping.set_object_type(key, value)
-        elif isinstance(key, str):
-            if key not in paths:
-                near = sorted(p for p in paths if p and (p.startswith(key) or key.startswith(p)))[:8]
-                raise KeyError(f"quantize_dynamic: qconfig_spec names module path '{key}', which is not in the "
-                               f"model; nearby paths: {near or sorted(paths)[:8]}")
-            mapping.set_module_name(key, value)
-        else:
-            raise TypeError(f"quantize_dynamic: qconfig_spec key {key!r} ({type(key).__name__}) is neither a "
-                            "module type nor a dotted module path string")
-    return mapping
+
+    def check_path(key: str) -> None:
+        if key not in paths:
+            near = sorted(p for p in paths if p and (p.startswith(key) or key.startswith(p)))[:8]
+            raise KeyError(f"quantize_dynamic: qconfig_spec names module path '{key}', which is not in the "
+                           f"model; nearby paths: {near or sorted(paths)[:8]}")
+
+    return dynamic_qconfig_mapping(qconfig_spec, dtype, lambda: DYNAMIC_DEFAULT_TYPES(dtype), nnx.Module,
+                                   "an nnx.Module", check_path=check_path)
 
 
 def _refuse_weight_only_qconfig(qconfig: Any, path: str) -> None:

@@ -15,8 +15,10 @@ weight as
 zero weights. Symmetric quantization uses PyTorch's signed range (``[-128, 127]`` / ``[-8, 7]``,
 ``scale = max|w| / ((qmax - qmin) / 2)``) stored shifted by ``2**(bits-1)``; asymmetric uses the
 unsigned range with the zero point chosen so that 0 is exact (PyTorch's observer rule).
-This is the ``block_size`` granularity that QTensor gains in the core issue; the class can become a
-QTensor with a static block size once that lands.
+The codes are a per-group :class:`~jaxquant.qtensor.QTensor` (:meth:`BlockQuantizedWeight.codes`:
+``(N, Kp)`` ``quint8``/``quint4`` with ``block_size (1, group_size)``), and :func:`dequantize_blockwise`
+is QTensor's one dequantize path over it. The container keeps the packed decode layout above as
+its fields (two int4 rows per byte), which the weight-only matmul and its native kernel read as is.
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxquant.dtypes import per_channel_affine, per_channel_symmetric, quint4, quint8
+from jaxquant.qtensor import QTensor, dequantize
 
 __all__ = ["BlockQuantizedWeight", "quantize_blockwise", "dequantize_blockwise", "block_layout",
            "pack_int4_rows", "unpack_int4_rows", "group_qparams", "codes_for"]
@@ -74,6 +79,14 @@ class BlockQuantizedWeight:
     def dequantize(self) -> jax.Array:
         """float32 ``(in_features, out_features)``."""
         return dequantize_blockwise(self)
+
+    def codes(self) -> QTensor:
+        """The unsigned codes as a per-group QTensor ``(N, Kp)`` (output channels as rows, int4
+        unpacked): ``quint8``/``quint4``, ``block_size (1, group_size)``, ``scale``/``zero_point``
+        ``(N, G)``; ``per_channel_symmetric`` when symmetric (zero point ``2**(bits-1)``)."""
+        return QTensor(_codes_matrix(self), self.scale, self.zero_point, quint4 if self.bits == 4 else quint8,
+                       per_channel_symmetric if self.symmetric else per_channel_affine, None,
+                       (1, self.group_size))
 
     def __repr__(self) -> str:
         g = "per-channel" if self.n_groups == 1 else f"group {self.group_size}"
@@ -191,8 +204,6 @@ def quantize_blockwise(w: jax.Array, *, bits: int = 8, group_size: Optional[int]
 
 
 def dequantize_blockwise(q: BlockQuantizedWeight) -> jax.Array:
-    """float32 ``(in_features, out_features)``: ``scale * (code - zero_point)`` per group."""
-    n, g, gs = q.out_features, q.n_groups, q.group_size
-    codes = _codes_matrix(q).astype(jnp.int32).reshape(n, g, gs)
-    w = (codes - q.zero_point[..., None]).astype(jnp.float32) * q.scale[..., None]
-    return w.reshape(n, g * gs)[:, :q.in_features].T
+    """float32 ``(in_features, out_features)``: ``scale * (code - zero_point)`` per group, through
+    :func:`jaxquant.qtensor.dequantize` of :meth:`BlockQuantizedWeight.codes`."""
+    return dequantize(q.codes())[:, :q.in_features].T

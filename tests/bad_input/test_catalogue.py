@@ -18,7 +18,7 @@ from flax import nnx
 import jaxquant as jq
 import jaxquant.nn as jqnn
 from jaxquant.nn.variables import QuantParams
-from jaxquant.qtensor import QTensor, quint8
+from jaxquant.qtensor import QTensor, quantize_per_group, quint8
 from jaxquant.observers import NotCalibratedError
 
 
@@ -644,6 +644,19 @@ def test_P14_quantize_per_tensor_vector_scale():
         jq.quantize_per_tensor(X, 0.1, np.array([0, 1]), jq.quint8)
     with _raises(ValueError, "scale must be a single value"):  # static: under jit too
         jax.jit(lambda x, s: jq.quantize_per_tensor(x, s, 0, jq.quint8).int_repr())(X, np.ones(2, np.float32))
+
+
+def test_P15_qtensor_axis_out_of_range():
+    with _raises(ValueError, "QTensor", "axis 2", r"shape \(3, 4\)"):
+        jq.QTensor(jnp.zeros((3, 4), jnp.int8), jnp.ones(4), jnp.zeros(4, jnp.int32), jq.qint8, jq.per_channel_affine, 2)
+
+
+def test_P16_pytorch_accessor_on_per_group_tensor():
+    q = quantize_per_group(np.ones((4, 2), np.float32), np.ones((2, 2), np.float32), np.zeros((2, 2), np.int32), (2, 1))
+    with _raises(ValueError, "q_scale", "block_size", r"\.scale"):
+        q.q_scale()
+    with _raises(ValueError, "q_per_channel_scales", "block_size", r"\.scale"):
+        q.q_per_channel_scales()
 
 
 @pytest.mark.parametrize("eps", [1e-45, 1e-39])

@@ -344,13 +344,13 @@ def test_shard_qtensor_places_int8_data_with_their_scales():
     w = _converted_mlp().fc1.weight()  # (24, 64) per output channel, axis 1
     ws = jd.shard_qtensor(w, mesh, "model")
     assert ws.int_data.dtype == jnp.int8 and ws.int_data.sharding.spec == P(None, "model")
-    assert ws.scale.sharding.spec == P("model")
+    assert ws.scale.sharding.spec == P(None, "model")  # qparams of the data's rank, split with it
     data_shards = sorted(ws.int_data.addressable_shards, key=lambda s: s.device.id)
     scale_shards = {s.device: s for s in ws.scale.addressable_shards}
     for s in data_shards:
         cols = s.index[1]
         assert s.data.shape == (24, 64 // N_DEV)
-        np.testing.assert_array_equal(np.asarray(scale_shards[s.device].data), np.asarray(w.scale)[cols])
+        np.testing.assert_array_equal(np.asarray(scale_shards[s.device].data), np.asarray(w.scale)[:, cols])
     _assert_tree_equal(w, ws)
     with pytest.raises(ValueError, match="not divisible"):
         jd.shard_qtensor(jq.quantize_per_channel(jnp.ones((4, 6)), jnp.ones(6), jnp.zeros(6, jnp.int32), 1),

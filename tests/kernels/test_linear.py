@@ -26,7 +26,7 @@ def _static(x, packed, sx, zx, so, zo, *, relu=False, out_dtype=np.uint8, layout
     """quantized_linear on integer data ``x`` with input qparams (sx, zx): its output's integers."""
     y = _static_op(_xq(x, sx, zx), packed, jnp.float32(so), jnp.int32(zo), out_dtype=_qdtype(out_dtype),
                    relu=relu, layout=layout)
-    assert y.scale == np.float32(so) and y.zero_point == zo and y.dtype == _qdtype(out_dtype)
+    assert y.q_scale() == np.float32(so) and y.q_zero_point() == zo and y.dtype == _qdtype(out_dtype)
     return y.int_data
 _choose = jax.jit(choose_qparams_from_min_max, static_argnums=(2, 3, 4))
 

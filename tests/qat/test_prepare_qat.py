@@ -96,7 +96,7 @@ def test_convert_matches_torch_eager_qat_flow():
     tw = tq_model.conv.weight()
     diff = np.abs(np.transpose(np.asarray(qw.int_data, np.int32), (3, 2, 0, 1)) - tw.int_repr().numpy().astype(np.int32))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.02
-    np.testing.assert_allclose(np.asarray(qw.scale), tw.q_per_channel_scales().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(qw.q_per_channel_scales()), tw.q_per_channel_scales().numpy(), rtol=1e-5)
     fw = np.asarray(q_model.fc.weight().int_data, np.int32)
     fw_t = tq_model.fc.weight().int_repr().numpy().astype(np.int32)
     fw_t = fw_t.reshape(N_OUT, C_OUT, H, H).transpose(2, 3, 1, 0).reshape(-1, N_OUT)

@@ -101,12 +101,12 @@ def assert_within_one_step(ours: QTensor, theirs, to_ours_perm=None, min_fractio
     if to_ours_perm is not None:
         t_ints = t_ints.transpose(to_ours_perm)
     o_ints = np.asarray(ours.int_repr()).astype(np.int64)
-    t_zp, o_zp = int(theirs.q_zero_point()), int(np.asarray(ours.zero_point))
+    t_zp, o_zp = int(theirs.q_zero_point()), int(ours.q_zero_point())
     shift = 0
     if ours.dtype == jq.qint8 and theirs.dtype == torch.quint8:
         shift = 128
     assert o_ints.shape == t_ints.shape, (o_ints.shape, t_ints.shape)
-    np.testing.assert_allclose(float(np.asarray(ours.scale)), theirs.q_scale(), rtol=1e-6)
+    np.testing.assert_allclose(float(ours.q_scale()), theirs.q_scale(), rtol=1e-6)
     assert o_zp + shift == t_zp, (o_zp, t_zp)
     diff = np.abs(o_ints + shift - t_ints)
     if exact:

@@ -207,7 +207,7 @@ def test_qfunctional_add_scalar_matches_torch(c):
     assert_within_one_step(ours, theirs, max_saturated=0.75)
     # and the value is what was asked for, up to the (possibly widened) output step
     np.testing.assert_allclose(np.asarray(ours.dequantize()), np.asarray(x.dequantize()) + c,
-                               atol=float(np.asarray(ours.scale)) * 0.5 + 1e-6 + 0.05 * 0.5)
+                               atol=float(ours.q_scale()) * 0.5 + 1e-6 + 0.05 * 0.5)
 
 
 @pytest.mark.parametrize("c", [0.3, 2.5, 0.0, -1.7])

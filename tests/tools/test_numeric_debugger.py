@@ -50,7 +50,7 @@ def test_compare_reports_every_matching_layer(cnn_models):
         rec_q(x)
     f = np.asarray(log_f.calls[0].output, np.float64)
     q_t = log_q.calls[0].output
-    q = (np.asarray(q_t.int_data, np.float64) - float(q_t.zero_point)) * float(q_t.scale)
+    q = (np.asarray(q_t.int_data, np.float64) - float(q_t.q_zero_point())) * float(q_t.q_scale())
     expected = 20 * np.log10(np.sqrt((f ** 2).sum()) / np.sqrt(((f - q) ** 2).sum()))
     assert by_path["fc1"].sqnr_db == pytest.approx(expected, rel=1e-6)
     assert by_path["fc1"].max_abs_error == pytest.approx(np.abs(f - q).max(), rel=1e-6)

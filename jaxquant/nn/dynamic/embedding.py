@@ -34,8 +34,8 @@ class Embedding(nnx.Module):
             raise TypeError(f"quantized Embedding '{name}': weight must be quint8 per_channel_affine_float_qparams "
                             f"along axis 0, got {weight!r}")
         self.num_embeddings, self.features = (int(d) for d in weight.shape)
-        scale = jnp.asarray(weight.scale, jnp.float32)
-        zero_point = jnp.asarray(weight.zero_point, jnp.float32)
+        scale = jnp.asarray(weight.q_per_channel_scales(), jnp.float32)
+        zero_point = jnp.asarray(weight.q_per_channel_zero_points(), jnp.float32)
         self.int_data = QuantParams(jnp.asarray(weight.int_data, jnp.uint8))
         self.scale = QuantParams(scale)
         self.zero_point = QuantParams(zero_point)
@@ -55,7 +55,7 @@ class Embedding(nnx.Module):
         table = jnp.asarray(module.embedding.get_value(), jnp.float32)  # (V, D): rows are channels
         # quantize_float_weight treats the last axis as the channel axis; rows are ours.
         q_t = quantize_float_weight(table.T, qconfig, path)
-        weight = QTensor(q_t.int_data.T, q_t.scale, q_t.zero_point, q_t.dtype, q_t.qscheme, 0)
+        weight = QTensor(q_t.int_data.T, q_t.q_per_channel_scales(), q_t.q_per_channel_zero_points(), q_t.dtype, q_t.qscheme, 0)
         return cls(weight, name=path)
 
     def weight(self) -> QTensor:

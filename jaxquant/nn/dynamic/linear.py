@@ -44,11 +44,12 @@ class Linear(nnx.Module):
         k, n = weight.shape
         self.in_features, self.out_features = int(k), int(n)
         self.weight_int8 = QuantParams(weight.int_data)
-        self.weight_scale = QuantParams(jnp.broadcast_to(weight.scale, (n,)).astype(jnp.float32))
-        self.weight_zero_point = QuantParams(jnp.broadcast_to(weight.zero_point, (n,)).astype(jnp.int32))
+        w_scale, w_zero_point = weight.channel_qparams()
+        self.weight_scale = QuantParams(jnp.broadcast_to(w_scale, (n,)).astype(jnp.float32))
+        self.weight_zero_point = QuantParams(jnp.broadcast_to(w_zero_point, (n,)).astype(jnp.int32))
         self.bias_float = QuantParams(None if bias is None else jnp.asarray(bias, jnp.float32))
         # Both packed layouts, derived from the int8 weight (not part of the model's definition).
-        self.params = QuantCache(pack_linear(weight.int_data, weight.scale, weight.zero_point, bias))
+        self.params = QuantCache(pack_linear(weight.int_data, w_scale, w_zero_point, bias))
         self.weight_qscheme = weight.qscheme
         self.reduce_range = bool(reduce_range)
         self.per_token = bool(per_token)

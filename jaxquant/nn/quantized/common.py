@@ -69,6 +69,23 @@ def weight_layer_source(module: Any, path: str, float_attr: str, fused_relu_type
     return layer, weight, None if layer.bias is None else layer.bias.get_value(), out, relu
 
 
+class StaticOutputQParams(nnx.Module):
+    """What ``Quantize`` and ``QFunctional`` hold alike: the static per-tensor qparams and dtype of
+    their output (from the observer or fake quant that watched it), and the module path."""
+
+    def __init__(self, scale: jax.Array, zero_point: jax.Array, dtype: QDType, name: str = ""):
+        self.scale = QuantParams(jnp.asarray(scale, jnp.float32))
+        self.zero_point = QuantParams(jnp.asarray(zero_point, jnp.int32))
+        self.dtype = dtype
+        self.name = name
+
+    @classmethod
+    def from_observed(cls, observed, path: str):
+        """From a prepared module whose ``activation_post_process`` was calibrated or trained."""
+        scale, zero_point, dtype = observed_qparams(observed.activation_post_process, path)
+        return cls(scale, zero_point, dtype, path)
+
+
 class Int8WeightLayer(nnx.Module):
     """What the static int8 Linear and Conv hold alike: the int8 weight (flax layout, output channels
     last) with per-output-channel scales and zero points, a float32 bias, and the output's qparams.
@@ -78,8 +95,9 @@ class Int8WeightLayer(nnx.Module):
                                relu: bool, name: str) -> None:
         out_channels = weight.shape[-1]
         self.weight_int8 = QuantParams(weight.int_data)
-        self.weight_scale = QuantParams(jnp.broadcast_to(weight.scale, (out_channels,)).astype(jnp.float32))
-        self.weight_zero_point = QuantParams(jnp.broadcast_to(weight.zero_point, (out_channels,)).astype(jnp.int32))
+        w_scale, w_zero_point = weight.channel_qparams()
+        self.weight_scale = QuantParams(jnp.broadcast_to(w_scale, (out_channels,)).astype(jnp.float32))
+        self.weight_zero_point = QuantParams(jnp.broadcast_to(w_zero_point, (out_channels,)).astype(jnp.int32))
         self.weight_qscheme = weight.qscheme
         self.bias = QuantParams(None if bias is None else jnp.asarray(bias, jnp.float32))
         self.out_scale = QuantParams(jnp.asarray(out_scale, jnp.float32))

@@ -29,9 +29,9 @@ class Conv(Int8WeightLayer):
                  groups: int, relu: bool = False, name: str = ""):
         nd = weight.ndim - 2
         out_channels = weight.shape[-1]
-        w_scale = jnp.broadcast_to(weight.scale, (out_channels,)).astype(jnp.float32)
+        w_scale, w_zero_point = weight.channel_qparams()
         self.params = QuantCache(pack_conv(
-            weight.int_data, w_scale, weight.zero_point, None if bias is None else jnp.asarray(bias, jnp.float32),
+            weight.int_data, jnp.broadcast_to(w_scale, (out_channels,)).astype(jnp.float32), w_zero_point, None if bias is None else jnp.asarray(bias, jnp.float32),
             strides=_spatial_tuple(strides, nd), padding=padding, dilation=_spatial_tuple(dilation, nd),
             groups=groups))
         self._set_weight_and_output(weight, bias, out_scale, out_zero_point, out_dtype, relu, name)

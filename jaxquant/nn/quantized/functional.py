@@ -10,28 +10,14 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from jaxquant.dtypes import QDType
-from jaxquant.nn.quantized.common import observed_qparams, require_qtensor
-from jaxquant.nn.variables import QuantParams
+from jaxquant.nn.quantized.common import StaticOutputQParams, require_qtensor
 from jaxquant.qtensor import QTensor, dequantize, quantize_per_tensor
 
 
-class QFunctional(nnx.Module):
-    """Quantized element-wise ops over per-tensor QTensors; outputs carry ``(scale, zero_point)``."""
-
-    def __init__(self, scale: jax.Array, zero_point: jax.Array, dtype: QDType, name: str = ""):
-        self.scale = QuantParams(jnp.asarray(scale, jnp.float32))
-        self.zero_point = QuantParams(jnp.asarray(zero_point, jnp.int32))
-        self.dtype = dtype
-        self.name = name
-
-    @classmethod
-    def from_observed(cls, module, path: str) -> "QFunctional":
-        """From a prepared ``FloatFunctional`` (its ``activation_post_process`` calibrated or trained)."""
-        scale, zero_point, dtype = observed_qparams(module.activation_post_process, path)
-        return cls(scale, zero_point, dtype, path)
+class QFunctional(StaticOutputQParams):
+    """Quantized element-wise ops over per-tensor QTensors; outputs carry ``(scale, zero_point)``.
+    Built by ``from_observed`` from a prepared ``FloatFunctional``."""
 
     def _in(self, x) -> jax.Array:
         return dequantize(require_qtensor(x, self.name, "QFunctional"))
@@ -76,8 +62,8 @@ def add_scalar(x: QTensor, c: float) -> QTensor:
     (``z'`` pinned to qmin or qmax) and the integers requantized with ``s / s'``.
     """
     qmin, qmax = x.dtype.min, x.dtype.max
-    s = x.scale.astype(jnp.float32)
-    z = x.zero_point.astype(jnp.int32)
+    s = x.q_scale().astype(jnp.float32)
+    z = x.q_zero_point().astype(jnp.int32)
     c_q = jnp.round(jnp.float32(c) / s).astype(jnp.int32)
     zc = z - c_q
     span = jnp.float32(qmax - qmin)
@@ -99,8 +85,8 @@ def mul_scalar(x: QTensor, c: float) -> QTensor:
     """
     qmin, qmax = x.dtype.min, x.dtype.max
     c = float(c)
-    s = x.scale.astype(jnp.float32)
-    z = x.zero_point.astype(jnp.int32)
+    s = x.q_scale().astype(jnp.float32)
+    z = x.q_zero_point().astype(jnp.int32)
     if c > 0:
         return QTensor(x.int_data, jnp.float32(c) * s, z, x.dtype)
     if c == 0:

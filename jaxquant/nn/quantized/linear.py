@@ -31,7 +31,7 @@ class Linear(Int8WeightLayer):
         k, n = weight.shape
         self.in_features, self.out_features = int(k), int(n)
         self._set_weight_and_output(weight, bias, out_scale, out_zero_point, out_dtype, relu, name)
-        self.packed = QuantCache(pack_linear(weight.int_data, self.weight_scale.get_value(), weight.zero_point,
+        self.packed = QuantCache(pack_linear(weight.int_data, self.weight_scale.get_value(), weight.channel_qparams()[1],
                                              self.bias.get_value()))
         seal_cache(self)
 

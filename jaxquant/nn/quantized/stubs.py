@@ -2,33 +2,19 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from jaxquant.dtypes import QDType
-from jaxquant.nn.quantized.common import observed_qparams
+from jaxquant.nn.quantized.common import StaticOutputQParams
 from jaxquant.core.grad_guard import refuse_gradient
-from jaxquant.nn.variables import QuantParams
 from jaxquant.qtensor import QTensor, dequantize, quantize_per_tensor
 
 
-class Quantize(nnx.Module):
+class Quantize(StaticOutputQParams):
     """float array (any shape) -> per-tensor QTensor with the calibrated scale and zero point.
 
     Called eagerly with a concrete input holding NaN/Inf it raises ``ValueError`` naming this module
     (PyTorch quantizes them silently); under ``jit`` there is no check and no cost.
     """
-
-    def __init__(self, scale: jax.Array, zero_point: jax.Array, dtype: QDType, name: str = ""):
-        self.scale = QuantParams(jnp.asarray(scale, jnp.float32))
-        self.zero_point = QuantParams(jnp.asarray(zero_point, jnp.int32))
-        self.dtype = dtype
-        self.name = name
-
-    @classmethod
-    def from_observed(cls, observed, path: str) -> "Quantize":
-        scale, zero_point, dtype = observed_qparams(observed.activation_post_process, path)
-        return cls(scale, zero_point, dtype, path)
 
     def __call__(self, x) -> QTensor:
         if isinstance(x, QTensor):
