@@ -16,7 +16,7 @@ from jax import lax
 from jaxquant.native import GEMV_MAX_M, _lib, native_enabled
 
 __all__ = ["CONV_CFG_FIELDS", "conv_cfg", "pack_conv_weight", "native_conv", "conv_impl_name",
-           "pack_gemv_weight", "native_gemv", "gemv_supported", "conv_supported", "GEMV_COLS"]
+           "pack_gemv_weight", "native_gemv", "native_gemv_dynamic", "gemv_supported", "conv_supported", "GEMV_COLS"]
 
 # Must match CfgIndex in csrc/jaxquant_native.cc.
 CONV_CFG_FIELDS = ("kh", "kw", "sh", "sw", "pt", "pb", "pl", "pr", "dh", "dw", "groups", "cin", "cout",
@@ -162,3 +162,25 @@ def native_gemv(x_u8: jax.Array, w_packed: jax.Array, n: int) -> jax.Array:
     m = x_u8.shape[0]
     return jax.ffi.ffi_call("jaxquant_gemv_u8s8", jax.ShapeDtypeStruct((m, n), jnp.int32),
                             vmap_method="sequential")(x_u8, w_packed)
+
+
+def native_gemv_dynamic(x: jax.Array, w_packed: jax.Array, colsum: jax.Array, w_scale: jax.Array,
+                        bias: Optional[jax.Array], *, reduce_range: bool, per_token: bool,
+                        relu: bool) -> jax.Array:
+    """fbgemm's dynamic linear in one custom call: float32 ``x (M, K)`` -> float32 ``(M, N)``.
+
+    The activation's qparams (PyTorch's ``ChooseQuantizationParams``, one pair or one per row with
+    ``per_token``), its uint8 quantization, the VNNI dot with the weight from :func:`pack_gemv_weight`
+    and ``f32(acc - zx * colsum) * (x_scale * w_scale) + bias`` (then ReLU) run in the kernel, each
+    float step rounded as :func:`jaxquant.kernels.linear.quantized_linear_dynamic` rounds it.
+    ``colsum`` is int32 ``(N,)``, ``w_scale`` and ``bias`` float32 ``(N,)``; the weight's zero point
+    must be 0.
+    """
+    m = x.shape[0]
+    n = colsum.shape[0]
+    return jax.ffi.ffi_call("jaxquant_gemv_dyn_f32", jax.ShapeDtypeStruct((m, n), jnp.float32),
+                            vmap_method="sequential")(
+        jnp.asarray(x, jnp.float32), w_packed, jnp.asarray(colsum, jnp.int32), jnp.asarray(w_scale, jnp.float32),
+        jnp.asarray(w_scale if bias is None else bias, jnp.float32),
+        reduce_range=np.int64(reduce_range), per_token=np.int64(per_token), relu=np.int64(relu),
+        has_bias=np.int64(bias is not None))

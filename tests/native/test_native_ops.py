@@ -195,9 +195,78 @@ def test_static_and_dynamic_linear_native_equal_xla(x_dtype):
     assert "jaxquant_gemv_u8s8" in jaxpr
     np.testing.assert_array_equal(native, xla)
     xf = rng.standard_normal((4, k)).astype(np.float32)
-    native, xla, jaxpr = _both(lambda x: quantized_linear_dynamic(x, pl), xf)
-    assert "jaxquant_gemv_u8s8" in jaxpr
+    fn = lambda x: quantized_linear_dynamic(x, pl)
+    with use_native(True):
+        native = np.asarray(jax.jit(fn)(xf))
+        assert "jaxquant_gemv_dyn_f32" in str(jax.make_jaxpr(fn)(xf))
+    with use_native(False):  # at XLA's default optimization level (see the fused-kernel test below)
+        xla = np.asarray(jax.jit(fn).lower(xf).compile(compiler_options={"xla_backend_optimization_level": 3})(xf))
     np.testing.assert_array_equal(native, xla)
+
+
+_DYN_INPUTS = {  # float32 activations that take each branch of ChooseQuantizationParams
+    "normal": lambda rng, shape: rng.standard_normal(shape) * 2 + 0.3,
+    "tiny range (scale lifted to 6.1e-5)": lambda rng, shape: rng.standard_normal(shape) * 1e-6,
+    "all positive": lambda rng, shape: np.abs(rng.standard_normal(shape)) * 40,
+    "all negative": lambda rng, shape: -np.abs(rng.standard_normal(shape)) * 0.02,
+    "zeros (scale 0.1)": lambda rng, shape: np.zeros(shape),
+    "eighths (ties)": lambda rng, shape: np.round(rng.standard_normal(shape) * 8) / 8,
+}
+
+
+@needs_native
+@pytest.mark.parametrize("kind", list(_DYN_INPUTS))
+@pytest.mark.parametrize("per_token,reduce_range,relu,with_bias", [
+    (False, True, False, True), (True, True, True, False), (False, False, True, True), (True, False, False, True)])
+def test_dynamic_linear_fused_kernel_equals_xla(kind, per_token, reduce_range, relu, with_bias):
+    """JqGemvDynF32 chooses the qparams, quantizes, multiplies and dequantizes in one call; every
+    output equals the pure-XLA kernel's bit for bit (K = 203: rows padded to a multiple of 4)."""
+    rng = np.random.default_rng(len(kind))
+    k, n = 203, 70
+    w = rng.integers(-127, 128, (k, n), dtype=np.int8)
+    sw = rng.uniform(1e-3, 1e-2, n).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
+    x = _DYN_INPUTS[kind](rng, (3, k)).astype(np.float32)
+    with use_native(True):
+        pl = pack_linear(w, sw, 0, bias)
+    fn = lambda x: quantized_linear_dynamic(x, pl, reduce_range=reduce_range, per_token=per_token, relu=relu)
+    with use_native(True):
+        native = np.asarray(jax.jit(fn)(x))
+        jaxpr = str(jax.make_jaxpr(fn)(x))
+    # XLA:CPU's float results depend on its optimization level: at the test session's O0 LLVM does not
+    # contract the epilogue's `acc * scale + bias` into a fused multiply-add, at the default level it
+    # does. The kernel follows the default level, which is what users run.
+    with use_native(False):
+        xla = np.asarray(jax.jit(fn).lower(x).compile(compiler_options={"xla_backend_optimization_level": 3})(x))
+    assert "jaxquant_gemv_dyn_f32" in jaxpr and "jaxquant_gemv_u8s8" not in jaxpr
+    np.testing.assert_array_equal(native, xla)
+    assert np.isfinite(native).all()
+
+
+@needs_native
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("reduce_range", [True, False])
+def test_dynamic_linear_fused_kernel_vs_torch(m, reduce_range):
+    """The fused kernel against PyTorch's fbgemm ``quantized::linear_dynamic`` on the same weight and input."""
+    torch = pytest.importorskip("torch")
+    torch.backends.quantized.engine = "x86"
+    rng = np.random.default_rng(m)
+    k, n = 256, 96
+    wf = (rng.standard_normal((n, k)) * 0.1).astype(np.float32)
+    sw = (np.abs(wf).max(1) / 127).astype(np.float32)
+    wq = torch.quantize_per_channel(torch.tensor(wf), torch.tensor(sw, dtype=torch.float64),
+                                    torch.zeros(n, dtype=torch.int64), 0, torch.qint8)
+    b = rng.standard_normal(n).astype(np.float32)
+    x = (rng.standard_normal((m, k)) * 2 + 0.5).astype(np.float32)
+    want = torch.ops.quantized.linear_dynamic(
+        torch.tensor(x), torch.ops.quantized.linear_prepack(wq, torch.tensor(b)), reduce_range).numpy()
+    with use_native(True):
+        pl = pack_linear(wq.int_repr().numpy().T.copy(), sw, 0, b)
+        f = lambda x: quantized_linear_dynamic(x, pl, reduce_range=reduce_range)
+        assert "jaxquant_gemv_dyn_f32" in str(jax.make_jaxpr(f)(x))
+        got = np.asarray(jax.jit(f)(x))
+    # fbgemm and the kernel quantize identically and agree to float rounding of the epilogue
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 @needs_native

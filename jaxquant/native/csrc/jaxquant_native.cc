@@ -21,10 +21,20 @@
 // * JqGemvU8S8: the decode GEMV (M <= 8 rows), an AVX512-VNNI loop over a weight packed as
 //   [N/64][K/4][64][4] int8, returning the raw int32 dot (zero-point terms and the epilogue stay
 //   in XLA, so results equal the pure-XLA kernel exactly).
+// * JqGemvDynF32: the dynamic linear's GEMV with the activation quantization (PyTorch's
+//   ChooseQuantizationParams, per tensor or per row) and the float epilogue in the same call: the
+//   two dozen scalar XLA kernels that choose the qparams cost more than the 768x768 GEMV itself.
+// Every float operation rounds on its own, as in XLA's kernels these must equal: no a * b + c
+// contracted into one fused multiply-add (GCC contracts by default with -O3 on an FMA target).
+#pragma GCC optimize("fp-contract=off")
+
 #include <immintrin.h>
 #include <omp.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -371,6 +381,19 @@ void gemv_rows(const uint8_t* x, int64_t ldx, int64_t rows, const int8_t* wg, in
   }
 }
 
+// acc (M, N) int32 = x (M, K) uint8 @ the packed weight, on up to omp_get_max_threads() threads. x rows
+// are ldx >= 4 * kb bytes apart and zero beyond K.
+void gemv_compute(const uint8_t* xp, int64_t ldx, int64_t m, const int8_t* w, int64_t kb, int64_t n,
+                  int32_t* out) {
+  const int64_t groups = (n + kCols - 1) / kCols;
+  // Threads only pay off once the weight is large enough (a parallel region costs a few us).
+  const int threads = (n * kb * 4 >= (1 << 20)) ? std::min<int64_t>(omp_get_max_threads(), groups) : 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t g = 0; g < groups; ++g)
+    gemv_rows(xp, ldx, m, w + g * kb * kCols * 4, kb, out + g * kCols, n,
+              std::min<int64_t>(kCols, n - g * kCols));
+}
+
 ffi::Error GemvImpl(ffi::AnyBuffer x, ffi::AnyBuffer wp, ffi::Result<ffi::AnyBuffer> acc) {
   auto xd = x.dimensions();
   auto od = acc->dimensions();
@@ -390,14 +413,165 @@ ffi::Error GemvImpl(ffi::AnyBuffer x, ffi::AnyBuffer wp, ffi::Result<ffi::AnyBuf
     for (int64_t r = 0; r < m; ++r) std::memcpy(xpad.data() + r * ldx, xp + r * k, k);
     xp = xpad.data();
   }
-  const int8_t* w = static_cast<const int8_t*>(wp.untyped_data());
-  int32_t* out = static_cast<int32_t*>(acc->untyped_data());
-  // Threads only pay off once the weight is large enough (a parallel region costs a few us).
-  const int threads = (n * k >= (1 << 20)) ? std::min<int64_t>(omp_get_max_threads(), groups) : 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t g = 0; g < groups; ++g)
-    gemv_rows(xp, ldx, m, w + g * kb * kCols * 4, kb, out + g * kCols, n,
-              std::min<int64_t>(kCols, n - g * kCols));
+  gemv_compute(xp, ldx, m, static_cast<const int8_t*>(wp.untyped_data()), kb, n,
+               static_cast<int32_t*>(acc->untyped_data()));
+  return ffi::Error::Success();
+}
+
+// ----------------------------------------------------------------------- dynamic GEMV
+
+// PyTorch's quant_utils::ChooseQuantizationParams (ATen QuantUtils.h, what fbgemm's dynamic linear
+// calls): intermediate values in double, the scale rounded to float once. jaxquant/choose_qparams.py
+// computes the same numbers with float32 pairs.
+struct QParams {
+  float scale;
+  int32_t zero_point;
+};
+
+QParams choose_qparams(float lo, float hi, int32_t qmin, int32_t qmax) {
+  constexpr float kSmallScale = 6.1e-5f;
+  lo = std::min(lo, 0.f);
+  hi = std::max(hi, 0.f);
+  double scale = (static_cast<double>(hi) - lo) / (qmax - qmin);
+  if (static_cast<float>(scale) == 0.0f || std::isinf(1.0f / static_cast<float>(scale))) scale = 0.1;
+  if (scale < kSmallScale) {
+    const float org_scale = static_cast<float>(scale);
+    scale = kSmallScale;
+    if (lo == 0.0f) {
+      hi = kSmallScale * (qmax - qmin);
+    } else if (hi == 0.0f) {
+      lo = -kSmallScale * (qmax - qmin);
+    } else {
+      const float amplifier = kSmallScale / org_scale;
+      lo *= amplifier;
+      hi *= amplifier;
+    }
+  }
+  const double zp_from_min = qmin - lo / scale, zp_from_max = qmax - hi / scale;
+  const double err_min = std::abs(qmin) - std::abs(lo / scale);
+  const double err_max = std::abs(qmax) - std::abs(hi / scale);
+  const double initial = err_min < err_max ? zp_from_min : zp_from_max;
+  int32_t zp = 0;
+  if (initial < qmin) {
+    zp = qmin;
+  } else if (initial > qmax) {
+    zp = qmax;
+  } else if (std::isfinite(initial)) {  // NaN input: the scale is NaN too, so is every output
+    zp = static_cast<int32_t>(std::nearbyint(initial));
+  }
+  return {static_cast<float>(scale), zp};
+}
+
+// min and max of n >= 1 floats; a NaN anywhere makes both NaN (as jnp.min / jnp.max).
+__attribute__((target("avx512f"))) void min_max(const float* x, int64_t n, float* lo, float* hi) {
+  __m512 vlo = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  __m512 vhi = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __mmask16 nan = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    vlo = _mm512_min_ps(vlo, v);
+    vhi = _mm512_max_ps(vhi, v);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  float a = _mm512_reduce_min_ps(vlo), b = _mm512_reduce_max_ps(vhi);
+  bool any_nan = nan != 0;
+  for (; i < n; ++i) {
+    a = std::min(a, x[i]);
+    b = std::max(b, x[i]);
+    any_nan |= std::isnan(x[i]);
+  }
+  if (any_nan) a = b = std::numeric_limits<float>::quiet_NaN();
+  *lo = a;
+  *hi = b;
+}
+
+// q = clip(round_half_even(x * inv + zp), 0, qmax) as uint8. The multiply-add is one fused
+// multiply-add: XLA:CPU contracts the pure-XLA kernel's `x2 * (1 / scale) + zp` into one
+// (measured: ties round differently otherwise).
+__attribute__((target("avx512f,avx512bw,fma"))) void quantize_row(const float* x, int64_t k, float inv, float zp,
+                                                                 float qmax, uint8_t* q) {
+  const __m512 vinv = _mm512_set1_ps(inv), vzp = _mm512_set1_ps(zp);
+  const __m512 vlo = _mm512_setzero_ps(), vhi = _mm512_set1_ps(qmax);
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), vinv, vzp);
+    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(_mm512_max_ps(v, vlo), vhi);  // max_ps(NaN, 0) is 0
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+  for (; i < k; ++i) {
+    float v = std::nearbyint(__builtin_fmaf(x[i], inv, zp));
+    v = std::min(std::max(v, 0.0f), qmax);
+    q[i] = static_cast<uint8_t>(v == v ? v : 0.0f);
+  }
+}
+
+// fbgemm's dynamic linear for M <= a few rows, in one custom call: the activation's qparams (one
+// pair, or one per row with per_token), its quantization to uint8, the VNNI GEMV and the float
+// epilogue. Every float step is the pure-XLA kernel's (jaxquant/kernels/linear.py
+// quantized_linear_dynamic) in the same order and with the same roundings (one fused multiply-add
+// in the quantization, where XLA contracts; none elsewhere, see the pragma at the top), so the
+// outputs are equal.
+ffi::Error GemvDynImpl(ffi::AnyBuffer x, ffi::AnyBuffer wp, ffi::AnyBuffer colsum, ffi::AnyBuffer w_scale,
+                       ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y, int64_t reduce_range, int64_t per_token,
+                       int64_t relu, int64_t has_bias) {
+  auto xd = x.dimensions();
+  auto od = y->dimensions();
+  if (xd.size() != 2 || od.size() != 2 || xd[0] != od[0] || xd[1] < 1 || x.element_type() != ffi::DataType::F32 ||
+      y->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("JqGemvDynF32: expects float32 x (M, K) and float32 out (M, N)");
+  const int64_t m = xd[0], k = xd[1], n = od[1];
+  const int64_t kb = (k + 3) / 4, groups = (n + kCols - 1) / kCols;
+  if (static_cast<int64_t>(wp.size_bytes()) != groups * kb * kCols * 4)
+    return ffi::Error::InvalidArgument("JqGemvDynF32: packed weight size does not match (M, K) x (K, N)");
+  if (colsum.element_type() != ffi::DataType::S32 || static_cast<int64_t>(colsum.element_count()) != n ||
+      w_scale.element_type() != ffi::DataType::F32 || static_cast<int64_t>(w_scale.element_count()) != n ||
+      bias.element_type() != ffi::DataType::F32 || static_cast<int64_t>(bias.element_count()) != n)
+    return ffi::Error::InvalidArgument("JqGemvDynF32: colsum, w_scale and bias must be (N,) int32/float32/float32");
+  const float* xf = static_cast<const float*>(x.untyped_data());
+  const int32_t qmax = reduce_range ? 127 : 255;
+  thread_local std::vector<QParams> qp;
+  qp.resize(m);
+  if (per_token) {
+    for (int64_t r = 0; r < m; ++r) {
+      float lo, hi;
+      min_max(xf + r * k, k, &lo, &hi);
+      qp[r] = choose_qparams(lo, hi, 0, qmax);
+    }
+  } else {
+    float lo, hi;
+    min_max(xf, m * k, &lo, &hi);
+    std::fill(qp.begin(), qp.end(), choose_qparams(lo, hi, 0, qmax));
+  }
+  // q = clip(round(x * (1 / scale) + zp), 0, qmax), rows padded with zeros to 4 * kb
+  const int64_t ldx = kb * 4;
+  thread_local std::vector<uint8_t> xq;
+  thread_local std::vector<int32_t> acc;
+  xq.assign(m * ldx, 0);
+  acc.resize(m * n);
+  for (int64_t r = 0; r < m; ++r) {
+    const float inv = 1.0f / qp[r].scale, zp = static_cast<float>(qp[r].zero_point);
+    quantize_row(xf + r * k, k, inv, zp, static_cast<float>(qmax), xq.data() + r * ldx);
+  }
+  gemv_compute(xq.data(), ldx, m, static_cast<const int8_t*>(wp.untyped_data()), kb, n, acc.data());
+  // y = f32(acc - zx * colsum) * (x_scale * w_scale) + bias, then ReLU
+  const int32_t* cs = static_cast<const int32_t*>(colsum.untyped_data());
+  const float* ws = static_cast<const float*>(w_scale.untyped_data());
+  const float* b = static_cast<const float*>(bias.untyped_data());
+  float* out = static_cast<float*>(y->untyped_data());
+  for (int64_t r = 0; r < m; ++r) {
+    const int32_t zx = qp[r].zero_point;
+    const float s = qp[r].scale;
+    const int32_t* ar = acc.data() + r * n;
+    float* yr = out + r * n;
+    for (int64_t j = 0; j < n; ++j) {
+      const float a = static_cast<float>(ar[j] - zx * cs[j]), sw = s * ws[j];
+      float v = has_bias ? __builtin_fmaf(a, sw, b[j]) : a * sw;
+      if (relu) v = std::max(v, 0.0f);
+      yr[j] = v;
+    }
+  }
   return ffi::Error::Success();
 }
 
@@ -418,6 +592,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqConvU8S8, ConvImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqGemvU8S8, GemvImpl,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqGemvDynF32, GemvDynImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("reduce_range")
+                                  .Attr<int64_t>("per_token")
+                                  .Attr<int64_t>("relu")
+                                  .Attr<int64_t>("has_bias"));
 
 extern "C" {
 
