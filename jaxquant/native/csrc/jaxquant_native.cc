@@ -4,7 +4,7 @@
 //   pipeline is fbgemm's (jaxquant/kernels/requantize.py), expressed so that every step rounds
 //   exactly like the pure-XLA kernel:
 //     y = f32(sum x * w) + f32(-zx * colsum(w)[oc])      (int32 accumulator; the input is padded
-//                                                          with zx by the caller; the compensation
+//                                                          with zx in the call; the compensation
 //                                                          is oneDNN's f32 bias argument: the add
 //                                                          of two exact integers rounds once)
 //     y = y + bias_over_scale[oc]                        (binary-add post-op, if a bias)
@@ -234,9 +234,13 @@ std::shared_ptr<ConvEntry> get_conv(const ConvShape& s) {
   return inserted.first->second;
 }
 
-ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp, ffi::AnyBuffer bias,
-                    ffi::AnyBuffer mult, ffi::AnyBuffer zx, ffi::AnyBuffer zo, ffi::Result<ffi::AnyBuffer> y,
-                    ffi::Span<const int64_t> cfg, int64_t packed) {
+// vecs is float32 (3, cout): the compensation f32(-zx * colsum), bias / (x_scale * w_scale) and the
+// multiplier x_scale * w_scale / out_scale, computed by XLA in one small kernel (XLA's own float
+// rounding: it turns a division by a constant scale into a multiplication by its reciprocal, which
+// the call must follow to stay equal to the pure-XLA kernel). Regular convs pad the input with zx
+// here, instead of in an XLA pad kernel that writes a padded copy.
+ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer vecs, ffi::AnyBuffer zx,
+                    ffi::AnyBuffer zo, ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> cfg, int64_t packed) {
   if (cfg.size() != CFG_LEN) return ffi::Error::InvalidArgument("JqConvU8S8: cfg has the wrong length");
   auto xd = x.dimensions();
   if (xd.size() != 4 || x.element_type() != ffi::DataType::U8)
@@ -248,6 +252,9 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp
   s.w = xd[2];
   if (xd[3] != s.cfg[CIN]) return ffi::Error::InvalidArgument("JqConvU8S8: input channels mismatch");
   const int64_t cout = s.cfg[COUT];
+  for (int i = PT; i <= PR; ++i)
+    if (s.cfg[i] < 0 || s.cfg[i] > (int64_t{1} << 24))
+      return ffi::Error::InvalidArgument("JqConvU8S8: padding out of range");
   if (s.cfg[GROUPS] < 1 || s.cfg[CIN] % s.cfg[GROUPS] || cout % s.cfg[GROUPS] || s.oh() < 1 || s.ow() < 1)
     return ffi::Error::InvalidArgument("JqConvU8S8: inconsistent conv config");
   auto yd = y->dimensions();
@@ -255,15 +262,28 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp
   if (yd.size() != 4 || yd[0] != s.n || yd[1] != s.oh() || yd[2] != s.ow() || yd[3] != cout ||
       y->element_type() != want_y)
     return ffi::Error::InvalidArgument("JqConvU8S8: output shape or dtype does not match the conv");
-  for (const ffi::AnyBuffer* v : {&comp, &bias, &mult})
-    if (v->element_type() != ffi::DataType::F32 || static_cast<int64_t>(v->element_count()) != cout)
-      return ffi::Error::InvalidArgument("JqConvU8S8: per-channel vectors must be float32 (cout,)");
+  if (vecs.element_type() != ffi::DataType::F32 || static_cast<int64_t>(vecs.element_count()) != 3 * cout)
+    return ffi::Error::InvalidArgument("JqConvU8S8: the per-channel vectors must be float32 (3, cout)");
   if (zo.element_type() != ffi::DataType::S32 || zo.element_count() != 1 ||
       zx.element_type() != ffi::DataType::S32 || zx.element_count() != 1)
     return ffi::Error::InvalidArgument("JqConvU8S8: the zero points must be one int32 each");
   s.zo = *static_cast<const int32_t*>(zo.untyped_data());
   if (s.zo < -255 || s.zo > 255)  // a uint8/int8 zero point; also bounds the number of cached primitives
     return ffi::Error::InvalidArgument("JqConvU8S8: the output zero point is out of the 8-bit range");
+  const int32_t zx_v = *static_cast<const int32_t*>(zx.untyped_data());
+  if (zx_v < 0 || zx_v > 255)
+    return ffi::Error::InvalidArgument("JqConvU8S8: the input zero point is out of the uint8 range");
+  // Regular convs: the input is padded here with zx and oneDNN runs unpadded (see the top comment).
+  const bool pad_here = !s.cfg[SRC_ZP] && (s.cfg[PT] || s.cfg[PB] || s.cfg[PL] || s.cfg[PR]);
+  const int64_t pt = s.cfg[PT], pl = s.cfg[PL], h0 = s.h, w0 = s.w, c = s.cfg[CIN];
+  if (pad_here) {
+    s.h += s.cfg[PT] + s.cfg[PB];
+    s.w += s.cfg[PL] + s.cfg[PR];
+    s.cfg[PT] = s.cfg[PB] = s.cfg[PL] = s.cfg[PR] = 0;
+  }
+  float* comp_v = static_cast<float*>(vecs.untyped_data());
+  float* bos_v = comp_v + cout;
+  float* mult_v = comp_v + 2 * cout;
   try {
     OmpThreads threads(s.macs() < kSingleThreadMacs);
     auto e = get_conv(s);
@@ -272,7 +292,7 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp
     if (weight.size_bytes() != want_w)
       return ffi::Error::InvalidArgument("JqConvU8S8: the weight blob has the wrong size for this conv");
     thread_local dnnl::stream stream(cpu_engine());
-    thread_local std::vector<uint8_t> scratch, wbuf;
+    thread_local std::vector<uint8_t> scratch, wbuf, xbuf;
     const memory::desc& wmd = e->pd.weights_desc();
     void* wptr = weight.untyped_data();
     if (packed && e->packed_offset >= 0) {
@@ -284,8 +304,17 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp
       (packed ? e->from_packed : e->from_plain).execute(stream, src_w, dst_w);
       wptr = wbuf.data();
     }
+    void* xptr = x.untyped_data();
+    if (pad_here) {
+      xbuf.assign(static_cast<size_t>(s.n * s.h * s.w * c), static_cast<uint8_t>(zx_v));
+      const uint8_t* xsrc = static_cast<const uint8_t*>(x.untyped_data());
+      for (int64_t b = 0; b < s.n; ++b)
+        for (int64_t r = 0; r < h0; ++r)
+          std::memcpy(xbuf.data() + ((b * s.h + r + pt) * s.w + pl) * c, xsrc + (b * h0 + r) * w0 * c, w0 * c);
+      xptr = xbuf.data();
+    }
     scratch.resize(std::max<size_t>(e->pd.scratchpad_desc().get_size(), 1));
-    memory m_src(e->pd.src_desc(), eng, x.untyped_data());
+    memory m_src(e->pd.src_desc(), eng, xptr);
     memory m_wei(wmd, eng, wptr);
     memory m_dst(e->pd.dst_desc(), eng, y->untyped_data());
     memory m_scr(e->pd.scratchpad_desc(), eng, scratch.data());
@@ -294,16 +323,15 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp
         {DNNL_ARG_SRC, m_src}, {DNNL_ARG_WEIGHTS, m_wei}, {DNNL_ARG_DST, m_dst}, {DNNL_ARG_SCRATCHPAD, m_scr}};
     if (s.cfg[SRC_ZP]) {
       args.emplace(DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_SRC,
-                   memory(memory::desc({1}, dt::s32, tag::a), eng, zx.untyped_data()));
-      if (s.cfg[HAS_BIAS]) args.emplace(DNNL_ARG_BIAS, memory(e->pd.bias_desc(), eng, bias.untyped_data()));
+                   memory(memory::desc({1}, dt::s32, tag::a), eng, const_cast<int32_t*>(&zx_v)));
+      if (s.cfg[HAS_BIAS]) args.emplace(DNNL_ARG_BIAS, memory(e->pd.bias_desc(), eng, bos_v));
     } else {
-      args.emplace(DNNL_ARG_BIAS, memory(e->pd.bias_desc(), eng, comp.untyped_data()));
+      args.emplace(DNNL_ARG_BIAS, memory(e->pd.bias_desc(), eng, comp_v));
     }
     int post_op = 0;
     if (s.cfg[HAS_BIAS] && !s.cfg[SRC_ZP])
-      args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(post_op++) | DNNL_ARG_SRC_1,
-                   memory(per_oc, eng, bias.untyped_data()));
-    args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(post_op) | DNNL_ARG_SRC_1, memory(per_oc, eng, mult.untyped_data()));
+      args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(post_op++) | DNNL_ARG_SRC_1, memory(per_oc, eng, bos_v));
+    args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(post_op) | DNNL_ARG_SRC_1, memory(per_oc, eng, mult_v));
     e->prim.execute(stream, args);
     stream.wait();
   } catch (const dnnl::error& err) {
@@ -579,8 +607,6 @@ ffi::Error GemvDynImpl(ffi::AnyBuffer x, ffi::AnyBuffer wp, ffi::AnyBuffer colsu
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqConvU8S8, ConvImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
