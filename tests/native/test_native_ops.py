@@ -339,6 +339,9 @@ def test_ffi_rejects_a_blob_of_the_wrong_size():
     with pytest.raises(Exception, match="wrong size"):
         jax.block_until_ready(ops.native_conv(x, bad, jnp.zeros(16, jnp.int32), None, jnp.ones(16), 3, 0, cfg,
                                               "uint8"))
+    with pytest.raises(Exception, match="input zero point is out of the uint8 range"):  # it pads with it
+        jax.block_until_ready(ops.native_conv(x, bad, jnp.zeros(16, jnp.int32), None, jnp.ones(16), 300, 0, cfg,
+                                              "uint8"))
 
 
 TORCH_CONV_CASES = [  # N, H, cin, cout, k, stride, dilation, groups
