@@ -216,8 +216,7 @@ _DYN_INPUTS = {  # float32 activations that take each branch of ChooseQuantizati
 
 @needs_native
 @pytest.mark.parametrize("kind", list(_DYN_INPUTS))
-@pytest.mark.parametrize("per_token,reduce_range,relu,with_bias", [
-    (False, True, False, True), (True, True, True, False), (False, False, True, True), (True, False, False, True)])
+@pytest.mark.parametrize("per_token,reduce_range,relu,with_bias", [(False, True, False, True), (True, False, True, False)])
 def test_dynamic_linear_fused_kernel_equals_xla(kind, per_token, reduce_range, relu, with_bias):
     """JqGemvDynF32 chooses the qparams, quantizes, multiplies and dequantizes in one call; every
     output equals the pure-XLA kernel's bit for bit (K = 203: rows padded to a multiple of 4)."""
