@@ -5,7 +5,8 @@
 Every row times its candidates interleaved in this one process (medians over rounds) and
 reports paired ratios (see benchmarks/timing.py). Columns are milliseconds per call. ``jq_*`` columns
 are jaxquant's default path (the native backend where it is available and takes the op: oneDNN convs,
-the VNNI GEMV up to 8 rows); ``jq_*_xla`` force the pure-XLA kernels (``jq.use_native(False)``).
+the VNNI GEMV up to ``GEMV_MAX_M`` rows, for dynamic Linear with the activation's quantization in the
+same call); ``jq_*_xla`` force the pure-XLA kernels (``jq.use_native(False)``).
 """
 
 from __future__ import annotations

@@ -320,6 +320,13 @@ def quantized_linear_dynamic(x: jax.Array, packed: PackedLinear, *, reduce_range
       float32 ``(..., N)``.
     """
     x2 = _flat_input(jnp.asarray(x, jnp.float32), packed, "quantized_linear_dynamic")
+    pw = packed.weight
+    if (layout is None and x_min_max is None and not pw.has_w_zero_point and x2.shape[0] > 0
+            and native_ops.gemv_supported(x2.shape[0], pw.w_native)):
+        # Native: the qparams, the quantization, the dot and the epilogue in one custom call.
+        y = native_ops.native_gemv_dynamic(x2, pw.w_native, pw.colsum, packed.w_scale, packed.bias,
+                                           reduce_range=reduce_range, per_token=per_token, relu=relu)
+        return y.reshape(*x.shape[:-1], packed.out_features)
     if x_min_max is not None and not per_token:
         scale, zp = choose_qparams_from_min_max(x_min_max[0], x_min_max[1], 0, 255, reduce_range)
     else:

@@ -1,4 +1,5 @@
-"""Native int8 backend: oneDNN convolutions and an AVX512-VNNI decode GEMV as XLA FFI custom calls.
+"""Native int8 backend: oneDNN convolutions and an AVX512-VNNI decode GEMV (static, and dynamic with the
+activation's quantization fused) as XLA FFI custom calls.
 
 The pure-XLA kernels in :mod:`jaxquant.kernels` stay the reference and the portable path; the kernel
 ops switch to the native ones (a few lines in ``kernels/conv.py`` and ``kernels/linear.py``) when:
@@ -14,7 +15,9 @@ ops switch to the native ones (a few lines in ``kernels/conv.py`` and ``kernels/
   symmetric weight packed at convert time, and dense layers with at most
   :data:`GEMV_MAX_M` rows on a CPU with AVX512-VNNI.
 
-Results are identical to the pure-XLA kernels (tests/native compares every op both ways).
+Results are identical to the pure-XLA kernels (tests/native compares every op both ways; the dynamic
+Linear against XLA at its default optimization level, and it chooses the activation's qparams in float64
+as PyTorch does, see docs/cpu_performance.md).
 """
 from __future__ import annotations
 
@@ -76,7 +79,8 @@ def _registered() -> tuple[bool, str]:
         if lib is not None:
             try:
                 for name, symbol in (("jaxquant_conv_u8s8", lib.JqConvU8S8),
-                                     ("jaxquant_gemv_u8s8", lib.JqGemvU8S8)):
+                                     ("jaxquant_gemv_u8s8", lib.JqGemvU8S8),
+                                     ("jaxquant_gemv_dyn_f32", lib.JqGemvDynF32)):
                     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
             except Exception as e:  # noqa: BLE001 - any failure means: use the XLA kernels
                 lib, reason = None, f"registering the native FFI targets failed: {e}"

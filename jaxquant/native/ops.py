@@ -11,12 +11,11 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from jaxquant.native import GEMV_MAX_M, _lib, native_enabled
 
 __all__ = ["CONV_CFG_FIELDS", "conv_cfg", "pack_conv_weight", "native_conv", "conv_impl_name",
-           "pack_gemv_weight", "native_gemv", "gemv_supported", "conv_supported", "GEMV_COLS"]
+           "pack_gemv_weight", "native_gemv", "native_gemv_dynamic", "gemv_supported", "conv_supported", "GEMV_COLS"]
 
 # Must match CfgIndex in csrc/jaxquant_native.cc.
 CONV_CFG_FIELDS = ("kh", "kw", "sh", "sw", "pt", "pb", "pl", "pr", "dh", "dw", "groups", "cin", "cout",
@@ -96,14 +95,17 @@ def native_conv(x_u8: jax.Array, packed: jax.Array, colsum: jax.Array, bias_over
                 cfg: np.ndarray, out_dtype: str) -> jax.Array:
     """oneDNN int8 conv with jaxquant's (fbgemm's) requantization fused.
 
+    The three per-channel vectors (``-zx * colsum``, ``bias_over_scale``, ``multiplier``) are stacked
+    into one ``(3, cout)`` operand, which XLA computes in one small kernel; the call itself pads the
+    input with its zero point (real 0), as the pure-XLA kernel does.
+
     Args:
-      x_u8: uint8 ``(N, H, W, cin)`` or, for a 1-D conv, ``(N, W, cin)``, unpadded: it is padded here
-        with the input zero point (real 0), as the pure-XLA kernel does.
+      x_u8: uint8 ``(N, H, W, cin)`` or, for a 1-D conv, ``(N, W, cin)``, unpadded.
       packed: uint8 blob from :func:`pack_conv_weight` with the same ``cfg``.
       colsum: int32 ``(cout,)``, the weight's sums over taps and input channels.
       bias_over_scale: float32 ``(cout,)`` or None; multiplier float32 ``(cout,)``.
       x_zero_point, out_zero_point: int32 ``()``.
-      cfg: from :func:`conv_cfg` (its padding is applied here); out_dtype: ``"uint8"`` or ``"int8"``.
+      cfg: from :func:`conv_cfg`; out_dtype: ``"uint8"`` or ``"int8"``.
 
     Returns:
       ``(N, OH, OW, cout)`` (``(N, OW, cout)`` for 1-D) of ``out_dtype``, equal to
@@ -112,29 +114,20 @@ def native_conv(x_u8: jax.Array, packed: jax.Array, colsum: jax.Array, bias_over
     """
     one_d = x_u8.ndim == 3
     x4 = x_u8[:, None] if one_d else x_u8
-    pt, pb, pl, pr = (int(v) for v in cfg[4:8])
-    src_zp = bool(cfg[16])
-    zx = jnp.asarray(x_zero_point, jnp.int32).reshape(())
-    if (pt or pb or pl or pr) and not src_zp:
-        x4 = lax.pad(x4, zx.astype(jnp.uint8), [(0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)])
-        cfg = np.asarray(cfg, np.int64).copy()
-        cfg[4:8] = 0
     n, h, w, _ = x4.shape
     kh, kw, sh, sw = (int(v) for v in cfg[:4])
+    pt, pb, pl, pr = (int(v) for v in cfg[4:8])
     dh, dw = int(cfg[8]), int(cfg[9])
     cout = int(cfg[12])
-    pt, pb, pl, pr = (int(v) for v in cfg[4:8])
     oh = (h + pt + pb - ((kh - 1) * dh + 1)) // sh + 1
     ow = (w + pl + pr - ((kw - 1) * dw + 1)) // sw + 1
+    zx = jnp.asarray(x_zero_point, jnp.int32).reshape(())
     comp = (-zx * colsum).astype(jnp.float32)  # exact: |zx * colsum| < 255 * 128 * K < 2**24 for K < 514
-    bias = comp if bias_over_scale is None else bias_over_scale.astype(jnp.float32)
+    bias = comp if bias_over_scale is None else jnp.broadcast_to(jnp.asarray(bias_over_scale, jnp.float32), (cout,))
     multiplier = jnp.broadcast_to(jnp.asarray(multiplier, jnp.float32), (cout,))
-    if bias_over_scale is not None:
-        bias = jnp.broadcast_to(jnp.asarray(bias, jnp.float32), (cout,))
     y = jax.ffi.ffi_call("jaxquant_conv_u8s8", jax.ShapeDtypeStruct((n, oh, ow, cout), np.dtype(out_dtype)),
                          vmap_method="sequential")(
-        x4, packed, comp, bias, multiplier.astype(jnp.float32), zx,
-        jnp.asarray(out_zero_point, jnp.int32).reshape(()),
+        x4, packed, jnp.stack([comp, bias, multiplier]), zx, jnp.asarray(out_zero_point, jnp.int32).reshape(()),
         cfg=np.asarray(cfg, np.int64), packed=np.int64(1))
     return y[:, 0] if one_d else y
 
@@ -162,3 +155,25 @@ def native_gemv(x_u8: jax.Array, w_packed: jax.Array, n: int) -> jax.Array:
     m = x_u8.shape[0]
     return jax.ffi.ffi_call("jaxquant_gemv_u8s8", jax.ShapeDtypeStruct((m, n), jnp.int32),
                             vmap_method="sequential")(x_u8, w_packed)
+
+
+def native_gemv_dynamic(x: jax.Array, w_packed: jax.Array, colsum: jax.Array, w_scale: jax.Array,
+                        bias: Optional[jax.Array], *, reduce_range: bool, per_token: bool,
+                        relu: bool) -> jax.Array:
+    """fbgemm's dynamic linear in one custom call: float32 ``x (M, K)`` -> float32 ``(M, N)``.
+
+    The activation's qparams (PyTorch's ``ChooseQuantizationParams``, one pair or one per row with
+    ``per_token``), its uint8 quantization, the VNNI dot with the weight from :func:`pack_gemv_weight`
+    and ``f32(acc - zx * colsum) * (x_scale * w_scale) + bias`` (then ReLU) run in the kernel, each
+    float step rounded as :func:`jaxquant.kernels.linear.quantized_linear_dynamic` rounds it.
+    ``colsum`` is int32 ``(N,)``, ``w_scale`` and ``bias`` float32 ``(N,)``; the weight's zero point
+    must be 0.
+    """
+    m = x.shape[0]
+    n = colsum.shape[0]
+    return jax.ffi.ffi_call("jaxquant_gemv_dyn_f32", jax.ShapeDtypeStruct((m, n), jnp.float32),
+                            vmap_method="sequential")(
+        jnp.asarray(x, jnp.float32), w_packed, jnp.asarray(colsum, jnp.int32), jnp.asarray(w_scale, jnp.float32),
+        jnp.asarray(w_scale if bias is None else bias, jnp.float32),
+        reduce_range=np.int64(reduce_range), per_token=np.int64(per_token), relu=np.int64(relu),
+        has_bias=np.int64(bias is not None))

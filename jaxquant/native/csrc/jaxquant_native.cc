@@ -4,7 +4,7 @@
 //   pipeline is fbgemm's (jaxquant/kernels/requantize.py), expressed so that every step rounds
 //   exactly like the pure-XLA kernel:
 //     y = f32(sum x * w) + f32(-zx * colsum(w)[oc])      (int32 accumulator; the input is padded
-//                                                          with zx by the caller; the compensation
+//                                                          with zx in the call; the compensation
 //                                                          is oneDNN's f32 bias argument: the add
 //                                                          of two exact integers rounds once)
 //     y = y + bias_over_scale[oc]                        (binary-add post-op, if a bias)
@@ -21,10 +21,20 @@
 // * JqGemvU8S8: the decode GEMV (M <= 8 rows), an AVX512-VNNI loop over a weight packed as
 //   [N/64][K/4][64][4] int8, returning the raw int32 dot (zero-point terms and the epilogue stay
 //   in XLA, so results equal the pure-XLA kernel exactly).
+// * JqGemvDynF32: the dynamic linear's GEMV with the activation quantization (PyTorch's
+//   ChooseQuantizationParams, per tensor or per row) and the float epilogue in the same call: the
+//   two dozen scalar XLA kernels that choose the qparams cost more than the 768x768 GEMV itself.
+// Every float operation rounds on its own, as in XLA's kernels these must equal: no a * b + c
+// contracted into one fused multiply-add (GCC contracts by default with -O3 on an FMA target).
+#pragma GCC optimize("fp-contract=off")
+
 #include <immintrin.h>
 #include <omp.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -224,9 +234,13 @@ std::shared_ptr<ConvEntry> get_conv(const ConvShape& s) {
   return inserted.first->second;
 }
 
-ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp, ffi::AnyBuffer bias,
-                    ffi::AnyBuffer mult, ffi::AnyBuffer zx, ffi::AnyBuffer zo, ffi::Result<ffi::AnyBuffer> y,
-                    ffi::Span<const int64_t> cfg, int64_t packed) {
+// vecs is float32 (3, cout): the compensation f32(-zx * colsum), bias / (x_scale * w_scale) and the
+// multiplier x_scale * w_scale / out_scale, computed by XLA in one small kernel (XLA's own float
+// rounding: it turns a division by a constant scale into a multiplication by its reciprocal, which
+// the call must follow to stay equal to the pure-XLA kernel). Regular convs pad the input with zx
+// here, instead of in an XLA pad kernel that writes a padded copy.
+ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer vecs, ffi::AnyBuffer zx,
+                    ffi::AnyBuffer zo, ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> cfg, int64_t packed) {
   if (cfg.size() != CFG_LEN) return ffi::Error::InvalidArgument("JqConvU8S8: cfg has the wrong length");
   auto xd = x.dimensions();
   if (xd.size() != 4 || x.element_type() != ffi::DataType::U8)
@@ -238,6 +252,9 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp
   s.w = xd[2];
   if (xd[3] != s.cfg[CIN]) return ffi::Error::InvalidArgument("JqConvU8S8: input channels mismatch");
   const int64_t cout = s.cfg[COUT];
+  for (int i = PT; i <= PR; ++i)
+    if (s.cfg[i] < 0 || s.cfg[i] > (int64_t{1} << 24))
+      return ffi::Error::InvalidArgument("JqConvU8S8: padding out of range");
   if (s.cfg[GROUPS] < 1 || s.cfg[CIN] % s.cfg[GROUPS] || cout % s.cfg[GROUPS] || s.oh() < 1 || s.ow() < 1)
     return ffi::Error::InvalidArgument("JqConvU8S8: inconsistent conv config");
   auto yd = y->dimensions();
@@ -245,15 +262,28 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp
   if (yd.size() != 4 || yd[0] != s.n || yd[1] != s.oh() || yd[2] != s.ow() || yd[3] != cout ||
       y->element_type() != want_y)
     return ffi::Error::InvalidArgument("JqConvU8S8: output shape or dtype does not match the conv");
-  for (const ffi::AnyBuffer* v : {&comp, &bias, &mult})
-    if (v->element_type() != ffi::DataType::F32 || static_cast<int64_t>(v->element_count()) != cout)
-      return ffi::Error::InvalidArgument("JqConvU8S8: per-channel vectors must be float32 (cout,)");
+  if (vecs.element_type() != ffi::DataType::F32 || static_cast<int64_t>(vecs.element_count()) != 3 * cout)
+    return ffi::Error::InvalidArgument("JqConvU8S8: the per-channel vectors must be float32 (3, cout)");
   if (zo.element_type() != ffi::DataType::S32 || zo.element_count() != 1 ||
       zx.element_type() != ffi::DataType::S32 || zx.element_count() != 1)
     return ffi::Error::InvalidArgument("JqConvU8S8: the zero points must be one int32 each");
   s.zo = *static_cast<const int32_t*>(zo.untyped_data());
   if (s.zo < -255 || s.zo > 255)  // a uint8/int8 zero point; also bounds the number of cached primitives
     return ffi::Error::InvalidArgument("JqConvU8S8: the output zero point is out of the 8-bit range");
+  const int32_t zx_v = *static_cast<const int32_t*>(zx.untyped_data());
+  if (zx_v < 0 || zx_v > 255)
+    return ffi::Error::InvalidArgument("JqConvU8S8: the input zero point is out of the uint8 range");
+  // Regular convs: the input is padded here with zx and oneDNN runs unpadded (see the top comment).
+  const bool pad_here = !s.cfg[SRC_ZP] && (s.cfg[PT] || s.cfg[PB] || s.cfg[PL] || s.cfg[PR]);
+  const int64_t pt = s.cfg[PT], pl = s.cfg[PL], h0 = s.h, w0 = s.w, c = s.cfg[CIN];
+  if (pad_here) {
+    s.h += s.cfg[PT] + s.cfg[PB];
+    s.w += s.cfg[PL] + s.cfg[PR];
+    s.cfg[PT] = s.cfg[PB] = s.cfg[PL] = s.cfg[PR] = 0;
+  }
+  float* comp_v = static_cast<float*>(vecs.untyped_data());
+  float* bos_v = comp_v + cout;
+  float* mult_v = comp_v + 2 * cout;
   try {
     OmpThreads threads(s.macs() < kSingleThreadMacs);
     auto e = get_conv(s);
@@ -262,7 +292,7 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp
     if (weight.size_bytes() != want_w)
       return ffi::Error::InvalidArgument("JqConvU8S8: the weight blob has the wrong size for this conv");
     thread_local dnnl::stream stream(cpu_engine());
-    thread_local std::vector<uint8_t> scratch, wbuf;
+    thread_local std::vector<uint8_t> scratch, wbuf, xbuf;
     const memory::desc& wmd = e->pd.weights_desc();
     void* wptr = weight.untyped_data();
     if (packed && e->packed_offset >= 0) {
@@ -274,8 +304,17 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp
       (packed ? e->from_packed : e->from_plain).execute(stream, src_w, dst_w);
       wptr = wbuf.data();
     }
+    void* xptr = x.untyped_data();
+    if (pad_here) {
+      xbuf.assign(static_cast<size_t>(s.n * s.h * s.w * c), static_cast<uint8_t>(zx_v));
+      const uint8_t* xsrc = static_cast<const uint8_t*>(x.untyped_data());
+      for (int64_t b = 0; b < s.n; ++b)
+        for (int64_t r = 0; r < h0; ++r)
+          std::memcpy(xbuf.data() + ((b * s.h + r + pt) * s.w + pl) * c, xsrc + (b * h0 + r) * w0 * c, w0 * c);
+      xptr = xbuf.data();
+    }
     scratch.resize(std::max<size_t>(e->pd.scratchpad_desc().get_size(), 1));
-    memory m_src(e->pd.src_desc(), eng, x.untyped_data());
+    memory m_src(e->pd.src_desc(), eng, xptr);
     memory m_wei(wmd, eng, wptr);
     memory m_dst(e->pd.dst_desc(), eng, y->untyped_data());
     memory m_scr(e->pd.scratchpad_desc(), eng, scratch.data());
@@ -284,16 +323,15 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer comp
         {DNNL_ARG_SRC, m_src}, {DNNL_ARG_WEIGHTS, m_wei}, {DNNL_ARG_DST, m_dst}, {DNNL_ARG_SCRATCHPAD, m_scr}};
     if (s.cfg[SRC_ZP]) {
       args.emplace(DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_SRC,
-                   memory(memory::desc({1}, dt::s32, tag::a), eng, zx.untyped_data()));
-      if (s.cfg[HAS_BIAS]) args.emplace(DNNL_ARG_BIAS, memory(e->pd.bias_desc(), eng, bias.untyped_data()));
+                   memory(memory::desc({1}, dt::s32, tag::a), eng, const_cast<int32_t*>(&zx_v)));
+      if (s.cfg[HAS_BIAS]) args.emplace(DNNL_ARG_BIAS, memory(e->pd.bias_desc(), eng, bos_v));
     } else {
-      args.emplace(DNNL_ARG_BIAS, memory(e->pd.bias_desc(), eng, comp.untyped_data()));
+      args.emplace(DNNL_ARG_BIAS, memory(e->pd.bias_desc(), eng, comp_v));
     }
     int post_op = 0;
     if (s.cfg[HAS_BIAS] && !s.cfg[SRC_ZP])
-      args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(post_op++) | DNNL_ARG_SRC_1,
-                   memory(per_oc, eng, bias.untyped_data()));
-    args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(post_op) | DNNL_ARG_SRC_1, memory(per_oc, eng, mult.untyped_data()));
+      args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(post_op++) | DNNL_ARG_SRC_1, memory(per_oc, eng, bos_v));
+    args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(post_op) | DNNL_ARG_SRC_1, memory(per_oc, eng, mult_v));
     e->prim.execute(stream, args);
     stream.wait();
   } catch (const dnnl::error& err) {
@@ -371,6 +409,19 @@ void gemv_rows(const uint8_t* x, int64_t ldx, int64_t rows, const int8_t* wg, in
   }
 }
 
+// acc (M, N) int32 = x (M, K) uint8 @ the packed weight, on up to omp_get_max_threads() threads. x rows
+// are ldx >= 4 * kb bytes apart and zero beyond K.
+void gemv_compute(const uint8_t* xp, int64_t ldx, int64_t m, const int8_t* w, int64_t kb, int64_t n,
+                  int32_t* out) {
+  const int64_t groups = (n + kCols - 1) / kCols;
+  // Threads only pay off once the weight is large enough (a parallel region costs a few us).
+  const int threads = (n * kb * 4 >= (1 << 20)) ? std::min<int64_t>(omp_get_max_threads(), groups) : 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t g = 0; g < groups; ++g)
+    gemv_rows(xp, ldx, m, w + g * kb * kCols * 4, kb, out + g * kCols, n,
+              std::min<int64_t>(kCols, n - g * kCols));
+}
+
 ffi::Error GemvImpl(ffi::AnyBuffer x, ffi::AnyBuffer wp, ffi::Result<ffi::AnyBuffer> acc) {
   auto xd = x.dimensions();
   auto od = acc->dimensions();
@@ -390,14 +441,165 @@ ffi::Error GemvImpl(ffi::AnyBuffer x, ffi::AnyBuffer wp, ffi::Result<ffi::AnyBuf
     for (int64_t r = 0; r < m; ++r) std::memcpy(xpad.data() + r * ldx, xp + r * k, k);
     xp = xpad.data();
   }
-  const int8_t* w = static_cast<const int8_t*>(wp.untyped_data());
-  int32_t* out = static_cast<int32_t*>(acc->untyped_data());
-  // Threads only pay off once the weight is large enough (a parallel region costs a few us).
-  const int threads = (n * k >= (1 << 20)) ? std::min<int64_t>(omp_get_max_threads(), groups) : 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t g = 0; g < groups; ++g)
-    gemv_rows(xp, ldx, m, w + g * kb * kCols * 4, kb, out + g * kCols, n,
-              std::min<int64_t>(kCols, n - g * kCols));
+  gemv_compute(xp, ldx, m, static_cast<const int8_t*>(wp.untyped_data()), kb, n,
+               static_cast<int32_t*>(acc->untyped_data()));
+  return ffi::Error::Success();
+}
+
+// ----------------------------------------------------------------------- dynamic GEMV
+
+// PyTorch's quant_utils::ChooseQuantizationParams (ATen QuantUtils.h, what fbgemm's dynamic linear
+// calls): intermediate values in double, the scale rounded to float once. jaxquant/choose_qparams.py
+// computes the same numbers with float32 pairs.
+struct QParams {
+  float scale;
+  int32_t zero_point;
+};
+
+QParams choose_qparams(float lo, float hi, int32_t qmin, int32_t qmax) {
+  constexpr float kSmallScale = 6.1e-5f;
+  lo = std::min(lo, 0.f);
+  hi = std::max(hi, 0.f);
+  double scale = (static_cast<double>(hi) - lo) / (qmax - qmin);
+  if (static_cast<float>(scale) == 0.0f || std::isinf(1.0f / static_cast<float>(scale))) scale = 0.1;
+  if (scale < kSmallScale) {
+    const float org_scale = static_cast<float>(scale);
+    scale = kSmallScale;
+    if (lo == 0.0f) {
+      hi = kSmallScale * (qmax - qmin);
+    } else if (hi == 0.0f) {
+      lo = -kSmallScale * (qmax - qmin);
+    } else {
+      const float amplifier = kSmallScale / org_scale;
+      lo *= amplifier;
+      hi *= amplifier;
+    }
+  }
+  const double zp_from_min = qmin - lo / scale, zp_from_max = qmax - hi / scale;
+  const double err_min = std::abs(qmin) - std::abs(lo / scale);
+  const double err_max = std::abs(qmax) - std::abs(hi / scale);
+  const double initial = err_min < err_max ? zp_from_min : zp_from_max;
+  int32_t zp = 0;
+  if (initial < qmin) {
+    zp = qmin;
+  } else if (initial > qmax) {
+    zp = qmax;
+  } else if (std::isfinite(initial)) {  // NaN input: the scale is NaN too, so is every output
+    zp = static_cast<int32_t>(std::nearbyint(initial));
+  }
+  return {static_cast<float>(scale), zp};
+}
+
+// min and max of n >= 1 floats; a NaN anywhere makes both NaN (as jnp.min / jnp.max).
+__attribute__((target("avx512f"))) void min_max(const float* x, int64_t n, float* lo, float* hi) {
+  __m512 vlo = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  __m512 vhi = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __mmask16 nan = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    vlo = _mm512_min_ps(vlo, v);
+    vhi = _mm512_max_ps(vhi, v);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  float a = _mm512_reduce_min_ps(vlo), b = _mm512_reduce_max_ps(vhi);
+  bool any_nan = nan != 0;
+  for (; i < n; ++i) {
+    a = std::min(a, x[i]);
+    b = std::max(b, x[i]);
+    any_nan |= std::isnan(x[i]);
+  }
+  if (any_nan) a = b = std::numeric_limits<float>::quiet_NaN();
+  *lo = a;
+  *hi = b;
+}
+
+// q = clip(round_half_even(x * inv + zp), 0, qmax) as uint8. The multiply-add is one fused
+// multiply-add: XLA:CPU contracts the pure-XLA kernel's `x2 * (1 / scale) + zp` into one
+// (measured: ties round differently otherwise).
+__attribute__((target("avx512f,avx512bw,fma"))) void quantize_row(const float* x, int64_t k, float inv, float zp,
+                                                                 float qmax, uint8_t* q) {
+  const __m512 vinv = _mm512_set1_ps(inv), vzp = _mm512_set1_ps(zp);
+  const __m512 vlo = _mm512_setzero_ps(), vhi = _mm512_set1_ps(qmax);
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), vinv, vzp);
+    v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(_mm512_max_ps(v, vlo), vhi);  // max_ps(NaN, 0) is 0
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+  for (; i < k; ++i) {
+    float v = std::nearbyint(__builtin_fmaf(x[i], inv, zp));
+    v = std::min(std::max(v, 0.0f), qmax);
+    q[i] = static_cast<uint8_t>(v == v ? v : 0.0f);
+  }
+}
+
+// fbgemm's dynamic linear for M <= a few rows, in one custom call: the activation's qparams (one
+// pair, or one per row with per_token), its quantization to uint8, the VNNI GEMV and the float
+// epilogue. Every float step is the pure-XLA kernel's (jaxquant/kernels/linear.py
+// quantized_linear_dynamic) in the same order and with the same roundings (one fused multiply-add
+// in the quantization, where XLA contracts; none elsewhere, see the pragma at the top), so the
+// outputs are equal.
+ffi::Error GemvDynImpl(ffi::AnyBuffer x, ffi::AnyBuffer wp, ffi::AnyBuffer colsum, ffi::AnyBuffer w_scale,
+                       ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y, int64_t reduce_range, int64_t per_token,
+                       int64_t relu, int64_t has_bias) {
+  auto xd = x.dimensions();
+  auto od = y->dimensions();
+  if (xd.size() != 2 || od.size() != 2 || xd[0] != od[0] || xd[1] < 1 || x.element_type() != ffi::DataType::F32 ||
+      y->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("JqGemvDynF32: expects float32 x (M, K) and float32 out (M, N)");
+  const int64_t m = xd[0], k = xd[1], n = od[1];
+  const int64_t kb = (k + 3) / 4, groups = (n + kCols - 1) / kCols;
+  if (static_cast<int64_t>(wp.size_bytes()) != groups * kb * kCols * 4)
+    return ffi::Error::InvalidArgument("JqGemvDynF32: packed weight size does not match (M, K) x (K, N)");
+  if (colsum.element_type() != ffi::DataType::S32 || static_cast<int64_t>(colsum.element_count()) != n ||
+      w_scale.element_type() != ffi::DataType::F32 || static_cast<int64_t>(w_scale.element_count()) != n ||
+      bias.element_type() != ffi::DataType::F32 || static_cast<int64_t>(bias.element_count()) != n)
+    return ffi::Error::InvalidArgument("JqGemvDynF32: colsum, w_scale and bias must be (N,) int32/float32/float32");
+  const float* xf = static_cast<const float*>(x.untyped_data());
+  const int32_t qmax = reduce_range ? 127 : 255;
+  thread_local std::vector<QParams> qp;
+  qp.resize(m);
+  if (per_token) {
+    for (int64_t r = 0; r < m; ++r) {
+      float lo, hi;
+      min_max(xf + r * k, k, &lo, &hi);
+      qp[r] = choose_qparams(lo, hi, 0, qmax);
+    }
+  } else {
+    float lo, hi;
+    min_max(xf, m * k, &lo, &hi);
+    std::fill(qp.begin(), qp.end(), choose_qparams(lo, hi, 0, qmax));
+  }
+  // q = clip(round(x * (1 / scale) + zp), 0, qmax), rows padded with zeros to 4 * kb
+  const int64_t ldx = kb * 4;
+  thread_local std::vector<uint8_t> xq;
+  thread_local std::vector<int32_t> acc;
+  xq.assign(m * ldx, 0);
+  acc.resize(m * n);
+  for (int64_t r = 0; r < m; ++r) {
+    const float inv = 1.0f / qp[r].scale, zp = static_cast<float>(qp[r].zero_point);
+    quantize_row(xf + r * k, k, inv, zp, static_cast<float>(qmax), xq.data() + r * ldx);
+  }
+  gemv_compute(xq.data(), ldx, m, static_cast<const int8_t*>(wp.untyped_data()), kb, n, acc.data());
+  // y = f32(acc - zx * colsum) * (x_scale * w_scale) + bias, then ReLU
+  const int32_t* cs = static_cast<const int32_t*>(colsum.untyped_data());
+  const float* ws = static_cast<const float*>(w_scale.untyped_data());
+  const float* b = static_cast<const float*>(bias.untyped_data());
+  float* out = static_cast<float*>(y->untyped_data());
+  for (int64_t r = 0; r < m; ++r) {
+    const int32_t zx = qp[r].zero_point;
+    const float s = qp[r].scale;
+    const int32_t* ar = acc.data() + r * n;
+    float* yr = out + r * n;
+    for (int64_t j = 0; j < n; ++j) {
+      const float a = static_cast<float>(ar[j] - zx * cs[j]), sw = s * ws[j];
+      float v = has_bias ? __builtin_fmaf(a, sw, b[j]) : a * sw;
+      if (relu) v = std::max(v, 0.0f);
+      yr[j] = v;
+    }
+  }
   return ffi::Error::Success();
 }
 
@@ -410,14 +612,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqConvU8S8, ConvImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<ffi::Span<const int64_t>>("cfg")
                                   .Attr<int64_t>("packed"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqGemvU8S8, GemvImpl,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqGemvDynF32, GemvDynImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("reduce_range")
+                                  .Attr<int64_t>("per_token")
+                                  .Attr<int64_t>("relu")
+                                  .Attr<int64_t>("has_bias"));
 
 extern "C" {
 
