@@ -21,7 +21,7 @@ from jaxquant.dtypes import qint8, quint8
 from jaxquant.fake_quant.fake_quantize import FixedQParamsFakeQuantize
 from jaxquant.linen.interceptor import Record
 from jaxquant.linen.model import QuantizedModel
-from jaxquant.linen.names import QUANT_PARAMS, QUANT_STATS, display_path
+from jaxquant.linen.names import QUANT_CACHE, QUANT_PARAMS, QUANT_STATS, display_path
 from jaxquant.linen.qconfig_mappings import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
 from jaxquant.linen.quant_state import activation_qparams, finish_qparams, quantize_gate_group
 from jaxquant.observers.base import check_observer_state
@@ -224,13 +224,31 @@ def scope_in(tree: Mapping, scope: tuple) -> bool:
     return True
 
 
+def _native_cache(record: Record, quant_params: Mapping) -> dict:
+    """``quant_cache``: each converted layer's weight in the native backend's layouts, packed once from
+    the concrete int8 weight (Linen's ``apply`` packs inside the trace, where the native kernels cannot);
+    empty when the backend is off or unavailable."""
+    cache: dict = {}
+    for scope, pack in record.native:
+        blobs = pack(_subtree(quant_params, scope))
+        if blobs:
+            node = cache
+            for key in scope:
+                node = node.setdefault(key, {})
+            node.update(blobs)
+    return cache
+
+
 def _converted_variables(variables: Any, quant_params: dict, record: Record) -> dict:
     variables = dict(unfreeze(variables))
-    out = {k: v for k, v in variables.items() if k not in (QUANT_STATS, QUANT_PARAMS, "params")}
+    out = {k: v for k, v in variables.items() if k not in (QUANT_STATS, QUANT_PARAMS, QUANT_CACHE, "params")}
     params = _drop_converted(variables.get("params", {}), record.converted)
     if params:
         out["params"] = params
     out[QUANT_PARAMS] = quant_params
+    cache = _native_cache(record, quant_params)
+    if cache:
+        out[QUANT_CACHE] = cache
     return out
 
 
