@@ -12,10 +12,10 @@ from jaxquant.linen.model import QuantizedModel
 from jaxquant.linen.names import QUANT_CACHE, QUANT_PARAMS, QUANT_STATS
 from jaxquant.linen.qconfig_mappings import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
 from jaxquant.linen.stubs import DeQuantStub, FloatFunctional, QuantStub
-from jaxquant.linen.transforms import calibrate, convert, prepare, prepare_qat, quantize_dynamic
+from jaxquant.linen.transforms import calibrate, convert, pack_native, prepare, prepare_qat, quantize_dynamic
 
 __all__ = [
     "QUANT_CACHE", "QUANT_PARAMS", "QUANT_STATS", "QuantizedModel", "DeQuantStub", "FloatFunctional", "QuantStub", "calibrate",
-    "convert", "fuse_modules", "get_default_qat_qconfig_mapping", "get_default_qconfig_mapping", "prepare",
+    "convert", "fuse_modules", "get_default_qat_qconfig_mapping", "get_default_qconfig_mapping", "pack_native", "prepare",
     "prepare_qat", "quantize_dynamic",
 ]

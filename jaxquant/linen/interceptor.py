@@ -191,6 +191,8 @@ class QuantInterceptor:
         if mode == "convert_static":
             return self._convert_static(spec, module, path, qconfig, x)
         if mode == "static":
+            if hasattr(spec, "native_packer"):  # for pack_native, which rebuilds quant_cache
+                self.record.native.append((tuple(module.path), spec.native_packer(module)))
             return self._static_forward(spec, module, path, x, self._quant_params(module, path, static=True),
                                         _act_dtype(qconfig, path, what))
         if mode == "convert_dynamic":

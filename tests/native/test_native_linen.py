@@ -39,7 +39,7 @@ def converted():
     variables = model.init(jax.random.key(0), x)
     with use_native(True):
         prepared = jql.prepare(model, jql.get_default_qconfig_mapping("x86"))
-        stats = jql.calibrate(prepared, variables, [x, 0.5 * x])
+        stats = jql.calibrate(prepared, variables, [x])
         qmodel, qvars = jql.convert(prepared, stats, x)
     return qmodel, qvars, x
 
@@ -90,6 +90,20 @@ def test_without_the_cache_linen_runs_the_xla_program(converted):
     compiled = jax.jit(qmodel.apply).lower(plain, x).compile()
     assert _custom_calls(compiled.as_text()) == []
     assert np.std(np.asarray(compiled(plain, x))) > 0
+
+
+@needs_native
+def test_pack_native_rebuilds_the_cache_after_a_save_without_it(converted):
+    qmodel, qvars, x = converted
+    saved = {k: v for k, v in qvars.items() if k != "quant_cache"}
+    rebuilt = jql.pack_native(qmodel, saved, x)
+    assert jax.tree_util.tree_structure(rebuilt["quant_cache"]) == jax.tree_util.tree_structure(qvars["quant_cache"])
+    for a, b in zip(jax.tree_util.tree_leaves(rebuilt["quant_cache"]), jax.tree_util.tree_leaves(qvars["quant_cache"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with use_native(False):
+        assert "quant_cache" not in jql.pack_native(qmodel, saved, x)
+    with pytest.raises(TypeError, match="static QuantizedModel"):
+        jql.pack_native(qmodel.replace(mode="observe"), saved, x)
 
 
 def test_public_switch_is_reexported():
