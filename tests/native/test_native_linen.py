@@ -102,8 +102,27 @@ def test_pack_native_rebuilds_the_cache_after_a_save_without_it(converted):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with use_native(False):
         assert "quant_cache" not in jql.pack_native(qmodel, saved, x)
-    with pytest.raises(TypeError, match="static QuantizedModel"):
-        jql.pack_native(qmodel.replace(mode="observe"), saved, x)
+
+
+def test_N01_pack_native_refuses_a_model_that_is_not_converted(converted):
+    qmodel, qvars, x = converted
+    with pytest.raises(TypeError, match="static QuantizedModel.*'observe'"):
+        jql.pack_native(qmodel.replace(mode="observe"), qvars, x)
+
+
+@needs_native
+def test_N02_a_stale_cache_is_rebuilt_by_pack_native(converted):
+    # Catalogue N02: the cache is derived from quant_params; after replacing the int8 weights it must be
+    # rebuilt. With the stale cache the native program follows the old weights (documented, not detected).
+    qmodel, qvars, x = converted
+    qp = jax.tree_util.tree_map(lambda a: a, qvars["quant_params"])
+    qp["Conv_2"] = {**qp["Conv_2"], "weight_int": -qp["Conv_2"]["weight_int"]}
+    stale = {**qvars, "quant_params": qp}
+    f = jax.jit(qmodel.apply)
+    with use_native(False):
+        want = np.asarray(f(stale, x[:1]))
+    assert not np.array_equal(np.asarray(f(stale, x[:1])), want)
+    np.testing.assert_array_equal(np.asarray(f(jql.pack_native(qmodel, stale, x), x[:1])), want)
 
 
 def test_public_switch_is_reexported():
