@@ -299,8 +299,8 @@ def pack_native(model: QuantizedModel, variables: Any, *example_args: Any, **exa
       the variables with ``quant_cache`` (without it when the native backend is off or unavailable).
     """
     if not isinstance(model, QuantizedModel) or model.mode != "static":
-        raise TypeError("pack_native expects the static QuantizedModel returned by jaxquant.linen.convert (got "
-                        f"{type(model).__name__}{'' if not isinstance(model, QuantizedModel) else ' in mode ' + repr(model.mode)})")
+        got = type(model).__name__ + (f" in mode {model.mode!r}" if isinstance(model, QuantizedModel) else "")
+        raise TypeError(f"pack_native expects the static QuantizedModel returned by jaxquant.linen.convert (got {got})")
     variables = {k: v for k, v in dict(unfreeze(variables)).items() if k != QUANT_CACHE}
     if QUANT_PARAMS not in variables:
         raise ValueError(f"pack_native: the variables have no '{QUANT_PARAMS}'; pass the variables convert returned")
