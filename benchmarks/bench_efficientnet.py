@@ -1,13 +1,15 @@
 """EfficientNet-Lite0: float JAX vs jaxquant int8 vs PyTorch float / int8 (x86 eager static PTQ).
 
-    python benchmarks/bench_efficientnet.py [--batches 1 8 32] [--repeats 15] [--json out.json]
+    python benchmarks/bench_efficientnet.py [--batches 1 8 32] [--repeats 15] [--json out.json] [--quick]
 
 Latency: median over ``--repeats`` rounds, each round calling every model once in turn (one
 process, interleaved) so machine noise hits all of them alike. Accuracy: top-1 agreement with the
 float JAX model on ``--n-eval`` real images (no labels exist for them). The quantization recipe is
 the example's (``examples/efficientnet_lite0_ptq.py``), calibrated on ``--n-calib`` images.
-Prints a markdown table and writes the numbers as JSON. "jaxquant int8" is the default path (the
-native backend where available); "jaxquant int8 XLA" the pure-XLA kernels (``jq.use_native(False)``).
+Prints a markdown table and writes the numbers as JSON. "jaxquant int8 native" is the default path
+(the native backend where available: oneDNN convs, VNNI GEMV); "jaxquant int8 XLA" the pure-XLA
+kernels (``jq.use_native(False)``). Samples come from ``timing.time_interleaved`` (each after one
+untimed warm call, rotated order), so the speed-ups below the table are paired per round.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from jaxquant.datasets.sample_images import sample_images
 from jaxquant.models import efficientnet_lite as eff
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import import_torch  # noqa: E402
+from timing import import_torch, markdown_table, median_ms, paired_ratio, time_interleaved  # noqa: E402
 
 
 def _load_example():
@@ -49,7 +51,10 @@ def main() -> None:
     p.add_argument("--recipe", default="relu6-range")
     p.add_argument("--act-observer", choices=("histogram", "minmax"), default="histogram")
     p.add_argument("--json", default="benchmarks/results/efficientnet.json")
+    p.add_argument("--quick", action="store_true", help="batch 1, 5 rounds, 8 eval / 4 calibration images")
     args = p.parse_args()
+    if args.quick:
+        args.batches, args.repeats, args.n_eval, args.n_calib = [1], 5, 8, 4
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     torch = import_torch(threads=2)
@@ -82,7 +87,7 @@ def main() -> None:
     ref = ex.jax_logits(float_fn, evals, desc="float JAX")
     accuracy = {
         "float JAX": {"top1_agreement": 1.0, "top1_in_float_top5": 1.0},  # the reference itself
-        "jaxquant int8": ex.agreement(ex.jax_logits(int8_fn, evals, desc="jaxquant int8"), ref),
+        "jaxquant int8 native": ex.agreement(ex.jax_logits(int8_fn, evals, desc="jaxquant int8"), ref),
         **({"jaxquant int8 XLA": ex.agreement(ex.jax_logits(int8_xla_fn, evals, desc="jaxquant int8 XLA"), ref)}
            if native else {}),
         "PyTorch float": ex.agreement(ex.torch_logits(tnet, evals, desc="torch float"), ref),
@@ -90,6 +95,7 @@ def main() -> None:
     }
 
     latency: dict[int, dict[str, float]] = {}
+    speedups: dict[int, dict[str, float]] = {}
     for b in args.batches:
         x = eff.preprocess(evals[np.arange(b) % len(evals)])
         # channels_last: fbgemm's int8 convs are NHWC; an NCHW input is converted at every layer.
@@ -100,18 +106,22 @@ def main() -> None:
                 net(xt)
 
         fns = {"float JAX": lambda x=x: float_fn(x).block_until_ready(),
-               "jaxquant int8": lambda x=x: int8_fn(x).block_until_ready(),
+               "jaxquant int8 native": lambda x=x: int8_fn(x).block_until_ready(),
                "float jq.compile": lambda x=x: serve_float(x).block_until_ready(),
                "int8 jq.compile": lambda x=x: serve_int8(x).block_until_ready(),
                "PyTorch float": lambda: run_torch(tnet),
                "PyTorch int8 x86": lambda: run_torch(tq_net)}
         if native:
             fns["jaxquant int8 XLA"] = lambda x=x: int8_xla_fn(x).block_until_ready()
-        for f in fns.values():
-            f()
-        latency[b] = ex.median_latency_ms(fns, args.repeats, f"batch {b}")
+        times = time_interleaved(fns, repeats=args.repeats, warmup=1, min_sample_s=0.0)
+        latency[b] = {n: median_ms(t) for n, t in times.items()}
+        int8 = "jaxquant int8 XLA" if native else "jaxquant int8 native"
+        speedups[b] = {"int8 native vs int8 XLA": paired_ratio(times, int8, "jaxquant int8 native"),
+                       "int8 native vs float JAX": paired_ratio(times, "float JAX", "jaxquant int8 native"),
+                       "int8 native vs PyTorch int8": paired_ratio(times, "PyTorch int8 x86", "jaxquant int8 native"),
+                       "int8 XLA vs float JAX": paired_ratio(times, "float JAX", int8)}
 
-    names = ["float JAX", "jaxquant int8"] + (["jaxquant int8 XLA"] if native else []) + [
+    names = ["float JAX", "jaxquant int8 native"] + (["jaxquant int8 XLA"] if native else []) + [
         "float jq.compile", "int8 jq.compile", "PyTorch float", "PyTorch int8 x86"]
     print(f"\nEfficientNet-Lite0, recipe '{args.recipe}', median of {args.repeats} interleaved "
           f"rounds, {torch.get_num_threads()} torch threads, jax {jax.__version__}, "
@@ -125,6 +135,8 @@ def main() -> None:
         cols = (f"{acc['top1_agreement']:.3f} | {acc['top1_in_float_top5']:.3f}" if acc is not None
                 else "(same model) | (same model)")
         print(f"| {n} | " + " | ".join(f"{latency[b][n]:.1f}" for b in args.batches) + f" | {cols} |")
+    print("\nspeed-ups (paired per round; > 1: the first is faster)\n")
+    print(markdown_table([{"batch": b, **v} for b, v in speedups.items()]))
     sizes = {"float": jq.model_size_bytes(model), "jaxquant int8": jq.model_size_bytes(qmodel)}
     print(f"\nsize: float {sizes['float'] / 1e6:.2f} MB, jaxquant int8 "
           f"{sizes['jaxquant int8'] / 1e6:.2f} MB; PTQ wall time (fuse+prepare+calibrate+convert) "
@@ -135,6 +147,7 @@ def main() -> None:
                    "act_observer": args.act_observer,
                    "n_eval": args.n_eval, "n_calib": args.n_calib, "repeats": args.repeats,
                    "latency_ms_median": {str(b): v for b, v in latency.items()},
+                   "speedups_paired": {str(b): v for b, v in speedups.items()},
                    "accuracy_vs_float_jax": accuracy, "size_bytes": sizes,
                    "ptq_seconds": {"jaxquant": jq_ptq_s, "pytorch": torch_ptq_s},
                    "jax": jax.__version__, "torch": torch.__version__,

@@ -109,6 +109,7 @@ def pack_conv(
     groups: int = 1,
     input_dilation: Union[int, Sequence[int]] = 1,
     act_lhs_kn: bool = False,
+    native_weight: Optional[jax.Array] = None,
 ) -> PackedConv:
     """Pack an int8 conv weight once (at convert time) for :func:`quantized_conv`.
 
@@ -124,6 +125,10 @@ def pack_conv(
         input pixels (``lax.conv_transpose``'s strides; see :func:`pack_conv_transpose`).
       act_lhs_kn: keep the dot weight untransposed (for packing inside a traced function, see
         :class:`PackedWeight`).
+      native_weight: the oneDNN blob of this weight packed earlier, outside the trace (Linen packs
+        inside ``apply``, where the weight and zero point are tracers): ``.native_weight`` of a
+        concrete :func:`pack_conv` of the same weight and geometry, which exists only for a
+        symmetric weight, so it also marks the zero point as 0.
     """
     w = jnp.asarray(w_int8)
     if w.dtype != jnp.int8 or w.ndim < 3:
@@ -171,13 +176,14 @@ def pack_conv(
         # (taps, cin_g, G, cout_g) -> (G, cout_g, taps*cin_g)
         wg = w.reshape(taps, cin_g, groups, cout_g).transpose(2, 3, 0, 1)
         w_grouped = wg.reshape(groups, cout_g, taps * cin_g)
-    has_zw = True
+    has_zw = native_weight is None
     try:
         has_zw = bool(np.any(np.asarray(zw) != 0))
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         pass
-    native_weight = None
-    if not has_zw:
+    if has_zw:
+        native_weight = None
+    elif native_weight is None:
         # relu and the output dtype are per call now; the blob's layout does not depend on them.
         cfg = native_ops.conv_cfg(ks, strides_t, ((0, 0),) * nd, dilation_t, groups, cin, cout, False,
                                   bias is not None, "uint8")

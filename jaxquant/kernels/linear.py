@@ -97,14 +97,15 @@ class PackedWeight:
 
 
 def pack_weight(w_int8: jax.Array, w_zero_point, layouts: Layouts = "both", *,
-                act_lhs_kn: bool = False) -> PackedWeight:
+                act_lhs_kn: bool = False, w_native: Optional[jax.Array] = None) -> PackedWeight:
     """Pack an int8 ``(K, N)`` weight (flax layout) for :func:`int8_matmul_acc`.
 
     ``w_zero_point`` is int32 ``()`` or ``(N,)``. ``layouts`` picks which stored copies to
     keep: ``"both"`` (fastest at every M, 2 bytes per weight), or one of them (1 byte per
     weight; ``"weight_lhs"`` alone costs ~15 % at M >= 256, ``"act_lhs"`` alone ~2x at M = 1).
     ``act_lhs_kn`` keeps the act-LHS copy untransposed (see :class:`PackedWeight`); it needs
-    ``layouts="act_lhs"``.
+    ``layouts="act_lhs"``. ``w_native``: the GEMV weight packed earlier by
+    :func:`jaxquant.native.ops.pack_gemv_weight` (Linen packs it at convert time, outside the trace).
     """
     w = jnp.asarray(w_int8)
     if w.dtype != jnp.int8 or w.ndim != 2:
@@ -127,7 +128,7 @@ def pack_weight(w_int8: jax.Array, w_zero_point, layouts: Layouts = "both", *,
     if act_lhs_kn:
         return PackedWeight(w_act_lhs=w, w_weight_lhs=None, colsum=jnp.sum(w, axis=0, dtype=jnp.int32),
                             w_zero_point=zw, in_features=int(k), out_features=int(n),
-                            has_w_zero_point=has_zw, act_lhs_kn=True)
+                            has_w_zero_point=has_zw, act_lhs_kn=True, w_native=w_native)
     wt = w.T
     return PackedWeight(
         w_act_lhs=wt if layouts in ("both", "act_lhs") else None,
@@ -139,7 +140,7 @@ def pack_weight(w_int8: jax.Array, w_zero_point, layouts: Layouts = "both", *,
         colsum=jnp.sum(w, axis=0, dtype=jnp.int32),
         w_zero_point=zw,
         in_features=int(k), out_features=int(n), has_w_zero_point=has_zw,
-        w_native=native_ops.pack_gemv_weight(w),
+        w_native=native_ops.pack_gemv_weight(w) if w_native is None else w_native,
     )
 
 
@@ -224,7 +225,7 @@ class PackedLinear:
 
 def pack_linear(w_int8: jax.Array, w_scale: jax.Array, w_zero_point: jax.Array,
                 bias: Optional[jax.Array] = None, *, layouts: Layouts = "both",
-                act_lhs_kn: bool = False) -> PackedLinear:
+                act_lhs_kn: bool = False, w_native: Optional[jax.Array] = None) -> PackedLinear:
     """Pack an int8 linear weight once (at convert time) for :func:`quantized_linear` and
     :func:`quantized_linear_dynamic`.
 
@@ -233,9 +234,9 @@ def pack_linear(w_int8: jax.Array, w_scale: jax.Array, w_zero_point: jax.Array,
       w_scale: float32 ``()`` per tensor or ``(N,)`` per output channel.
       w_zero_point: int32 ``()`` or ``(N,)`` (usually 0).
       bias: float32 ``(N,)`` or None.
-      layouts, act_lhs_kn: which weight copies to store (see :func:`pack_weight`).
+      layouts, act_lhs_kn, w_native: which weight copies to store (see :func:`pack_weight`).
     """
-    pw = pack_weight(w_int8, w_zero_point, layouts, act_lhs_kn=act_lhs_kn)
+    pw = pack_weight(w_int8, w_zero_point, layouts, act_lhs_kn=act_lhs_kn, w_native=w_native)
     n = pw.out_features
     if bias is not None:
         bias = jnp.asarray(bias, jnp.float32)

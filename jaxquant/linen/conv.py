@@ -9,7 +9,7 @@ strides (filled with the input zero point, i.e. real 0), padded, and convolved a
 from __future__ import annotations
 
 import types
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -75,8 +75,23 @@ class ConvLayer:
         self.check_module(module, path)
         packed = pack_conv(qp["weight_int"], qp["weight_scale"], qp["weight_zero_point"], qp.get("bias"),
                            strides=g.strides, padding=conv_padding(g, path), dilation=g.kernel_dilation,
-                           groups=g.feature_group_count, act_lhs_kn=True)
+                           groups=g.feature_group_count, act_lhs_kn=True, native_weight=qp.get("native_conv"))
         return _batched_int8(xq, packed, qp, out_dtype)
+
+    def native_packer(self, module: Any) -> Callable[[dict], dict]:
+        """``pack(quant_params) -> {"native_conv": blob}`` (or ``{}``), run by ``convert`` on the concrete
+        int8 weight: the oneDNN layout that :func:`pack_conv` builds for a symmetric weight when the
+        native backend is on (the geometry is read now, while ``module`` is bound)."""
+        g = conv_geometry(module)
+
+        def pack(qp: dict) -> dict:
+            w = qp["weight_int"]
+            if w.ndim != len(g.kernel_size) + 2:  # stacked by nn.scan / nn.vmap: stays on XLA
+                return {}
+            blob = pack_conv(w, qp["weight_scale"], qp["weight_zero_point"], qp.get("bias"), strides=g.strides,
+                             dilation=g.kernel_dilation, groups=g.feature_group_count).native_weight
+            return {} if blob is None else {"native_conv": blob}
+        return pack
 
 
 def conv_transpose_padding(k: int, s: int, padding: Any) -> tuple[int, int]:

@@ -8,7 +8,7 @@ and how to run the int8 kernels of :mod:`jaxquant.kernels` on a quantized input.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +17,7 @@ from jax import lax
 from jaxquant.dtypes import QDType
 from jaxquant.kernels.einsum import pack_einsum, quantized_einsum
 from jaxquant.kernels.linear import PackedLinear, pack_linear, quantized_linear, quantized_linear_dynamic
+from jaxquant.native import ops as native_ops
 from jaxquant.qtensor import QTensor
 
 
@@ -24,7 +25,15 @@ def _packed(qp: dict) -> PackedLinear:
     # Packed inside the traced apply: the (K, N) weight is contracted as stored, because a transpose
     # here would be folded into the dot by XLA, which then upcasts both operands to s32.
     return pack_linear(qp["weight_int"], qp["weight_scale"], qp["weight_zero_point"], qp.get("bias"),
-                       layouts="act_lhs", act_lhs_kn=True)
+                       layouts="act_lhs", act_lhs_kn=True, w_native=qp.get("native_gemv"))
+
+
+def _pack_native_gemv(qp: dict) -> dict:
+    """``{"native_gemv": weight}`` in the native GEMV's layout (``convert`` runs it on the concrete
+    int8 weight), or ``{}`` when the backend is off or the layer is stacked by ``nn.scan``."""
+    w = qp["weight_int"]
+    packed = native_ops.pack_gemv_weight(w) if w.ndim == 2 else None
+    return {} if packed is None else {"native_gemv": packed}
 
 
 class DenseLayer:
@@ -39,6 +48,9 @@ class DenseLayer:
 
     def stored_kernel(self, module: Any, kernel: jax.Array) -> jax.Array:
         return kernel
+
+    def native_packer(self, module: Any) -> Callable[[dict], dict]:
+        return _pack_native_gemv
 
     def int8_apply(self, module: Any, path: str, xq: QTensor, qp: dict, out_dtype: QDType) -> QTensor:
         return quantized_linear(xq, _packed(qp), qp["output_scale"], qp["output_zero_point"], out_dtype=out_dtype)

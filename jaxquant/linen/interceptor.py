@@ -23,7 +23,7 @@ from jaxquant.core.grad_guard import refuse_gradient
 from jaxquant.core.weights import activation_per_token, weight_dtype
 from jaxquant.dtypes import bfloat16, float16, qint8, quint8
 from jaxquant.linen import conv as conv_layers, dense as dense_layers, embed as embed_layers, stubs
-from jaxquant.linen.names import QUANT_PARAMS, QUANT_STATS, display_path, module_path
+from jaxquant.linen.names import QUANT_CACHE, QUANT_PARAMS, QUANT_STATS, display_path, module_path
 from jaxquant.linen.quant_state import (
     activation_qparams,
     fake_quant,
@@ -71,12 +71,15 @@ class Record:
     recompute each converted layer's quant_params outside the traced pass (see
     :func:`jaxquant.linen.transforms.convert`); ``converted`` maps scope
     paths to the float param names the converted layer no longer needs; ``modules`` maps dotted paths
-    to the bound modules' types and attributes (for fusion)."""
+    to the bound modules' types and attributes (for fusion); ``native`` holds ``(scope_path, pack)``
+    pairs, ``pack(quant_params) -> dict`` building the layer's ``quant_cache`` from its concrete
+    int8 weight (the native backend's packed layouts)."""
 
     checks: list = dataclasses.field(default_factory=list)
     qparams: list = dataclasses.field(default_factory=list)
     converted: dict = dataclasses.field(default_factory=dict)
     modules: dict = dataclasses.field(default_factory=dict)
+    native: list = dataclasses.field(default_factory=list)
 
 
 def _act_dtype(qconfig: Any, path: str, what: str) -> Any:
@@ -188,6 +191,8 @@ class QuantInterceptor:
         if mode == "convert_static":
             return self._convert_static(spec, module, path, qconfig, x)
         if mode == "static":
+            if hasattr(spec, "native_packer"):  # for pack_native, which rebuilds quant_cache
+                self.record.native.append((tuple(module.path), spec.native_packer(module)))
             return self._static_forward(spec, module, path, x, self._quant_params(module, path, static=True),
                                         _act_dtype(qconfig, path, what))
         if mode == "convert_dynamic":
@@ -281,6 +286,8 @@ class QuantInterceptor:
         qp["input_scale"], qp["input_zero_point"] = self._activation_qparams(module, path, qconfig, "input")
         qp["output_scale"], qp["output_zero_point"] = self._activation_qparams(module, path, qconfig, "output")
         self._write(module, qp, (spec.kernel_name, "bias"))
+        if hasattr(spec, "native_packer"):
+            self.record.native.append((tuple(module.path), spec.native_packer(module)))
         return self._static_forward(spec, module, path, x, qp, dtype)
 
     def _quant_params(self, module: Any, path: str, static: bool) -> dict:
@@ -292,7 +299,10 @@ class QuantInterceptor:
         names = ("weight_int", "weight_scale", "weight_zero_point", "bias")
         if static:
             names += ("input_scale", "input_zero_point", "output_scale", "output_zero_point")
-        return {n: _get(module, QUANT_PARAMS, n) for n in names}
+        qp = {n: _get(module, QUANT_PARAMS, n) for n in names}
+        # Which blobs exist is static (the variable tree's structure), so this is a trace-time choice.
+        cache = module.variables.get(QUANT_CACHE, {}) if static else {}
+        return {**qp, **cache}
 
     def _static_forward(self, spec, module, path, x, qp, dtype) -> jax.Array:
         x = refuse_gradient(x, f"'{display_path(path)}' ({type(module).__name__}, static int8)")

@@ -1,7 +1,8 @@
 """Collection names and module paths shared by every part of ``jaxquant.linen``.
 
 Observer / fake-quant state lives in ``quant_stats`` (mutable during calibration and QAT); a
-converted model's int8 weights and static qparams live in ``quant_params``. Module paths are
+converted model's int8 weights and static qparams live in ``quant_params``; weights in the native
+backend's layouts, derived from them at convert time, in ``quant_cache`` (rebuilt, never saved). Module paths are
 Linen scope paths joined with dots ("Conv_0", "block.Dense_1"): the keys of QConfigMapping rules.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Any
 
 QUANT_STATS = "quant_stats"
 QUANT_PARAMS = "quant_params"
+QUANT_CACHE = "quant_cache"
 
 
 def module_path(module: Any) -> str:

@@ -21,7 +21,7 @@ from jaxquant.dtypes import qint8, quint8
 from jaxquant.fake_quant.fake_quantize import FixedQParamsFakeQuantize
 from jaxquant.linen.interceptor import Record
 from jaxquant.linen.model import QuantizedModel
-from jaxquant.linen.names import QUANT_PARAMS, QUANT_STATS, display_path
+from jaxquant.linen.names import QUANT_CACHE, QUANT_PARAMS, QUANT_STATS, display_path
 from jaxquant.linen.qconfig_mappings import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
 from jaxquant.linen.quant_state import activation_qparams, finish_qparams, quantize_gate_group
 from jaxquant.observers.base import check_observer_state
@@ -223,13 +223,31 @@ def scope_in(tree: Mapping, scope: tuple) -> bool:
     return True
 
 
+def _native_cache(record: Record, quant_params: Mapping) -> dict:
+    """``quant_cache``: each converted layer's weight in the native backend's layouts, packed once from
+    the concrete int8 weight (Linen's ``apply`` packs inside the trace, where the native kernels cannot);
+    empty when the backend is off or unavailable."""
+    cache: dict = {}
+    for scope, pack in record.native:
+        blobs = pack(_subtree(quant_params, scope))
+        if blobs:
+            node = cache
+            for key in scope:
+                node = node.setdefault(key, {})
+            node.update(blobs)
+    return cache
+
+
 def _converted_variables(variables: Any, quant_params: dict, record: Record) -> dict:
     variables = dict(unfreeze(variables))
-    out = {k: v for k, v in variables.items() if k not in (QUANT_STATS, QUANT_PARAMS, "params")}
+    out = {k: v for k, v in variables.items() if k not in (QUANT_STATS, QUANT_PARAMS, QUANT_CACHE, "params")}
     params = _drop_converted(variables.get("params", {}), record.converted)
     if params:
         out["params"] = params
     out[QUANT_PARAMS] = quant_params
+    cache = _native_cache(record, quant_params)
+    if cache:
+        out[QUANT_CACHE] = cache
     return out
 
 
@@ -264,6 +282,36 @@ def convert(model: QuantizedModel, variables: Any, *example_args: Any, **example
     quant_params = _recompute_qparams(record, variables, quant_params)
     _check_scales(quant_params)
     return model.replace(mode="static"), _converted_variables(variables, quant_params, record)
+
+
+def pack_native(model: QuantizedModel, variables: Any, *example_args: Any, **example_kwargs: Any) -> dict:
+    """The converted variables with ``quant_cache`` rebuilt: each static ``nn.Conv`` (symmetric weights)
+    and ``nn.Dense`` weight packed once for the native backend, as :func:`convert` does. The cache is
+    derived data; save the variables without it and call this after loading them.
+
+    Args:
+      model: the static model :func:`convert` returned; variables: its variables (any ``quant_cache``
+        in them is replaced).
+      example_args, example_kwargs: inputs for one abstract forward pass (``jax.eval_shape``: nothing is
+        compiled or run), to read each layer's geometry.
+    Returns:
+      the variables with ``quant_cache`` (without it when the native backend is off or unavailable).
+    """
+    if not isinstance(model, QuantizedModel) or model.mode != "static":
+        got = type(model).__name__ + (f" in mode {model.mode!r}" if isinstance(model, QuantizedModel) else "")
+        raise TypeError(f"pack_native expects the static QuantizedModel returned by jaxquant.linen.convert (got {got})")
+    variables = {k: v for k, v in dict(unfreeze(variables)).items() if k != QUANT_CACHE}
+    if QUANT_PARAMS not in variables:
+        raise ValueError(f"pack_native: the variables have no '{QUANT_PARAMS}'; pass the variables convert returned")
+    record = Record()
+
+    def run(v, *args):
+        with nn.intercept_methods(model.interceptor(record)):
+            return model.module.apply(v, *args, **example_kwargs)
+
+    jax.eval_shape(run, variables, *example_args)
+    cache = _native_cache(record, variables[QUANT_PARAMS])
+    return {**variables, QUANT_CACHE: cache} if cache else variables
 
 
 def _dynamic_default_types(dtype: Any):
