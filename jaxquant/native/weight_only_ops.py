@@ -9,6 +9,7 @@ the native backend working (this path then reports itself unsupported).
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ import numpy as np
 
 from jaxquant.native import _lib, native_enabled
 
-__all__ = ["WO_GEMV_MAX_M", "weight_only_gemv_supported", "weight_only_gemv"]
+__all__ = ["WO_GEMV_MAX_M", "weight_only_gemv_supported", "weight_only_gemv", "weight_only_gemv_multi"]
 
 # Rows up to which decode calls take the native kernel: it reads the weight once per call whatever
 # M is (rows beyond 4 re-read L1-resident codes), so it wins over the dequantize-then-dot float path
@@ -58,12 +59,30 @@ def weight_only_gemv(x: jax.Array, data: jax.Array, scale: jax.Array, zero_point
     Returns:
       float32 ``(M, N)``: ``y[m, n] = sum_g scale[n, g] * sum_{k in g} (code[n, k] - zero_point[n, g]) x[m, k]``.
     """
+    return weight_only_gemv_multi(x, [(data, scale, zero_point, out_features)], bits=bits, group_size=group_size)[0]
+
+
+def weight_only_gemv_multi(x: jax.Array, weights: Sequence[tuple], *, bits: int, group_size: int) -> list:
+    """Several weights that read the same ``x`` in one call (e.g. Q, K, V): one custom call and one
+    parallel region instead of one each.
+
+    Args:
+      x: float ``(M, K)``.
+      weights: ``(data, scale, zero_point, out_features)`` per weight, laid out as in
+        :func:`weight_only_gemv`, all with the same ``bits`` and ``group_size``.
+
+    Returns:
+      A list of float32 ``(M, N_i)``, one per weight.
+    """
     if not _target_ready():
         raise RuntimeError("weight_only_gemv: the native weight-only kernel is unavailable (extension not built, "
                            "built before this kernel, or no AVX-512 on this CPU); check weight_only_gemv_supported() "
                            "first or use jaxquant.weight_only.weight_only_matmul, which falls back to XLA")
-    m, _ = x.shape
-    return jax.ffi.ffi_call("jaxquant_weight_only_gemv", jax.ShapeDtypeStruct((m, out_features), jnp.float32),
-                            vmap_method="sequential")(
-        x.astype(jnp.float32), jnp.asarray(data, jnp.uint8), jnp.asarray(scale, jnp.float32),
-        jnp.asarray(zero_point, jnp.int32), bits=np.int64(bits), group_size=np.int64(group_size))
+    m = x.shape[0]
+    operands = [x.astype(jnp.float32)]
+    for data, scale, zero_point, _ in weights:
+        operands += [jnp.asarray(data, jnp.uint8), jnp.asarray(scale, jnp.float32), jnp.asarray(zero_point, jnp.int32)]
+    shapes = [jax.ShapeDtypeStruct((m, int(n)), jnp.float32) for *_, n in weights]
+    out = jax.ffi.ffi_call("jaxquant_weight_only_gemv", shapes, vmap_method="sequential")(
+        *operands, bits=np.int64(bits), group_size=np.int64(group_size))
+    return list(out)

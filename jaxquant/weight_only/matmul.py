@@ -30,14 +30,16 @@ than f32; the integer path is 2-3x faster than f32 for int8.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 
 from jaxquant.kernels.mixed_dot import dot_general_u8s8
-from jaxquant.native.weight_only_ops import weight_only_gemv, weight_only_gemv_supported
+from jaxquant.native.weight_only_ops import weight_only_gemv, weight_only_gemv_multi, weight_only_gemv_supported
 from jaxquant.weight_only.blockwise import BlockQuantizedWeight, dequantize_blockwise
 
-__all__ = ["weight_only_matmul", "int8_activation_matmul", "float_matmul", "native_matmul", "quantize_rows_int8",
+__all__ = ["weight_only_matmul", "weight_only_matmul_multi", "int8_activation_matmul", "float_matmul", "native_matmul", "quantize_rows_int8",
            "activation_block"]
 
 _ROWS_DOT = (((1,), (1,)), ((), ()))  # (N, K) x (R, K) -> (N, R)
@@ -126,3 +128,19 @@ def weight_only_matmul(x: jax.Array, w: BlockQuantizedWeight, *, decode_rows: in
     else:
         y = int8_activation_matmul(x2, w)
     return y.reshape(lead + (w.out_features,)).astype(x.dtype)
+
+
+def weight_only_matmul_multi(x: jax.Array, ws: Sequence[BlockQuantizedWeight], *, decode_rows: int = 8) -> list:
+    """``[weight_only_matmul(x, w) for w in ws]``, in one native call when the rows take the native
+    kernel and the weights share ``bits``, ``group_size`` and ``in_features`` (Q/K/V, gate/up: the
+    call overhead and the parallel-region wake-up are paid once per group of projections)."""
+    lead = x.shape[:-1]
+    m = 1
+    for d in lead:
+        m *= int(d)
+    same = len({(w.bits, w.group_size, w.in_features) for w in ws}) == 1
+    if not (ws and same and m <= decode_rows and weight_only_gemv_supported(m)):
+        return [weight_only_matmul(x, w, decode_rows=decode_rows) for w in ws]
+    ys = weight_only_gemv_multi(x.reshape(m, x.shape[-1]), [(w.data, w.scale, w.zero_point, w.out_features)
+                                                            for w in ws], bits=ws[0].bits, group_size=ws[0].group_size)
+    return [y.reshape(lead + (w.out_features,)).astype(x.dtype) for y, w in zip(ys, ws)]

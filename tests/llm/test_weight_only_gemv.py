@@ -117,3 +117,28 @@ def test_native_decode_hlo_has_no_float_weight_and_export_is_portable():
     assert "jaxquant_weight_only_gemv" not in exp.mlir_module()  # jq.export traces with native off
     x = jnp.asarray(np.random.default_rng(5).standard_normal((1, k)), jnp.float32)
     np.testing.assert_array_equal(exp.call(x), jax.jit(int8_activation_matmul)(x, q))
+
+
+def test_fused_projections_equal_separate_calls():
+    # Q/K/V-style: three weights of one format on the same input, one custom call; each output equals the
+    # single-weight kernel's and the numpy reference; a bias is added per module. With an AWQ input_scale
+    # (per-layer divisor of x) project_all falls back to one call per module.
+    from jaxquant.weight_only.modules import project_all
+    rng = np.random.default_rng(11)
+    qs = [quantize_blockwise(jnp.asarray(rng.standard_normal((96, n)), jnp.float32), bits=4, group_size=32)
+          for n in (40, 17, 17)]
+    bias = jnp.asarray(rng.standard_normal(17), jnp.float32)
+    mods = [WeightOnlyLinear(qs[0], None), WeightOnlyLinear(qs[1], bias), WeightOnlyLinear(qs[2], None)]
+    x = jnp.asarray(rng.standard_normal((1, 3, 96)), jnp.float32)
+    f = jax.jit(lambda x: project_all(x, mods))
+    assert f.lower(x).compile().as_text().count("custom_call_target=\"jaxquant_weight_only_gemv\"") == 1
+    for y, m, q in zip(f(x), mods, qs):
+        ref = _np_reference(np.asarray(x).reshape(3, 96), q).reshape(1, 3, -1)
+        if m.bias.get_value() is not None:
+            ref = ref + np.asarray(bias)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(y, jax.jit(lambda x, m=m: m(x))(x))
+    scaled = [WeightOnlyLinear(q, None, input_scale=jnp.full((96,), 2.0)) for q in qs[:2]]
+    g = jax.jit(lambda x: project_all(x, scaled))
+    assert g.lower(x).compile().as_text().count("custom_call_target=\"jaxquant_weight_only_gemv\"") == 2
+    np.testing.assert_allclose(g(x)[0], 0.5 * f(x)[0], rtol=1e-6)

@@ -18,6 +18,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -132,18 +134,17 @@ void row_block(const Problem& p, int64_t a, int64_t b) {
   }
 }
 
-ffi::Error WeightOnlyGemvImpl(ffi::AnyBuffer x, ffi::AnyBuffer data, ffi::AnyBuffer scale, ffi::AnyBuffer zp,
-                              ffi::Result<ffi::AnyBuffer> out, int64_t bits, int64_t group_size) {
+// Checks one weight's buffers against x (M, K) and fills p; "" when they fit.
+const char* bind_weight(Problem& p, const ffi::AnyBuffer& x, const ffi::AnyBuffer& data, const ffi::AnyBuffer& scale,
+                        const ffi::AnyBuffer& zp, ffi::Result<ffi::AnyBuffer>& out, int64_t bits, int64_t group_size) {
   auto xd = x.dimensions(), dd = data.dimensions(), sd = scale.dimensions(), zd = zp.dimensions();
   auto od = out->dimensions();
   if (xd.size() != 2 || dd.size() != 2 || sd.size() != 2 || zd.size() != 2 || od.size() != 2 ||
       x.element_type() != ffi::DataType::F32 || data.element_type() != ffi::DataType::U8 ||
       scale.element_type() != ffi::DataType::F32 || zp.element_type() != ffi::DataType::S32 ||
       out->element_type() != ffi::DataType::F32)
-    return ffi::Error::InvalidArgument(
-        "JqWeightOnlyGemv: expects float32 x (M, K), uint8 codes (rows, Kp), float32 scale (N, G), int32 "
-        "zero_point (N, G) and a float32 (M, N) result");
-  Problem p;
+    return "JqWeightOnlyGemv: expects float32 x (M, K) and per weight uint8 codes (rows, Kp), float32 scale "
+           "(N, G), int32 zero_point (N, G) and a float32 (M, N) result";
   p.m = xd[0];
   p.k = xd[1];
   p.rows = dd[0];
@@ -151,31 +152,57 @@ ffi::Error WeightOnlyGemvImpl(ffi::AnyBuffer x, ffi::AnyBuffer data, ffi::AnyBuf
   p.n = od[1];
   p.g = sd[1];
   p.gs = group_size;
-  if (bits != 4 && bits != 8) return ffi::Error::InvalidArgument("JqWeightOnlyGemv: bits must be 4 or 8");
+  if (bits != 4 && bits != 8) return "JqWeightOnlyGemv: bits must be 4 or 8";
   if (od[0] != p.m || sd[0] != p.n || zd[0] != p.n || zd[1] != p.g || p.gs < 1 || p.g < 1 ||
-      p.kp != p.g * p.gs || p.k > p.kp || p.k <= p.kp - p.gs ||
-      p.rows != (bits == 8 ? p.n : (p.n + 1) / 2))
-    return ffi::Error::InvalidArgument(
-        "JqWeightOnlyGemv: shapes do not match one block-quantized weight (codes rows must be N for 8 bits, "
-        "ceil(N/2) for 4 bits; Kp = G * group_size; the last group must hold inputs)");
+      p.kp != p.g * p.gs || p.k > p.kp || p.k <= p.kp - p.gs || p.rows != (bits == 8 ? p.n : (p.n + 1) / 2))
+    return "JqWeightOnlyGemv: shapes do not match one block-quantized weight (codes rows must be N for 8 bits, "
+           "ceil(N/2) for 4 bits; Kp = G * group_size; the last group must hold inputs)";
   p.half = bits == 4 ? p.rows : 0;
   p.x = static_cast<const float*>(x.untyped_data());
   p.data = static_cast<const uint8_t*>(data.untyped_data());
   p.scale = static_cast<const float*>(scale.untyped_data());
   p.zp = static_cast<const int32_t*>(zp.untyped_data());
   p.out = static_cast<float*>(out->untyped_data());
-  if (p.m == 0 || p.n == 0) return ffi::Error::Success();
-  const int64_t blocks = (p.rows + kRowBlock - 1) / kRowBlock;
-  const int threads = (p.rows * p.kp >= g_parallel_bytes) ? std::min<int64_t>(omp_get_max_threads(), blocks) : 1;
+  return "";
+}
+
+// args: x, then (codes, scale, zero_point) per weight; one result per weight. Several weights that
+// read the same x (Q/K/V, gate/up) share one call and one parallel region.
+ffi::Error WeightOnlyGemvImpl(ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t bits, int64_t group_size) {
+  const size_t nw = rets.size();
+  if (nw == 0 || args.size() != 1 + 3 * nw)
+    return ffi::Error::InvalidArgument("JqWeightOnlyGemv: expects x and 3 buffers (codes, scale, zero_point) per result");
+  auto x = args.get<ffi::AnyBuffer>(0);
+  if (!x.has_value()) return ffi::Error::InvalidArgument("JqWeightOnlyGemv: bad x");
+  std::vector<Problem> ps(nw);
+  std::vector<std::pair<int32_t, int64_t>> items;  // (weight, first stored row) per work item
+  int64_t bytes = 0;
+  for (size_t i = 0; i < nw; ++i) {
+    auto d = args.get<ffi::AnyBuffer>(1 + 3 * i), s = args.get<ffi::AnyBuffer>(2 + 3 * i),
+         z = args.get<ffi::AnyBuffer>(3 + 3 * i);
+    auto o = rets.get<ffi::AnyBuffer>(i);
+    if (!d.has_value() || !s.has_value() || !z.has_value() || !o.has_value())
+      return ffi::Error::InvalidArgument("JqWeightOnlyGemv: bad buffer");
+    ffi::Result<ffi::AnyBuffer> out = *o;
+    const char* err = bind_weight(ps[i], *x, *d, *s, *z, out, bits, group_size);
+    if (*err) return ffi::Error::InvalidArgument(err);
+    if (ps[i].m == 0 || ps[i].n == 0) continue;
+    bytes += ps[i].rows * ps[i].kp;
+    for (int64_t a = 0; a < ps[i].rows; a += kRowBlock) items.emplace_back(static_cast<int32_t>(i), a);
+  }
+  auto run = [&](const std::pair<int32_t, int64_t>& it) {
+    const Problem& p = ps[it.first];
+    const int64_t e = std::min(it.second + kRowBlock, p.rows);
+    bits == 8 ? row_block<8>(p, it.second, e) : row_block<4>(p, it.second, e);
+  };
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const int threads = bytes >= g_parallel_bytes ? std::min<int64_t>(omp_get_max_threads(), n_items) : 1;
   if (threads <= 1) {
-    bits == 8 ? row_block<8>(p, 0, p.rows) : row_block<4>(p, 0, p.rows);
+    for (const auto& it : items) run(it);
     return ffi::Error::Success();
   }
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t a = b * kRowBlock, e = std::min(a + kRowBlock, p.rows);
-    bits == 8 ? row_block<8>(p, a, e) : row_block<4>(p, a, e);
-  }
+  for (int64_t b = 0; b < n_items; ++b) run(items[b]);
   return ffi::Error::Success();
 }
 
@@ -183,11 +210,8 @@ ffi::Error WeightOnlyGemvImpl(ffi::AnyBuffer x, ffi::AnyBuffer data, ffi::AnyBuf
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqWeightOnlyGemv, WeightOnlyGemvImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
+                                  .RemainingArgs()
+                                  .RemainingRets()
                                   .Attr<int64_t>("bits")
                                   .Attr<int64_t>("group_size"));
 
