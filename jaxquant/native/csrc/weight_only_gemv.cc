@@ -9,10 +9,11 @@
 //   * scale float32 (N, G) and zero_point int32 (N, G), unsigned code domain, Kp = G * group_size,
 //     w[k, n] = scale[n, g] * (code[n, k] - zero_point[n, g]) with g = k / group_size.
 // Per 16 inputs: load 16 code bytes, zero-extend to int32 (vpmovzxbd), unpack nibbles (and/shift),
-// subtract the group's zero point in int32 (exact), convert to f32 (vcvtdq2ps) and FMA with x.
-// Each group's partial sum is scaled once (one FMA per group and row); the result is
-//   y[m, n] = sum_g scale[n, g] * sum_{k in g} (code[n, k] - zero_point[n, g]) * x[m, k]
+// convert to f32 (vcvtdq2ps, exact) and FMA with x. Each group's partial sum is scaled once (one FMA
+// per group and row) and its zero point enters through the group's sum of x:
+//   y[m, n] = sum_g scale[n, g] * (sum_{k in g} code[n, k] x[m, k] - zero_point[n, g] sum_{k in g} x[m, k])
 // in float32, activations never quantized. Inputs past K (the zero-padded last group) are skipped.
+// Rows are split over the OpenMP threads when the call's weights hold enough bytes.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -33,7 +34,7 @@ constexpr int kMaxMc = 4;        // activation rows per pass (more rows: another
 constexpr int64_t kRowBlock = 16;  // stored rows per parallel work item (16 x Kp bytes stay in L1/L2)
 // Weights smaller than this many code bytes run on the calling thread: waking a sleeping OpenMP
 // worker (OMP_WAIT_POLICY=PASSIVE, set by the loader) costs more than it saves on small layers.
-int64_t g_parallel_bytes = int64_t{1} << 20;
+int64_t g_parallel_bytes = int64_t{1} << 17;
 
 struct Problem {
   const float* x;      // (M, K)
@@ -41,18 +42,22 @@ struct Problem {
   const float* scale;  // (N, G)
   const int32_t* zp;   // (N, G)
   float* out;          // (M, N)
+  const float* xsum;   // (M, G): sum of x over each group's inputs
   int64_t m, k, kp, n, g, gs, rows, half;  // half: row offset of the high nibble (4 bits)
 };
 
 // R stored rows (8 bits: R outputs; 4 bits: 2R outputs) x MC activation rows, starting at stored
-// row r0 and activation row m0.
+// row r0 and activation row m0. The codes are converted as stored (unsigned) and the zero point
+// enters once per group as zero_point * sum_{k in g} x (p.xsum): one vector op fewer per 16 codes
+// than subtracting it from every code.
 template <int BITS, int R, int MC>
 JQ_AVX512 void block_kernel(const Problem& p, int64_t r0, int64_t m0) {
   constexpr int U = BITS == 4 ? 2 : 1;
   __m512 tot[R][U][MC];
+  float corr[R][U][MC];
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < U; ++u)
-      for (int m = 0; m < MC; ++m) tot[r][u][m] = _mm512_setzero_ps();
+      for (int m = 0; m < MC; ++m) tot[r][u][m] = _mm512_setzero_ps(), corr[r][u][m] = 0.0f;
   int64_t nrow[R][U];
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < U; ++u) nrow[r][u] = r0 + r + u * p.half;  // output row; >= n is padding
@@ -61,14 +66,6 @@ JQ_AVX512 void block_kernel(const Problem& p, int64_t r0, int64_t m0) {
   for (int64_t g = 0; g < p.g; ++g) {
     const int64_t kb = g * p.gs, ke = std::min(kb + p.gs, p.k);
     if (kb >= ke) break;
-    __m512i z[R][U];
-    float s[R][U];
-    for (int r = 0; r < R; ++r)
-      for (int u = 0; u < U; ++u) {
-        const bool real = nrow[r][u] < p.n;
-        z[r][u] = _mm512_set1_epi32(real ? p.zp[nrow[r][u] * p.g + g] : 0);
-        s[r][u] = real ? p.scale[nrow[r][u] * p.g + g] : 0.0f;
-      }
     __m512 acc[R][U][MC];
     for (int r = 0; r < R; ++r)
       for (int u = 0; u < U; ++u)
@@ -79,16 +76,16 @@ JQ_AVX512 void block_kernel(const Problem& p, int64_t r0, int64_t m0) {
       __m512 xv[MC];
       for (int m = 0; m < MC; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, p.x + (m0 + m) * p.k + k);
       for (int r = 0; r < R; ++r) {
-        // The same bytes of the next R rows: single-threaded streams stall on DRAM latency without it.
-        _mm_prefetch(reinterpret_cast<const char*>(p.data + (r0 + r) * p.kp + k + 4 * R * p.kp), _MM_HINT_T0);
-        // Masked-off lanes load code 0 (w = -z there) but x is 0 there too: they add nothing.
+        // The same bytes of rows further on: single-threaded streams stall on DRAM latency without it.
+        _mm_prefetch(reinterpret_cast<const char*>(p.data + (r0 + r) * p.kp + k + 2 * R * p.kp), _MM_HINT_T0);
+        // Masked-off lanes load code 0 and x 0: they add nothing.
         const __m512i v = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, p.data + (r0 + r) * p.kp + k));
         __m512 w[U];
         if constexpr (BITS == 8) {
-          w[0] = _mm512_cvtepi32_ps(_mm512_sub_epi32(v, z[r][0]));
+          w[0] = _mm512_cvtepi32_ps(v);
         } else {
-          w[0] = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, low4), z[r][0]));
-          w[1] = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), z[r][1]));
+          w[0] = _mm512_cvtepi32_ps(_mm512_and_si512(v, low4));
+          w[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
         }
         for (int u = 0; u < U; ++u)
           for (int m = 0; m < MC; ++m) acc[r][u][m] = _mm512_fmadd_ps(w[u], xv[m], acc[r][u][m]);
@@ -96,14 +93,21 @@ JQ_AVX512 void block_kernel(const Problem& p, int64_t r0, int64_t m0) {
     }
     for (int r = 0; r < R; ++r)
       for (int u = 0; u < U; ++u) {
-        const __m512 sv = _mm512_set1_ps(s[r][u]);
-        for (int m = 0; m < MC; ++m) tot[r][u][m] = _mm512_fmadd_ps(acc[r][u][m], sv, tot[r][u][m]);
+        if (nrow[r][u] >= p.n) continue;
+        const float s = p.scale[nrow[r][u] * p.g + g];
+        const float sz = s * static_cast<float>(p.zp[nrow[r][u] * p.g + g]);
+        const __m512 sv = _mm512_set1_ps(s);
+        for (int m = 0; m < MC; ++m) {
+          tot[r][u][m] = _mm512_fmadd_ps(acc[r][u][m], sv, tot[r][u][m]);
+          corr[r][u][m] += sz * p.xsum[(m0 + m) * p.g + g];
+        }
       }
   }
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < U; ++u) {
       if (nrow[r][u] >= p.n) continue;
-      for (int m = 0; m < MC; ++m) p.out[(m0 + m) * p.n + nrow[r][u]] = _mm512_reduce_add_ps(tot[r][u][m]);
+      for (int m = 0; m < MC; ++m)
+        p.out[(m0 + m) * p.n + nrow[r][u]] = _mm512_reduce_add_ps(tot[r][u][m]) - corr[r][u][m];
     }
 }
 
@@ -189,6 +193,18 @@ ffi::Error WeightOnlyGemvImpl(ffi::RemainingArgs args, ffi::RemainingRets rets, 
     if (ps[i].m == 0 || ps[i].n == 0) continue;
     bytes += ps[i].rows * ps[i].kp;
     for (int64_t a = 0; a < ps[i].rows; a += kRowBlock) items.emplace_back(static_cast<int32_t>(i), a);
+  }
+  // Group sums of x, shared by every weight (same K, same group size).
+  std::vector<float> xsum;
+  if (!items.empty()) {
+    const Problem& p0 = ps[items[0].first];
+    xsum.assign(p0.m * p0.g, 0.0f);
+    for (int64_t m = 0; m < p0.m; ++m)
+      for (int64_t k = 0; k < p0.k; ++k) xsum[m * p0.g + k / p0.gs] += p0.x[m * p0.k + k];
+    for (auto& p : ps) {
+      if (p.k != p0.k || p.g != p0.g) return ffi::Error::InvalidArgument("JqWeightOnlyGemv: weights differ in K");
+      p.xsum = xsum.data();
+    }
   }
   auto run = [&](const std::pair<int32_t, int64_t>& it) {
     const Problem& p = ps[it.first];
