@@ -78,7 +78,18 @@ def weight_only_gemv_multi(x: jax.Array, weights: Sequence[tuple], *, bits: int,
         raise RuntimeError("weight_only_gemv: the native weight-only kernel is unavailable (extension not built, "
                            "built before this kernel, or no AVX-512 on this CPU); check weight_only_gemv_supported() "
                            "first or use jaxquant.weight_only.weight_only_matmul, which falls back to XLA")
-    m = x.shape[0]
+    if bits not in (4, 8) or int(group_size) < 1:
+        raise ValueError(f"weight_only_gemv: bits must be 4 or 8 and group_size >= 1, got {bits}, {group_size}")
+    m, k = x.shape
+    for data, scale, zero_point, n in weights:
+        rows, g = (int(n) if bits == 8 else -(-int(n) // 2)), int(scale.shape[-1])
+        kp = g * int(group_size)
+        if (tuple(data.shape) != (rows, kp) or tuple(scale.shape) != (int(n), g)
+                or tuple(zero_point.shape) != (int(n), g) or not kp - int(group_size) < k <= kp):
+            raise ValueError(f"weight_only_gemv: codes {tuple(data.shape)}, scale {tuple(scale.shape)} and zero point "
+                             f"{tuple(zero_point.shape)} are not one int{bits} weight of {n} outputs in groups of "
+                             f"{group_size} for x of shape {tuple(x.shape)} (codes must be ({rows}, G * group_size) "
+                             "covering K); pass the BlockQuantizedWeight's own bits, group_size and out_features")
     operands = [x.astype(jnp.float32)]
     for data, scale, zero_point, _ in weights:
         operands += [jnp.asarray(data, jnp.uint8), jnp.asarray(scale, jnp.float32), jnp.asarray(zero_point, jnp.int32)]
