@@ -34,6 +34,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxquant.kernels.mixed_dot import dot_general_u8s8
 from jaxquant.native.weight_only_ops import weight_only_gemv, weight_only_gemv_multi, weight_only_gemv_supported
@@ -99,10 +100,32 @@ def int8_activation_matmul(x2: jax.Array, w: BlockQuantizedWeight, act_block: in
     return y.T
 
 
+@jax.custom_vjp
+def _native_multi(x2: jax.Array, ws: tuple) -> list:
+    return weight_only_gemv_multi(x2, [(w.data, w.scale, w.zero_point, w.out_features) for w in ws],
+                                  bits=ws[0].bits, group_size=ws[0].group_size)
+
+
+def _native_fwd(x2, ws):
+    return _native_multi(x2, ws), ws
+
+
+def _native_bwd(ws, gs):
+    # y_i = x @ W_i, so dx = sum_i g_i @ W_i^T, with W_i dequantized (the backward pass is not the hot
+    # path). The codes and qparams are constants of a converted model: their cotangents are zero.
+    dx = sum(jnp.dot(g, dequantize_blockwise(w).T, preferred_element_type=jnp.float32) for g, w in zip(gs, ws))
+    zero = lambda a: (np.zeros(a.shape, jax.dtypes.float0) if jnp.issubdtype(a.dtype, jnp.integer)
+                      else jnp.zeros_like(a))
+    return dx, jax.tree.map(zero, ws)
+
+
+_native_multi.defvjp(_native_fwd, _native_bwd)
+
+
 def native_matmul(x2: jax.Array, w: BlockQuantizedWeight) -> jax.Array:
-    """Native decode path: float ``(M, K)`` -> float32 ``(M, N)``, weight-only (float activations)."""
-    return weight_only_gemv(x2, w.data, w.scale, w.zero_point, bits=w.bits, group_size=w.group_size,
-                            out_features=w.out_features)
+    """Native decode path: float ``(M, K)`` -> float32 ``(M, N)``, weight-only (float activations).
+    Differentiable in ``x`` (``dx = dy @ dequantize(w).T``)."""
+    return _native_multi(x2, (w,))[0]
 
 
 def float_matmul(x2: jax.Array, w: BlockQuantizedWeight) -> jax.Array:
@@ -141,6 +164,5 @@ def weight_only_matmul_multi(x: jax.Array, ws: Sequence[BlockQuantizedWeight], *
     same = len({(w.bits, w.group_size, w.in_features) for w in ws}) == 1
     if not (ws and same and m <= decode_rows and weight_only_gemv_supported(m)):
         return [weight_only_matmul(x, w, decode_rows=decode_rows) for w in ws]
-    ys = weight_only_gemv_multi(x.reshape(m, x.shape[-1]), [(w.data, w.scale, w.zero_point, w.out_features)
-                                                            for w in ws], bits=ws[0].bits, group_size=ws[0].group_size)
+    ys = _native_multi(x.reshape(m, x.shape[-1]), tuple(ws))
     return [y.reshape(lead + (w.out_features,)).astype(x.dtype) for y, w in zip(ys, ws)]

@@ -142,3 +142,18 @@ def test_fused_projections_equal_separate_calls():
     g = jax.jit(lambda x: project_all(x, scaled))
     assert g.lower(x).compile().as_text().count("custom_call_target=\"jaxquant_weight_only_gemv\"") == 2
     np.testing.assert_allclose(g(x)[0], 0.5 * f(x)[0], rtol=1e-6)
+
+
+def test_native_decode_is_differentiable_in_x():
+    # y = x @ W is linear in x: the gradient of sum(y * c) is c @ W^T, for one weight and for a fused group.
+    from jaxquant.weight_only.modules import project_all
+    rng = np.random.default_rng(12)
+    qs = [quantize_blockwise(jnp.asarray(rng.standard_normal((64, n)), jnp.float32), bits=8) for n in (8, 5)]
+    mods = [WeightOnlyLinear(q, None) for q in qs]
+    x = jnp.asarray(rng.standard_normal((1, 64)), jnp.float32)
+    c = [jnp.asarray(rng.standard_normal((1, q.out_features)), jnp.float32) for q in qs]
+    g1 = jax.grad(lambda x: jnp.sum(mods[0](x) * c[0]))(x)
+    np.testing.assert_allclose(g1, np.asarray(c[0]) @ np.asarray(qs[0].dequantize()).T, rtol=1e-5, atol=1e-5)
+    g2 = jax.jit(jax.grad(lambda x: sum(jnp.sum(y * ci) for y, ci in zip(project_all(x, mods), c))))(x)
+    ref = sum(np.asarray(ci) @ np.asarray(q.dequantize()).T for ci, q in zip(c, qs))
+    np.testing.assert_allclose(g2, ref, rtol=1e-5, atol=1e-5)

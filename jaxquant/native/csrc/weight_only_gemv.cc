@@ -217,7 +217,8 @@ ffi::Error WeightOnlyGemvImpl(ffi::RemainingArgs args, ffi::RemainingRets rets, 
     for (const auto& it : items) run(it);
     return ffi::Error::Success();
   }
-#pragma omp parallel for num_threads(threads) schedule(static)
+  // Dynamic: a worker woken late (OMP_WAIT_POLICY=PASSIVE) takes fewer items instead of delaying the call.
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t b = 0; b < n_items; ++b) run(items[b]);
   return ffi::Error::Success();
 }
