@@ -74,10 +74,6 @@ def weight_only_gemv_multi(x: jax.Array, weights: Sequence[tuple], *, bits: int,
     Returns:
       A list of float32 ``(M, N_i)``, one per weight.
     """
-    if not _target_ready():
-        raise RuntimeError("weight_only_gemv: the native weight-only kernel is unavailable (extension not built, "
-                           "built before this kernel, or no AVX-512 on this CPU); check weight_only_gemv_supported() "
-                           "first or use jaxquant.weight_only.weight_only_matmul, which falls back to XLA")
     if bits not in (4, 8) or int(group_size) < 1:
         raise ValueError(f"weight_only_gemv: bits must be 4 or 8 and group_size >= 1, got {bits}, {group_size}")
     m, k = x.shape
@@ -90,6 +86,10 @@ def weight_only_gemv_multi(x: jax.Array, weights: Sequence[tuple], *, bits: int,
                              f"{tuple(zero_point.shape)} are not one int{bits} weight of {n} outputs in groups of "
                              f"{group_size} for x of shape {tuple(x.shape)} (codes must be ({rows}, G * group_size) "
                              "covering K); pass the BlockQuantizedWeight's own bits, group_size and out_features")
+    if not _target_ready():
+        raise RuntimeError("weight_only_gemv: the native weight-only kernel is unavailable (extension not built, "
+                           "built before this kernel, or no AVX-512 on this CPU); check weight_only_gemv_supported() "
+                           "first or use jaxquant.weight_only.weight_only_matmul, which falls back to XLA")
     operands = [x.astype(jnp.float32)]
     for data, scale, zero_point, _ in weights:
         operands += [jnp.asarray(data, jnp.uint8), jnp.asarray(scale, jnp.float32), jnp.asarray(zero_point, jnp.int32)]
