@@ -62,7 +62,8 @@ class OptionalNativeBuild(build_ext):
 
 
 setup(
-    ext_modules=[Extension("jaxquant.native._jaxquant_native", sources=[f"{CSRC}/jaxquant_native.cc"],
+    ext_modules=[Extension("jaxquant.native._jaxquant_native", sources=[f"{CSRC}/jaxquant_native.cc",
+                                                                     f"{CSRC}/weight_only_gemv.cc"],
                            optional=True)],
     cmdclass={"build_ext": OptionalNativeBuild},
 )

@@ -1,6 +1,9 @@
-"""Decode speed of SmolLM2-135M at batch 1 with a KV cache: float32 vs weight-only W8 / W4 (JAX, jit),
-with PyTorch (Hugging Face LlamaForCausalLM on the same dequantized weights: float32 and
+"""Decode speed of SmolLM2-135M at batch 1 with a KV cache: float32 vs weight-only W8 / W4 (JAX, jit;
+the native weight-only kernel and the pure-XLA int8-activation fallback side by side), with PyTorch (Hugging Face LlamaForCausalLM on the same dequantized weights: float32 and
 ``torch.ao.quantization.quantize_dynamic`` int8) as peers. Also model memory.
+
+The ``... linears only`` rows time every projection of the model once on a (1, K) input in one jitted
+call (the matmul share of a token); the rest of a token is attention, norms, rotary and dispatch.
 
 One timed call = one new token: ``forward(state, token (1, 1), cache, position)`` at a fixed cache
 position (every call does the same work), so tokens/s = 1000 / ms. Candidates run interleaved in one
@@ -28,6 +31,7 @@ from flax import nnx  # noqa: E402
 
 import jaxquant as jq  # noqa: E402
 from jaxquant.models.llama import init_cache, load_smollm2, make_forward  # noqa: E402
+from jaxquant.native.weight_only_ops import weight_only_gemv_supported  # noqa: E402
 from jaxquant.weight_only import WeightOnlyLinear  # noqa: E402
 
 
@@ -40,6 +44,23 @@ def linear_weight_bytes(model) -> int:
         elif isinstance(m, WeightOnlyLinear):
             total += m.weight().nbytes
     return total
+
+
+def linears_only(model):
+    """A jitted ``f(state, x)`` applying every projection of ``model`` to ``x[:K]`` once, and its state."""
+    mods = [m for _, m in jq.named_modules(model) if isinstance(m, (nnx.Linear, WeightOnlyLinear))]
+    graphdef, state = nnx.split(nnx.List(mods))
+
+    @jax.jit
+    def f(state, x):
+        ms = nnx.merge(graphdef, state)
+        total = jnp.zeros((), jnp.float32)
+        for m in ms:
+            k = m.in_features
+            total = total + jnp.sum(m(x[:, :k]))
+        return total
+
+    return f, state
 
 
 def model_bytes(model) -> int:
@@ -119,21 +140,44 @@ def main(argv=None):
                       rngs=nnx.Rngs(0))
     else:
         model, _ = load_smollm2()
-    variants = {
-        "jax_f32": model,
-        "jax_W8 (per-channel)": jq.quantize_weight_only(model, jq.int8_weight_only()),
-        "jax_W4 g128": jq.quantize_weight_only(model, jq.int4_weight_only(128, allow_partial_group=True)),
-        "jax_W4 g64": jq.quantize_weight_only(model, jq.int4_weight_only(64)),
-    }
+    w8 = jq.quantize_weight_only(model, jq.int8_weight_only())
+    w4 = jq.quantize_weight_only(model, jq.int4_weight_only(128, allow_partial_group=True))
+    w4_64 = jq.quantize_weight_only(model, jq.int4_weight_only(64))
+    native = jq.native_backend_available() and weight_only_gemv_supported(1)
+    # (name, model, native?): the native rows exist only where the kernel runs.
+    plan = [("jax_f32", model, False)]
+    for label, m in (("W8 (per-channel)", w8), ("W4 g128", w4), ("W4 g64", w4_64)):
+        if native:
+            plan.append((f"jax_{label} native", m, True))
+        plan.append((f"jax_{label} XLA fallback", m, False))
+    variants = {name: m for name, m, _ in plan}
     max_len = args.prompt_len + 8
     fns = {}
-    for name, m in variants.items():
-        forward, state = make_forward(m)
-        cache = init_cache(m.config, 1, max_len)
-        _, cache = forward(state, jnp.ones((1, args.prompt_len), jnp.int32), cache, jnp.int32(0))
-        tok, pos = jnp.asarray([[2]], jnp.int32), jnp.int32(args.prompt_len)
-        jax.block_until_ready(forward(state, tok, cache, pos))  # compile
-        fns[name] = (lambda f=forward, s=state, c=cache, t=tok, p=pos: f(s, t, c, p)[0])
+    for name, m, on in plan:
+        with jq.use_native(on):  # jit's cache key holds the flag: every call must run under the same setting
+            forward, state = make_forward(m)
+            cache = init_cache(m.config, 1, max_len)
+            _, cache = forward(state, jnp.ones((1, args.prompt_len), jnp.int32), cache, jnp.int32(0))
+            tok, pos = jnp.asarray([[2]], jnp.int32), jnp.int32(args.prompt_len)
+            jax.block_until_ready(forward(state, tok, cache, pos))  # compile
+
+        def step(f=forward, s=state, c=cache, t=tok, p=pos, on=on):
+            with jq.use_native(on):
+                return f(s, t, c, p)[0]
+        fns[name] = step
+    for name, m, on in (("jax_f32 linears only", model, False), ("jax_W8 native linears only", w8, native),
+                        ("jax_W4 g128 native linears only", w4, native)):
+        if "native" in name and not native:
+            continue
+        with jq.use_native(on):
+            f, state = linears_only(m)
+            x = jnp.ones((1, max(model.config.dim, model.config.hidden_dim)), jnp.float32)
+            jax.block_until_ready(f(state, x))
+
+        def lin_step(f=f, s=state, x=x, on=on):
+            with jq.use_native(on):
+                return f(s, x)
+        fns[name] = lin_step
     if not args.no_torch:
         try:
             fns.update(torch_peers(model, args.prompt_len))

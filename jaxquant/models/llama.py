@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxquant.weight_only.modules import project_all
+
 __all__ = ["LlamaConfig", "RMSNorm", "Attention", "MLP", "Block", "Llama", "init_cache", "load_llama_gguf",
            "load_smollm2", "make_forward", "perplexity", "generate"]
 
@@ -96,9 +98,10 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, cache: Optional[tuple], start_pos: Any):
         b, t, _ = x.shape
         hd = self.head_dim
-        q = self.wq(x).reshape(b, t, self.n_heads, hd)
-        k = self.wk(x).reshape(b, t, self.n_kv_heads, hd)
-        v = self.wv(x).reshape(b, t, self.n_kv_heads, hd)
+        q, k, v = project_all(x, (self.wq, self.wk, self.wv))
+        q = q.reshape(b, t, self.n_heads, hd)
+        k = k.reshape(b, t, self.n_kv_heads, hd)
+        v = v.reshape(b, t, self.n_kv_heads, hd)
         cos, sin = rope_tables(positions, hd, self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -131,7 +134,8 @@ class MLP(nnx.Module):
         self.down = _linear(cfg.hidden_dim, cfg.dim, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        g, u = project_all(x, (self.gate, self.up))
+        return self.down(jax.nn.silu(g) * u)
 
 
 class Block(nnx.Module):

@@ -3,9 +3,15 @@
 The one place this package touches the kernels (``jaxquant.kernels.mixed_dot``), so switching to
 the core seam's ops is a one-file change.
 
-Two formulations, chosen from the static number of rows ``M`` of ``x``:
+Three formulations, chosen at trace time from the static number of rows ``M`` of ``x``:
 
-* **Decode (M <= decode_rows, default 8): integer path.** ``x`` is quantized per token (row) and
+* **Decode, native (M <= decode_rows, default 8, where** ``jaxquant.native`` **is enabled and the CPU
+  has AVX-512): true weight-only.** ``jaxquant.native.weight_only_ops.weight_only_gemv`` reads the
+  stored codes (int8 rows, or int4 two rows per byte) in place, converts them to float32 in registers
+  and accumulates ``y[m, n] = sum_g scale[n, g] sum_{k in g} (code[n, k] - zero_point[n, g]) x[m, k]``
+  in float32: activations are never quantized and no float copy of the weight exists.
+* **Decode, pure-XLA fallback (same M; native off, e.g.** ``jq.use_native(False)`` **or**
+  ``jq.export``**, or no AVX-512): integer path, NOT weight-only.** ``x`` is quantized per token (row) and
   per block of 64 inputs to int8 (symmetric, ``s_x = max|x| / 127``) and multiplied by the stored uint8 codes with the
   u8 x s8 -> s32 VNNI dot, weight on the LHS (``(N, Kp)`` rows read in place; YNNPACK repacks only
   the small RHS). Per-group partial sums come out of the *same* dot by expanding ``x`` block
@@ -13,7 +19,8 @@ Two formulations, chosen from the static number of rows ``M`` of ``x``:
   ``acc[n, m, g] = sum_{k in g} code[n, k] x_q[m, k]``. Then
   ``y[m, n] = s_x[m] sum_g scale[n, g] (acc[n, m, g] - zero_point[n, g] * sum_{k in g} x_q[m, k])``.
   The weight is never converted to float; int4 codes are unpacked with a mask and a shift (one
-  uint8 temporary per half) and each half goes to its own dot.
+  uint8 temporary per half) and each half goes to its own dot. XLA does not fuse a
+  ``convert(u8 -> f32)`` into a dot, so pure XLA has no fast true weight-only GEMV.
 * **Prefill / batched (M > decode_rows): float path.** ``x @ dequantize(w)``; compute-bound, so
   dequantizing once per call costs little next to the dot, and activations stay exactly float.
 
@@ -23,13 +30,18 @@ than f32; the integer path is 2-3x faster than f32 for int8.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxquant.kernels.mixed_dot import dot_general_u8s8
+from jaxquant.native.weight_only_ops import weight_only_gemv, weight_only_gemv_multi, weight_only_gemv_supported
 from jaxquant.weight_only.blockwise import BlockQuantizedWeight, dequantize_blockwise
 
-__all__ = ["weight_only_matmul", "int8_activation_matmul", "float_matmul", "quantize_rows_int8", "activation_block"]
+__all__ = ["weight_only_matmul", "weight_only_matmul_multi", "int8_activation_matmul", "float_matmul", "native_matmul", "quantize_rows_int8",
+           "activation_block"]
 
 _ROWS_DOT = (((1,), (1,)), ((), ()))  # (N, K) x (R, K) -> (N, R)
 ACT_BLOCK = 64  # inputs per activation scale on the integer path
@@ -88,17 +100,69 @@ def int8_activation_matmul(x2: jax.Array, w: BlockQuantizedWeight, act_block: in
     return y.T
 
 
+@jax.custom_vjp
+def _native_multi(x2: jax.Array, ws: tuple) -> list:
+    return weight_only_gemv_multi(x2, [(w.data, w.scale, w.zero_point, w.out_features) for w in ws],
+                                  bits=ws[0].bits, group_size=ws[0].group_size)
+
+
+def _native_fwd(x2, ws):
+    return _native_multi(x2, ws), ws
+
+
+def _native_bwd(ws, gs):
+    # y_i = x @ W_i, so dx = sum_i g_i @ W_i^T, with W_i dequantized (the backward pass is not the hot
+    # path). The codes and qparams are constants of a converted model: their cotangents are zero.
+    dx = sum(jnp.dot(g, dequantize_blockwise(w).T, preferred_element_type=jnp.float32) for g, w in zip(gs, ws))
+    zero = lambda a: (np.zeros(a.shape, jax.dtypes.float0) if jnp.issubdtype(a.dtype, jnp.integer)
+                      else jnp.zeros_like(a))
+    return dx, jax.tree.map(zero, ws)
+
+
+_native_multi.defvjp(_native_fwd, _native_bwd)
+
+
+def native_matmul(x2: jax.Array, w: BlockQuantizedWeight) -> jax.Array:
+    """Native decode path: float ``(M, K)`` -> float32 ``(M, N)``, weight-only (float activations).
+    Differentiable in ``x`` (``dx = dy @ dequantize(w).T``)."""
+    return _native_multi(x2, (w,))[0]
+
+
 def float_matmul(x2: jax.Array, w: BlockQuantizedWeight) -> jax.Array:
     """Prefill path: ``x @ dequantize(w)`` in float32 ``(M, N)``."""
     return jnp.dot(x2.astype(jnp.float32), dequantize_blockwise(w), preferred_element_type=jnp.float32)
 
 
 def weight_only_matmul(x: jax.Array, w: BlockQuantizedWeight, *, decode_rows: int = 8) -> jax.Array:
-    """``x (..., K)`` float -> ``(..., N)`` in ``x``'s dtype; integer path when rows <= ``decode_rows``."""
+    """``x (..., K)`` float -> ``(..., N)`` in ``x``'s dtype.
+
+    Rows ``<= decode_rows``: the native weight-only kernel when :func:`weight_only_gemv_supported`,
+    else the pure-XLA int8-activation path; more rows: dequantize and a float dot.
+    """
     lead = x.shape[:-1]
     m = 1
     for d in lead:
         m *= int(d)
     x2 = x.reshape(m, x.shape[-1])
-    y = int8_activation_matmul(x2, w) if m <= decode_rows else float_matmul(x2, w)
+    if m > decode_rows:
+        y = float_matmul(x2, w)
+    elif weight_only_gemv_supported(m):
+        y = native_matmul(x2, w)
+    else:
+        y = int8_activation_matmul(x2, w)
     return y.reshape(lead + (w.out_features,)).astype(x.dtype)
+
+
+def weight_only_matmul_multi(x: jax.Array, ws: Sequence[BlockQuantizedWeight], *, decode_rows: int = 8) -> list:
+    """``[weight_only_matmul(x, w) for w in ws]``, in one native call when the rows take the native
+    kernel and the weights share ``bits``, ``group_size`` and ``in_features`` (Q/K/V, gate/up: the
+    call overhead and the parallel-region wake-up are paid once per group of projections)."""
+    lead = x.shape[:-1]
+    m = 1
+    for d in lead:
+        m *= int(d)
+    same = len({(w.bits, w.group_size, w.in_features) for w in ws}) == 1
+    if not (ws and same and m <= decode_rows and weight_only_gemv_supported(m)):
+        return [weight_only_matmul(x, w, decode_rows=decode_rows) for w in ws]
+    ys = _native_multi(x.reshape(m, x.shape[-1]), tuple(ws))
+    return [y.reshape(lead + (w.out_features,)).astype(x.dtype) for y, w in zip(ys, ws)]

@@ -7,7 +7,7 @@ SmoothQuant's per-input-channel factor, the input is divided by it) is optional.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +15,9 @@ from flax import nnx
 
 from jaxquant.nn.variables import QuantParams
 from jaxquant.weight_only.blockwise import BlockQuantizedWeight, dequantize_blockwise
-from jaxquant.weight_only.matmul import weight_only_matmul
+from jaxquant.weight_only.matmul import weight_only_matmul, weight_only_matmul_multi
 
-__all__ = ["WeightOnlyLinear", "WeightOnlyEmbedding"]
+__all__ = ["WeightOnlyLinear", "WeightOnlyEmbedding", "project_all"]
 
 
 def _store(w: BlockQuantizedWeight) -> dict:
@@ -78,6 +78,32 @@ class WeightOnlyLinear(nnx.Module):
     def __repr__(self) -> str:
         return (f"WeightOnlyLinear('{self.name}', int{self.bits}, group {self.group_size}, "
                 f"{self.in_shape} -> {self.out_shape})")
+
+
+def project_all(x: jax.Array, modules: Sequence[nnx.Module]) -> list:
+    """``[m(x) for m in modules]``; weight-only projections of the same input (a Llama block's Q/K/V or
+    gate/up) run as one native call when they share the format, take plain 1-D features and have no
+    ``input_scale`` (AWQ divides each layer's input by its own scale, so those run one by one).
+
+    Args:
+      x: float ``(..., K)``.
+      modules: callables on ``x`` (float ``nnx.Linear`` or :class:`WeightOnlyLinear`).
+
+    Returns:
+      One output per module, each as ``module(x)`` returns it.
+    """
+    wo = [m for m in modules if isinstance(m, WeightOnlyLinear)]
+    fusable = (len(wo) == len(modules) > 1 and jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
+               and all(len(m.in_shape) == 1 and len(m.out_shape) == 1 and m.input_scale.get_value() is None
+                       and m.decode_rows == wo[0].decode_rows and x.shape[-1:] == m.in_shape for m in wo))
+    if not fusable:
+        return [m(x) for m in modules]
+    ys = weight_only_matmul_multi(x, [m.weight() for m in wo], decode_rows=wo[0].decode_rows)
+    out = []
+    for y, m in zip(ys, wo):
+        b = m.bias.get_value()
+        out.append(y if b is None else y + b.astype(y.dtype))
+    return out
 
 
 class WeightOnlyEmbedding(nnx.Module):

@@ -626,6 +626,14 @@ def test_W09_awq_clip_grid_without_one():
     with _raises(ValueError, "clip_grid", "must contain 1.0"):
         awq_clip(w, np.eye(32), 64, group_size=16, clip_grid=(0.9, 0.8))
 
+
+def test_W10_native_weight_only_gemv_given_another_layout():
+    from jaxquant.native.weight_only_ops import weight_only_gemv
+
+    q = jq.quantize_weight_only(nnx.Linear(64, 8, rngs=nnx.Rngs(0)), jq.int4_weight_only(32)).weight()
+    with _raises(ValueError, "weight_only_gemv", "not one int4 weight", "own bits, group_size and out_features"):
+        weight_only_gemv(jnp.ones((1, 64)), q.data, q.scale, q.zero_point, bits=4, group_size=16, out_features=8)
+
 # ------------------------------------------------- issue 15: usage errors found by a careless user
 
 

@@ -101,22 +101,27 @@ def test_generate_matches_argmax_of_full_forward():
         generate(model, prompt, 60, max_len=40)
 
 
-@pytest.mark.parametrize("decode_rows", [0, 8])
-def test_weight_only_kv_cache_decode_equals_its_full_forward(decode_rows):
+@pytest.mark.parametrize("decode_rows,native", [(0, True), (8, True), (8, False)])
+def test_weight_only_kv_cache_decode_equals_its_full_forward(decode_rows, native):
     # The quantized model's cached single-token steps against the same quantized model run over the
-    # whole sequence (float path: > 8 rows). decode_rows=0 keeps float activations on every call, so the
-    # two must agree to float rounding (a cache or position bug in the quantized path shows here);
-    # decode_rows=8 runs the steps on the int8-activation path, whose error is bounded by the per-block
-    # activation rounding (s_x / 2 per input): within 5 % of the logits' spread.
+    # whole sequence (float path: > 8 rows). decode_rows=0 keeps float activations on every call, and so
+    # does the native weight-only kernel (decode_rows=8 where it is available): the two must agree to
+    # float rounding (a cache or position bug in the quantized path shows here). The pure-XLA decode path
+    # (native off) quantizes activations per block, so its error is bounded by that rounding (s_x / 2 per
+    # input): within 5 % of the logits' spread.
     import jaxquant as jq
+    from jaxquant.native.weight_only_ops import weight_only_gemv_supported
 
+    if native and decode_rows and not weight_only_gemv_supported(1):
+        pytest.skip("native weight-only GEMV unavailable")
     model = jq.quantize_weight_only(_tiny(), jq.int8_weight_only(decode_rows=decode_rows))
     tokens = np.random.default_rng(4).integers(0, CFG.vocab_size, (1, 12)).astype(np.int32)
-    full, _ = model(jnp.asarray(tokens))
-    logits, steps = _cached_decode(model, tokens, 9)
+    with jq.use_native(native):
+        full, _ = model(jnp.asarray(tokens))
+        logits, steps = _cached_decode(model, tokens, 9)
     np.testing.assert_allclose(logits, full[:, :9], atol=1e-5)
     spread = float(jnp.std(full))
     assert spread > 0.05
-    atol = 1e-5 if decode_rows == 0 else 0.05 * spread
+    atol = 1e-5 if native or decode_rows == 0 else 0.05 * spread
     for i, step in enumerate(steps, start=9):
         np.testing.assert_allclose(step, full[:, i], atol=atol)

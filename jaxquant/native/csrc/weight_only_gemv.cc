@@ -1,0 +1,247 @@
+// JqWeightOnlyGemv: the weight-only decode matmul, float32 x (M, K) times a block-quantized weight,
+// called from XLA as an FFI custom call (jaxquant/native/weight_only_ops.py).
+//
+// The weight is read as jaxquant.weight_only.blockwise.BlockQuantizedWeight stores it, with no
+// second packed copy and no float copy:
+//   * 8 bits: uint8 codes (N, Kp), one row per output channel;
+//   * 4 bits: uint8 (ceil(N/2), Kp), the low nibble of row r is output row r, the high nibble
+//     output row r + ceil(N/2) (so one byte load feeds two output rows);
+//   * scale float32 (N, G) and zero_point int32 (N, G), unsigned code domain, Kp = G * group_size,
+//     w[k, n] = scale[n, g] * (code[n, k] - zero_point[n, g]) with g = k / group_size.
+// Per 16 inputs: load 16 code bytes, zero-extend to int32 (vpmovzxbd), unpack nibbles (and/shift),
+// convert to f32 (vcvtdq2ps, exact) and FMA with x. Each group's partial sum is scaled once (one FMA
+// per group and row) and its zero point enters through the group's sum of x:
+//   y[m, n] = sum_g scale[n, g] * (sum_{k in g} code[n, k] x[m, k] - zero_point[n, g] sum_{k in g} x[m, k])
+// in float32, activations never quantized. Inputs past K (the zero-padded last group) are skipped.
+// Rows are split over the OpenMP threads when the call's weights hold enough bytes.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#define JQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+constexpr int kMaxMc = 4;        // activation rows per pass (more rows: another pass over L1-hot codes)
+constexpr int64_t kRowBlock = 16;  // stored rows per parallel work item (16 x Kp bytes stay in L1/L2)
+// Weights smaller than this many code bytes run on the calling thread: waking a sleeping OpenMP
+// worker (OMP_WAIT_POLICY=PASSIVE, set by the loader) costs more than it saves on small layers.
+int64_t g_parallel_bytes = int64_t{1} << 17;
+
+struct Problem {
+  const float* x;      // (M, K)
+  const uint8_t* data; // (rows, Kp)
+  const float* scale;  // (N, G)
+  const int32_t* zp;   // (N, G)
+  float* out;          // (M, N)
+  const float* xsum;   // (M, G): sum of x over each group's inputs
+  int64_t m, k, kp, n, g, gs, rows, half;  // half: row offset of the high nibble (4 bits)
+};
+
+// R stored rows (8 bits: R outputs; 4 bits: 2R outputs) x MC activation rows, starting at stored
+// row r0 and activation row m0. The codes are converted as stored (unsigned) and the zero point
+// enters once per group as zero_point * sum_{k in g} x (p.xsum): one vector op fewer per 16 codes
+// than subtracting it from every code.
+template <int BITS, int R, int MC>
+JQ_AVX512 void block_kernel(const Problem& p, int64_t r0, int64_t m0) {
+  constexpr int U = BITS == 4 ? 2 : 1;
+  __m512 tot[R][U][MC];
+  float corr[R][U][MC];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u)
+      for (int m = 0; m < MC; ++m) tot[r][u][m] = _mm512_setzero_ps(), corr[r][u][m] = 0.0f;
+  int64_t nrow[R][U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u) nrow[r][u] = r0 + r + u * p.half;  // output row; >= n is padding
+  const __m512i low4 = _mm512_set1_epi32(15);
+
+  for (int64_t g = 0; g < p.g; ++g) {
+    const int64_t kb = g * p.gs, ke = std::min(kb + p.gs, p.k);
+    if (kb >= ke) break;
+    __m512 acc[R][U][MC];
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u)
+        for (int m = 0; m < MC; ++m) acc[r][u][m] = _mm512_setzero_ps();
+    for (int64_t k = kb; k < ke; k += 16) {
+      const int64_t len = std::min<int64_t>(16, ke - k);
+      const __mmask16 mask = len == 16 ? __mmask16(0xFFFF) : __mmask16((1u << len) - 1);
+      __m512 xv[MC];
+      for (int m = 0; m < MC; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, p.x + (m0 + m) * p.k + k);
+      for (int r = 0; r < R; ++r) {
+        // The same bytes of rows further on: single-threaded streams stall on DRAM latency without it.
+        _mm_prefetch(reinterpret_cast<const char*>(p.data + (r0 + r) * p.kp + k + 2 * R * p.kp), _MM_HINT_T0);
+        // Masked-off lanes load code 0 and x 0: they add nothing.
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, p.data + (r0 + r) * p.kp + k));
+        __m512 w[U];
+        if constexpr (BITS == 8) {
+          w[0] = _mm512_cvtepi32_ps(v);
+        } else {
+          w[0] = _mm512_cvtepi32_ps(_mm512_and_si512(v, low4));
+          w[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+        }
+        for (int u = 0; u < U; ++u)
+          for (int m = 0; m < MC; ++m) acc[r][u][m] = _mm512_fmadd_ps(w[u], xv[m], acc[r][u][m]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int u = 0; u < U; ++u) {
+        if (nrow[r][u] >= p.n) continue;
+        const float s = p.scale[nrow[r][u] * p.g + g];
+        const float sz = s * static_cast<float>(p.zp[nrow[r][u] * p.g + g]);
+        const __m512 sv = _mm512_set1_ps(s);
+        for (int m = 0; m < MC; ++m) {
+          tot[r][u][m] = _mm512_fmadd_ps(acc[r][u][m], sv, tot[r][u][m]);
+          corr[r][u][m] += sz * p.xsum[(m0 + m) * p.g + g];
+        }
+      }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u) {
+      if (nrow[r][u] >= p.n) continue;
+      for (int m = 0; m < MC; ++m)
+        p.out[(m0 + m) * p.n + nrow[r][u]] = _mm512_reduce_add_ps(tot[r][u][m]) - corr[r][u][m];
+    }
+}
+
+// Rows per kernel call: enough independent FMA chains, few enough accumulators for 32 zmm registers.
+template <int BITS, int MC>
+constexpr int rows_per_call() {
+  if constexpr (BITS == 8) return MC == 1 ? 4 : (MC == 2 ? 2 : 1);
+  return MC == 1 ? 2 : 1;
+}
+
+template <int BITS, int MC>
+void rows_range(const Problem& p, int64_t a, int64_t b, int64_t m0) {
+  constexpr int R = rows_per_call<BITS, MC>();
+  int64_t r = a;
+  for (; r + R <= b; r += R) block_kernel<BITS, R, MC>(p, r, m0);
+  for (; r < b; ++r) block_kernel<BITS, 1, MC>(p, r, m0);
+}
+
+template <int BITS>
+void row_block(const Problem& p, int64_t a, int64_t b) {
+  for (int64_t m0 = 0; m0 < p.m; m0 += kMaxMc) {
+    switch (std::min<int64_t>(kMaxMc, p.m - m0)) {
+      case 1: rows_range<BITS, 1>(p, a, b, m0); break;
+      case 2: rows_range<BITS, 2>(p, a, b, m0); break;
+      case 3: rows_range<BITS, 3>(p, a, b, m0); break;
+      default: rows_range<BITS, 4>(p, a, b, m0); break;
+    }
+  }
+}
+
+// Checks one weight's buffers against x (M, K) and fills p; "" when they fit.
+const char* bind_weight(Problem& p, const ffi::AnyBuffer& x, const ffi::AnyBuffer& data, const ffi::AnyBuffer& scale,
+                        const ffi::AnyBuffer& zp, ffi::Result<ffi::AnyBuffer>& out, int64_t bits, int64_t group_size) {
+  auto xd = x.dimensions(), dd = data.dimensions(), sd = scale.dimensions(), zd = zp.dimensions();
+  auto od = out->dimensions();
+  if (xd.size() != 2 || dd.size() != 2 || sd.size() != 2 || zd.size() != 2 || od.size() != 2 ||
+      x.element_type() != ffi::DataType::F32 || data.element_type() != ffi::DataType::U8 ||
+      scale.element_type() != ffi::DataType::F32 || zp.element_type() != ffi::DataType::S32 ||
+      out->element_type() != ffi::DataType::F32)
+    return "JqWeightOnlyGemv: expects float32 x (M, K) and per weight uint8 codes (rows, Kp), float32 scale "
+           "(N, G), int32 zero_point (N, G) and a float32 (M, N) result";
+  p.m = xd[0];
+  p.k = xd[1];
+  p.rows = dd[0];
+  p.kp = dd[1];
+  p.n = od[1];
+  p.g = sd[1];
+  p.gs = group_size;
+  if (bits != 4 && bits != 8) return "JqWeightOnlyGemv: bits must be 4 or 8";
+  if (od[0] != p.m || sd[0] != p.n || zd[0] != p.n || zd[1] != p.g || p.gs < 1 || p.g < 1 ||
+      p.kp != p.g * p.gs || p.k > p.kp || p.k <= p.kp - p.gs || p.rows != (bits == 8 ? p.n : (p.n + 1) / 2))
+    return "JqWeightOnlyGemv: shapes do not match one block-quantized weight (codes rows must be N for 8 bits, "
+           "ceil(N/2) for 4 bits; Kp = G * group_size; the last group must hold inputs)";
+  p.half = bits == 4 ? p.rows : 0;
+  p.x = static_cast<const float*>(x.untyped_data());
+  p.data = static_cast<const uint8_t*>(data.untyped_data());
+  p.scale = static_cast<const float*>(scale.untyped_data());
+  p.zp = static_cast<const int32_t*>(zp.untyped_data());
+  p.out = static_cast<float*>(out->untyped_data());
+  return "";
+}
+
+// args: x, then (codes, scale, zero_point) per weight; one result per weight. Several weights that
+// read the same x (Q/K/V, gate/up) share one call and one parallel region.
+ffi::Error WeightOnlyGemvImpl(ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t bits, int64_t group_size) {
+  const size_t nw = rets.size();
+  if (nw == 0 || args.size() != 1 + 3 * nw)
+    return ffi::Error::InvalidArgument("JqWeightOnlyGemv: expects x and 3 buffers (codes, scale, zero_point) per result");
+  auto x = args.get<ffi::AnyBuffer>(0);
+  if (!x.has_value()) return ffi::Error::InvalidArgument("JqWeightOnlyGemv: bad x");
+  std::vector<Problem> ps(nw);
+  std::vector<std::pair<int32_t, int64_t>> items;  // (weight, first stored row) per work item
+  int64_t bytes = 0;
+  for (size_t i = 0; i < nw; ++i) {
+    auto d = args.get<ffi::AnyBuffer>(1 + 3 * i), s = args.get<ffi::AnyBuffer>(2 + 3 * i),
+         z = args.get<ffi::AnyBuffer>(3 + 3 * i);
+    auto o = rets.get<ffi::AnyBuffer>(i);
+    if (!d.has_value() || !s.has_value() || !z.has_value() || !o.has_value())
+      return ffi::Error::InvalidArgument("JqWeightOnlyGemv: bad buffer");
+    ffi::Result<ffi::AnyBuffer> out = *o;
+    const char* err = bind_weight(ps[i], *x, *d, *s, *z, out, bits, group_size);
+    if (*err) return ffi::Error::InvalidArgument(err);
+    if (ps[i].m == 0 || ps[i].n == 0) continue;
+    bytes += ps[i].rows * ps[i].kp;
+    for (int64_t a = 0; a < ps[i].rows; a += kRowBlock) items.emplace_back(static_cast<int32_t>(i), a);
+  }
+  // Group sums of x, shared by every weight (same K, same group size).
+  std::vector<float> xsum;
+  if (!items.empty()) {
+    const Problem& p0 = ps[items[0].first];
+    xsum.assign(p0.m * p0.g, 0.0f);
+    for (int64_t m = 0; m < p0.m; ++m)
+      for (int64_t k = 0; k < p0.k; ++k) xsum[m * p0.g + k / p0.gs] += p0.x[m * p0.k + k];
+    for (auto& p : ps) {
+      if (p.k != p0.k || p.g != p0.g) return ffi::Error::InvalidArgument("JqWeightOnlyGemv: weights differ in K");
+      p.xsum = xsum.data();
+    }
+  }
+  auto run = [&](const std::pair<int32_t, int64_t>& it) {
+    const Problem& p = ps[it.first];
+    const int64_t e = std::min(it.second + kRowBlock, p.rows);
+    bits == 8 ? row_block<8>(p, it.second, e) : row_block<4>(p, it.second, e);
+  };
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const int threads = bytes >= g_parallel_bytes ? std::min<int64_t>(omp_get_max_threads(), n_items) : 1;
+  if (threads <= 1) {
+    for (const auto& it : items) run(it);
+    return ffi::Error::Success();
+  }
+  // Dynamic: a worker woken late (OMP_WAIT_POLICY=PASSIVE) takes fewer items instead of delaying the call.
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t b = 0; b < n_items; ++b) run(items[b]);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqWeightOnlyGemv, WeightOnlyGemvImpl,
+                              ffi::Ffi::Bind()
+                                  .RemainingArgs()
+                                  .RemainingRets()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group_size"));
+
+extern "C" {
+
+// 1 when this CPU runs the weight-only GEMV (AVX-512 F/BW/VL).
+int jq_wo_gemv_supported() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+}
+
+// Code bytes from which a call splits its rows over the OpenMP threads (benchmarks tune it).
+void jq_wo_gemv_set_parallel_bytes(int64_t bytes) { g_parallel_bytes = bytes; }
+int64_t jq_wo_gemv_parallel_bytes() { return g_parallel_bytes; }
+
+}  // extern "C"
