@@ -285,6 +285,36 @@ def convert(model: QuantizedModel, variables: Any, *example_args: Any, **example
     return model.replace(mode="static"), _converted_variables(variables, quant_params, record)
 
 
+def pack_native(model: QuantizedModel, variables: Any, *example_args: Any, **example_kwargs: Any) -> dict:
+    """The converted variables with ``quant_cache`` rebuilt: each static ``nn.Conv`` (symmetric weights)
+    and ``nn.Dense`` weight packed once for the native backend, as :func:`convert` does. The cache is
+    derived data; save the variables without it and call this after loading them.
+
+    Args:
+      model: the static model :func:`convert` returned; variables: its variables (any ``quant_cache``
+        in them is replaced).
+      example_args, example_kwargs: inputs for one abstract forward pass (``jax.eval_shape``: nothing is
+        compiled or run), to read each layer's geometry.
+    Returns:
+      the variables with ``quant_cache`` (without it when the native backend is off or unavailable).
+    """
+    if not isinstance(model, QuantizedModel) or model.mode != "static":
+        got = type(model).__name__ + (f" in mode {model.mode!r}" if isinstance(model, QuantizedModel) else "")
+        raise TypeError(f"pack_native expects the static QuantizedModel returned by jaxquant.linen.convert (got {got})")
+    variables = {k: v for k, v in dict(unfreeze(variables)).items() if k != QUANT_CACHE}
+    if QUANT_PARAMS not in variables:
+        raise ValueError(f"pack_native: the variables have no '{QUANT_PARAMS}'; pass the variables convert returned")
+    record = Record()
+
+    def run(v, *args):
+        with nn.intercept_methods(model.interceptor(record)):
+            return model.module.apply(v, *args, **example_kwargs)
+
+    jax.eval_shape(run, variables, *example_args)
+    cache = _native_cache(record, variables[QUANT_PARAMS])
+    return {**variables, QUANT_CACHE: cache} if cache else variables
+
+
 def _dynamic_mapping(qconfig_spec: Any, dtype: Any):
     if qconfig_spec is None:
         qconfig = default_dynamic_qconfig_for(dtype)
@@ -348,33 +378,3 @@ def quantize_dynamic(model: Union[nn.Module, QuantizedModel], variables: Any, *e
         warnings.warn(f"quantize_dynamic: no layer was quantized (dtype {dtype!r}); the model called {found}",
                       UserWarning, stacklevel=2)
     return qm, _converted_variables(variables, quant_params, record)
-
-
-def pack_native(model: QuantizedModel, variables: Any, *example_args: Any, **example_kwargs: Any) -> dict:
-    """The converted variables with ``quant_cache`` rebuilt: each static ``nn.Conv`` (symmetric weights)
-    and ``nn.Dense`` weight packed once for the native backend, as :func:`convert` does. The cache is
-    derived data; save the variables without it and call this after loading them.
-
-    Args:
-      model: the static model :func:`convert` returned; variables: its variables (any ``quant_cache``
-        in them is replaced).
-      example_args, example_kwargs: inputs for one abstract forward pass (``jax.eval_shape``: nothing is
-        compiled or run), to read each layer's geometry.
-    Returns:
-      the variables with ``quant_cache`` (without it when the native backend is off or unavailable).
-    """
-    if not isinstance(model, QuantizedModel) or model.mode != "static":
-        got = type(model).__name__ + (f" in mode {model.mode!r}" if isinstance(model, QuantizedModel) else "")
-        raise TypeError(f"pack_native expects the static QuantizedModel returned by jaxquant.linen.convert (got {got})")
-    variables = {k: v for k, v in dict(unfreeze(variables)).items() if k != QUANT_CACHE}
-    if QUANT_PARAMS not in variables:
-        raise ValueError(f"pack_native: the variables have no '{QUANT_PARAMS}'; pass the variables convert returned")
-    record = Record()
-
-    def run(v, *args):
-        with nn.intercept_methods(model.interceptor(record)):
-            return model.module.apply(v, *args, **example_kwargs)
-
-    jax.eval_shape(run, variables, *example_args)
-    cache = _native_cache(record, variables[QUANT_PARAMS])
-    return {**variables, QUANT_CACHE: cache} if cache else variables
