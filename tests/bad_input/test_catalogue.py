@@ -20,23 +20,7 @@ import jaxquant.nn as jqnn
 from jaxquant.nn.variables import QuantParams
 from jaxquant.qtensor import QTensor, quantize_per_group, quint8
 from jaxquant.observers import NotCalibratedError
-
-
-class Small(nnx.Module):
-    def __init__(self, rngs, k=6):
-        self.quant = jqnn.QuantStub()
-        self.fc1 = nnx.Linear(k, 16, rngs=rngs)
-        self.relu = jqnn.ReLU()
-        self.head = nnx.Linear(16, 3, rngs=rngs)
-        self.dequant = jqnn.DeQuantStub()
-
-    def __call__(self, x):
-        return self.dequant(self.head(self.relu(self.fc1(self.quant(x)))))
-
-
-def _qconfig():
-    return jq.QConfig(activation=jq.MinMaxObserver.with_args(reduce_range=True),
-                      weight=jq.default_per_channel_weight_observer)
+from testkit.small_models import SmallMLP as Small, minmax_qconfig as _qconfig
 
 
 def _data(n=2, k=6, seed=0):
@@ -45,7 +29,7 @@ def _data(n=2, k=6, seed=0):
 
 
 def _calibrated(seed=0, k=6):
-    prepared = jq.prepare(Small(nnx.Rngs(seed), k=k), _qconfig())
+    prepared = jq.prepare(Small(nnx.Rngs(seed), d_in=k), _qconfig())
     return jq.calibrate(prepared, [jnp.asarray(d) for d in _data(k=k, seed=seed)], progress=False)
 
 
@@ -373,7 +357,7 @@ def test_V02_non_finite_weights(bad):
 
 def test_V03_contraction_too_long_for_int32_accumulator():
     k = 65537
-    prepared = jq.prepare(Small(nnx.Rngs(0), k=k), _qconfig())
+    prepared = jq.prepare(Small(nnx.Rngs(0), d_in=k), _qconfig())
     jq.calibrate(prepared, [jnp.linspace(-1, 1, k).reshape(1, k)], progress=False)
     snap = _snapshot(prepared)
     try:

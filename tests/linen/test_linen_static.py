@@ -11,13 +11,9 @@ from flax import nnx
 
 import jaxquant as jq
 import jaxquant.linen as jql
+from testkit.small_models import minmax_qconfig as _qconfig
 
 from linen_models import PerLayer, batches, nnx_linear
-
-
-def _qconfig():
-    return jq.QConfig(activation=jq.MinMaxObserver.with_args(reduce_range=True),
-                      weight=jq.default_per_channel_weight_observer)
 
 
 class MLP(nn.Module):

@@ -8,6 +8,7 @@ import jaxquant as jq
 import jaxquant.nn as jqnn
 import jaxquant.nn.quantized as jqq
 from jaxquant.transforms.stubs import add_quant_dequant
+from testkit.small_models import minmax_qconfig as _qconfig
 
 
 class Net(nnx.Module):
@@ -19,11 +20,6 @@ class Net(nnx.Module):
 
     def __call__(self, x):
         return self.head(self.block(self.relu(self.fc1(x))))
-
-
-def _qconfig():
-    return jq.QConfig(activation=jq.MinMaxObserver.with_args(reduce_range=True),
-                      weight=jq.default_per_channel_weight_observer)
 
 
 def _wrapped_paths(model):

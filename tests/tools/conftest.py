@@ -6,6 +6,7 @@ from flax import nnx
 
 import jaxquant as jq
 from jaxquant.models.fashion_cnn import FashionCNN, fusion_patterns
+from testkit.small_models import minmax_qconfig  # noqa: F401 - the tools tests import it from here
 
 
 def build_fashion_cnn(seed: int = 0, width: int = 8):
@@ -18,12 +19,6 @@ def build_fashion_cnn(seed: int = 0, width: int = 8):
 def images(n: int, seed: int = 0) -> jnp.ndarray:
     """``n`` float32 images ``(n, 28, 28, 1)`` in [0, 1], like Fashion-MNIST pixels."""
     return jnp.asarray(np.random.default_rng(seed).uniform(size=(n, 28, 28, 1)).astype(np.float32))
-
-
-def minmax_qconfig():
-    """PyTorch's x86 recipe with MinMax activations (HistogramObserver is slower to calibrate)."""
-    return jq.QConfig(activation=jq.MinMaxObserver.with_args(reduce_range=True),
-                      weight=jq.default_per_channel_weight_observer)
 
 
 def static_ptq(float_model, calibration, qconfig=None):

@@ -10,23 +10,7 @@ from flax import nnx
 import jaxquant as jq
 import jaxquant.nn as jqnn
 from jaxquant.nn.variables import QuantStats
-
-
-class Small(nnx.Module):
-    def __init__(self, rngs, with_stub=True):
-        self.quant = jqnn.QuantStub() if with_stub else jqnn.Identity()
-        self.fc1 = nnx.Linear(6, 16, rngs=rngs)
-        self.relu = jqnn.ReLU()
-        self.head = nnx.Linear(16, 3, rngs=rngs)
-        self.dequant = jqnn.DeQuantStub()
-
-    def __call__(self, x):
-        return self.dequant(self.head(self.relu(self.fc1(self.quant(x)))))
-
-
-def _qconfig():
-    return jq.QConfig(activation=jq.MinMaxObserver.with_args(reduce_range=True),
-                      weight=jq.default_per_channel_weight_observer)
+from testkit.small_models import SmallMLP as Small, minmax_qconfig as _qconfig
 
 
 def _data(n=4, seed=0):
