@@ -135,9 +135,10 @@ def main(argv=None):
         del m  # keep one quantized copy alive at a time (memory)
     base = rows.get("float32", {}).get("perplexity", float("nan"))
     rtn_loss = rows.get("W4 g128 RTN", {}).get("perplexity", float("nan")) - base
-    print(f"\nPerplexity on held-out pydoc text ({eval_windows} windows x {args.seq_len} tokens; lower is better)\n")
-    print("| model | perplexity | vs float | share of RTN's W4 loss recovered |")
-    print("|---|---:|---:|---:|")
+    if rows:
+        print(f"\nPerplexity on held-out pydoc text ({eval_windows} windows x {args.seq_len} tokens; lower is better)\n")
+        print("| model | perplexity | vs float | share of RTN's W4 loss recovered |")
+        print("|---|---:|---:|---:|")
     for name, r in rows.items():
         rec = ""
         if name.startswith("W4") and name != "W4 g128 RTN" and rtn_loss > 0:  # NaN if RTN not run
