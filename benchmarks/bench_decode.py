@@ -159,11 +159,16 @@ def main(argv=None):
             cache = init_cache(m.config, 1, max_len)
             _, cache = forward(state, jnp.ones((1, args.prompt_len), jnp.int32), cache, jnp.int32(0))
             tok, pos = jnp.asarray([[2]], jnp.int32), jnp.int32(args.prompt_len)
-            jax.block_until_ready(forward(state, tok, cache, pos))  # compile
+            logits, cache = forward(state, tok, cache, pos)  # compile
+            jax.block_until_ready(logits)
+        # forward donates its cache: each call takes the cache the last one returned (same position,
+        # so every call does the same work).
+        box = {"cache": cache}
 
-        def step(f=forward, s=state, c=cache, t=tok, p=pos, on=on):
+        def step(f=forward, s=state, box=box, t=tok, p=pos, on=on):
             with jq.use_native(on):
-                return f(s, t, c, p)[0]
+                logits, box["cache"] = f(s, t, box["cache"], p)
+            return logits
         fns[name] = step
     for name, m, on in (("jax_f32 linears only", model, False), ("jax_W8 native linears only", w8, native),
                         ("jax_W4 g128 native linears only", w4, native)):

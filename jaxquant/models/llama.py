@@ -70,11 +70,16 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate adjacent pairs of ``x`` ``(B, T, H, D)`` by the angles in ``cos``/``sin`` ``(B, T, D/2)``."""
+    """Rotate adjacent pairs of ``x`` ``(B, T, H, D)`` by the angles in ``cos``/``sin``.
+
+    ``cos``/``sin`` broadcast against ``(B, T, H, D/2)``: ``(B, T, D/2)`` tables get a head axis
+    here; the model passes ``(1, T, 1, D/2)`` tables computed once per call for every layer.
+    """
+    if cos.ndim == 3:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     xr = x.astype(jnp.float32).reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))
     a, b = xr[..., 0], xr[..., 1]
-    c, s = cos[:, :, None, :], sin[:, :, None, :]
-    out = jnp.stack([a * c - b * s, a * s + b * c], axis=-1)
+    out = jnp.stack([a * cos - b * sin, a * sin + b * cos], axis=-1)
     return out.reshape(x.shape).astype(x.dtype)
 
 
@@ -95,33 +100,40 @@ class Attention(nnx.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
         self.rope_theta = cfg.rope_theta
 
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: Optional[tuple], start_pos: Any):
+    def __call__(self, x: jax.Array, rope: tuple, bias: jax.Array, cache: Optional[tuple], start_pos: Any):
+        """``x`` ``(B, T, dim)``; ``rope`` = cos/sin ``(1, T, 1, head_dim/2)`` and ``bias`` the additive
+        causal mask ``(T, S)`` (0 or -1e30), both computed once per call by :class:`Llama` for every layer."""
         b, t, _ = x.shape
         hd = self.head_dim
         q, k, v = project_all(x, (self.wq, self.wk, self.wv))
         q = q.reshape(b, t, self.n_heads, hd)
         k = k.reshape(b, t, self.n_kv_heads, hd)
         v = v.reshape(b, t, self.n_kv_heads, hd)
-        cos, sin = rope_tables(positions, hd, self.rope_theta)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             ck, cv = cache
             zero = jnp.zeros((), jnp.int32)
             start = jnp.asarray(start_pos, jnp.int32)
+            # In place when the caller donates the cache (make_forward does).
             ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (zero, start, zero, zero))
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (zero, start, zero, zero))
             keys, values, new_cache = ck, cv, (ck, cv)
-            key_pos = jnp.arange(ck.shape[1])
         else:
             keys, values, new_cache = k, v, None
-            key_pos = positions[0]
         g = self.n_heads // self.n_kv_heads
         qg = q.reshape(b, t, self.n_kv_heads, g, hd).astype(jnp.float32)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(jnp.float32)) / np.sqrt(hd)
-        mask = key_pos[None, :] <= positions[0][:, None]  # (t, s): causal
-        scores = jnp.where(mask[None, None, None], scores, -1e30)
-        p = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bkgts,bskd->btkgd", p, values.astype(jnp.float32)).reshape(b, t, self.n_heads * hd)
+        if t == 1:
+            # One query row: multiply-and-reduce over the cache as stored (B, S, H, D) instead of two
+            # dots, which XLA feeds by transposing the whole cache every layer (3 fewer kernels a layer).
+            kk = keys.astype(jnp.float32)[:, :, :, None, :]  # (b, s, k, 1, d)
+            scores = jnp.sum(qg[:, 0][:, None] * kk, axis=-1) / np.sqrt(hd)  # (b, s, k, g)
+            p = jax.nn.softmax(scores + bias[0][None, :, None, None], axis=1)
+            out = jnp.sum(p[..., None] * values.astype(jnp.float32)[:, :, :, None, :], axis=1)  # (b, k, g, d)
+            out = out.reshape(b, t, self.n_heads * hd)
+        else:
+            scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(jnp.float32)) / np.sqrt(hd)
+            p = jax.nn.softmax(scores + bias, axis=-1)
+            out = jnp.einsum("bkgts,bskd->btkgd", p, values.astype(jnp.float32)).reshape(b, t, self.n_heads * hd)
         return self.wo(out.astype(x.dtype)), new_cache
 
 
@@ -147,8 +159,8 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, cache, start_pos):
-        h, new_cache = self.attn(self.attn_norm(x), positions, cache, start_pos)
+    def __call__(self, x, rope, bias, cache, start_pos):
+        h, new_cache = self.attn(self.attn_norm(x), rope, bias, cache, start_pos)
         x = x + h
         return x + self.mlp(self.ffn_norm(x)), new_cache
 
@@ -175,11 +187,17 @@ class Llama(nnx.Module):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"Llama: tokens must be an integer array (batch, time), got {tokens.dtype}{tokens.shape}")
         b, t = tokens.shape
-        positions = jnp.broadcast_to(jnp.asarray(start_pos, jnp.int32) + jnp.arange(t, dtype=jnp.int32), (b, t))
+        # Every row shares its positions, and every layer its rotary tables and causal mask: computed
+        # once here rather than per layer (fewer small ops per decode step).
+        positions = jnp.asarray(start_pos, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
+        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+        rope = (cos[None, :, None, :], sin[None, :, None, :])
+        key_pos = jnp.arange(cache[0][0].shape[1]) if cache is not None else positions
+        bias = jnp.where(key_pos[None, :] <= positions[:, None], 0.0, -1e30).astype(jnp.float32)  # (t, s)
         x = self.embed(tokens)
         new_cache = [] if cache is not None else None
         for i, layer in enumerate(self.layers):
-            x, c = layer(x, positions, None if cache is None else cache[i], start_pos)
+            x, c = layer(x, rope, bias, None if cache is None else cache[i], start_pos)
             if cache is not None:
                 new_cache.append(c)
         logits = self.lm_head(self.norm(x)).astype(jnp.float32)
@@ -234,11 +252,13 @@ def make_forward(model: Llama) -> Callable:
     """A jitted ``forward(state, tokens, cache, start_pos) -> (logits, cache)`` and the model's state.
 
     Returns ``(forward, state)``; pass ``state`` back in (it is the model's arrays, so jit does not
-    bake 100+ MB of weights into the executable as constants).
+    bake 100+ MB of weights into the executable as constants). The ``cache`` argument is donated:
+    each step writes its keys/values in place, and the cache passed in is invalid afterwards (use
+    the returned one).
     """
     graphdef, state = nnx.split(model)
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=(2,))
     def forward(state, tokens, cache, start_pos):
         m = nnx.merge(graphdef, state)
         return m(tokens, cache, start_pos)

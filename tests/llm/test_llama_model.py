@@ -125,3 +125,19 @@ def test_weight_only_kv_cache_decode_equals_its_full_forward(decode_rows, native
     atol = 1e-5 if native or decode_rows == 0 else 0.05 * spread
     for i, step in enumerate(steps, start=9):
         np.testing.assert_allclose(step, full[:, i], atol=atol)
+
+
+def test_decode_step_shares_rotary_tables_and_donates_the_cache():
+    """One decode step computes cos/sin once for all layers (not once per layer), and writes the
+    donated cache in place: the cache passed in is consumed, the returned one is the live copy."""
+    import dataclasses
+    model = Llama(dataclasses.replace(CFG, n_layers=3), rngs=nnx.Rngs(0))
+    forward, state = make_forward(model)
+    cache = init_cache(model.config, 1, 16)
+    tok, pos = jnp.asarray([[3]], jnp.int32), jnp.int32(4)
+    text = forward.lower(state, tok, cache, pos).as_text()
+    assert text.count("stablehlo.cosine") == 1 and text.count("stablehlo.sine") == 1
+    assert "tf.aliasing_output" in text or "jax.buffer_donor" in text  # the cache is donated
+    _, new_cache = forward(state, tok, cache, pos)
+    assert all(a.is_deleted() for kv in cache for a in kv)
+    assert not any(a.is_deleted() for kv in new_cache for a in kv)

@@ -1,0 +1,119 @@
+"""The non-matmul part of a decode step: the Llama port before/after a change, paired in one process.
+
+Times one decode token of SmolLM2-135M (batch 1, KV cache) through ``jaxquant.models.llama`` and
+through a reference copy of the port given by ``--baseline FILE`` (e.g. an older llama.py from git:
+``git show REV:jaxquant/models/llama.py > /tmp/llama_old.py``), on the same weights, for float32,
+W8 per-channel and W4 g128 (native weight-only kernel where available). Also reports the compiled
+HLO's instruction count and top-level fusion/custom-call count of each step (fewer small ops = less
+per-step overhead on 2 cores).
+
+    python benchmarks/bench_decode_step.py --baseline /tmp/llama_old.py [--quick] [--tiny]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from timing import markdown_table, median_ms, paired_ratio, time_interleaved, write_json  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import jaxquant as jq  # noqa: E402
+from jaxquant.models import llama as new_llama  # noqa: E402
+
+
+def load_module(path: str):
+    """The baseline port, imported from a file the user named on the command line."""
+    spec = importlib.util.spec_from_file_location("llama_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def hlo_counts(forward, *args) -> tuple[int, int]:
+    """(instructions in the compiled HLO's entry computation, of which fusions + custom calls)."""
+    text = forward.lower(*args).compile().as_text()
+    entry = text[text.index("ENTRY"):]
+    entry = entry[:entry.index("\n}")]
+    lines = [l for l in entry.splitlines()[1:] if "=" in l]
+    kernels = [l for l in lines if re.search(r"\b(fusion|custom-call|dot|convolution)\(", l)]
+    return len(lines), len(kernels)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--baseline", required=True, help="path of the older llama.py to compare against")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer random Llama instead of SmolLM2 (smoke test)")
+    ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                   "decode_step.json"))
+    args = ap.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 15)
+    old_llama = load_module(args.baseline)
+    if args.tiny:
+        model = new_llama.Llama(new_llama.LlamaConfig(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                                                      hidden_dim=256), rngs=nnx.Rngs(0))
+    else:
+        model, _ = new_llama.load_smollm2()
+    cfg = model.config
+    # The baseline model shares the new one's arrays (same parameter tree, older __call__ code).
+    old_gd, _ = nnx.split(nnx.eval_shape(lambda: old_llama.Llama(cfg, rngs=nnx.Rngs(0))))
+    old_model = nnx.merge(old_gd, nnx.state(model))
+    native = jq.native_backend_available()
+    qcfgs = {"f32": None, "W8": jq.int8_weight_only(), "W4 g128": jq.int4_weight_only(128, allow_partial_group=True)}
+    max_len = args.prompt_len + 8
+    fns, rows_info = {}, {}
+    for label, qc in qcfgs.items():
+        for tag, mod, base in (("before", old_llama, old_model), ("after", new_llama, model)):
+            m = base if qc is None else jq.quantize_weight_only(base, qc)
+            on = native and qc is not None
+            with jq.use_native(on):
+                forward, state = mod.make_forward(m)
+                cache = mod.init_cache(cfg, 1, max_len)
+                _, cache = forward(state, jnp.ones((1, args.prompt_len), jnp.int32), cache, jnp.int32(0))
+                tok, pos = jnp.asarray([[2]], jnp.int32), jnp.int32(args.prompt_len)
+                n_instr, n_kern = hlo_counts(forward, state, tok, cache, pos)
+                logits, cache = forward(state, tok, cache, pos)
+                jax.block_until_ready(logits)
+            box = {"cache": cache}
+
+            def step(f=forward, s=state, box=box, t=tok, p=pos, on=on):
+                with jq.use_native(on):
+                    logits, box["cache"] = f(s, t, box["cache"], p)
+                return logits
+            name = f"{label} {tag}"
+            fns[name] = step
+            rows_info[name] = {"HLO instructions": n_instr, "fusions+calls": n_kern,
+                               "logits": jax.device_get(logits)}
+    times = time_interleaved(fns, repeats=repeats, warmup=1)
+    rows = []
+    for name in fns:
+        label, tag = name.rsplit(" ", 1)
+        info = rows_info[name]
+        before = rows_info[f"{label} before"]["logits"]
+        rel = float(abs(info["logits"] - before).max() / abs(before).max())
+        rows.append({"step": name, "ms/token": median_ms(times[name]),
+                     "after/before speed-up": paired_ratio(times, f"{label} before", name) if tag == "after" else 1.0,
+                     "HLO instructions": info["HLO instructions"], "fusions+calls": info["fusions+calls"],
+                     "max rel logit diff vs before": rel})
+    title = "tiny random Llama" if args.tiny else "SmolLM2-135M"
+    print(f"\n{title} decode step, before/after (paired, one process); "
+          f"{'--quick, ' if args.quick else ''}{repeats} rounds\n")
+    print(markdown_table(rows))
+    write_json(args.json, rows, quick=args.quick)
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
