@@ -306,11 +306,26 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer vecs
     }
     void* xptr = x.untyped_data();
     if (pad_here) {
-      xbuf.assign(static_cast<size_t>(s.n * s.h * s.w * c), static_cast<uint8_t>(zx_v));
+      // Each padded row written once: zx in the borders, the input row in the middle; rows split
+      // over the OpenMP threads once the copy is large (a batch of big images).
+      xbuf.resize(static_cast<size_t>(s.n * s.h * s.w * c));
       const uint8_t* xsrc = static_cast<const uint8_t*>(x.untyped_data());
-      for (int64_t b = 0; b < s.n; ++b)
-        for (int64_t r = 0; r < h0; ++r)
-          std::memcpy(xbuf.data() + ((b * s.h + r + pt) * s.w + pl) * c, xsrc + (b * h0 + r) * w0 * c, w0 * c);
+      uint8_t* xdst = xbuf.data();
+      const uint8_t fill = static_cast<uint8_t>(zx_v);
+      const int64_t rows = s.n * s.h, row_bytes = s.w * c, pr = s.w - pl - w0;
+      const int pad_threads = rows * row_bytes >= (int64_t{1} << 21) ? omp_get_max_threads() : 1;
+#pragma omp parallel for num_threads(pad_threads) schedule(static)
+      for (int64_t row = 0; row < rows; ++row) {
+        uint8_t* d = xdst + row * row_bytes;
+        const int64_t b = row / s.h, r = row % s.h - pt;
+        if (r < 0 || r >= h0) {
+          std::memset(d, fill, row_bytes);
+        } else {
+          std::memset(d, fill, pl * c);
+          std::memcpy(d + pl * c, xsrc + (b * h0 + r) * w0 * c, w0 * c);
+          std::memset(d + (pl + w0) * c, fill, pr * c);
+        }
+      }
       xptr = xbuf.data();
     }
     scratch.resize(std::max<size_t>(e->pd.scratchpad_desc().get_size(), 1));
