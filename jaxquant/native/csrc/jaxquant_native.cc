@@ -558,7 +558,7 @@ __attribute__((target("avx512f,avx512bw,fma"))) void quantize_row(const float* x
 // outputs are equal.
 ffi::Error GemvDynImpl(ffi::AnyBuffer x, ffi::AnyBuffer wp, ffi::AnyBuffer colsum, ffi::AnyBuffer w_scale,
                        ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y, int64_t reduce_range, int64_t per_token,
-                       int64_t relu, int64_t has_bias) {
+                       int64_t relu, int64_t has_bias, int64_t fma_epilogue) {
   auto xd = x.dimensions();
   auto od = y->dimensions();
   if (xd.size() != 2 || od.size() != 2 || xd[0] != od[0] || xd[1] < 1 || x.element_type() != ffi::DataType::F32 ||
@@ -610,7 +610,7 @@ ffi::Error GemvDynImpl(ffi::AnyBuffer x, ffi::AnyBuffer wp, ffi::AnyBuffer colsu
     float* yr = out + r * n;
     for (int64_t j = 0; j < n; ++j) {
       const float a = static_cast<float>(ar[j] - zx * cs[j]), sw = s * ws[j];
-      float v = has_bias ? __builtin_fmaf(a, sw, b[j]) : a * sw;
+      float v = !has_bias ? a * sw : (fma_epilogue ? __builtin_fmaf(a, sw, b[j]) : a * sw + b[j]);
       if (relu) v = std::max(v, 0.0f);
       yr[j] = v;
     }
@@ -645,7 +645,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqGemvDynF32, GemvDynImpl,
                                   .Attr<int64_t>("reduce_range")
                                   .Attr<int64_t>("per_token")
                                   .Attr<int64_t>("relu")
-                                  .Attr<int64_t>("has_bias"));
+                                  .Attr<int64_t>("has_bias")
+                                  .Attr<int64_t>("fma_epilogue"));
 
 extern "C" {
 
