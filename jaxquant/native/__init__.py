@@ -35,7 +35,10 @@ __all__ = ["native_backend_available", "native_backend_reason", "use_native", "n
 
 # Rows up to which the VNNI GEMV replaces XLA's u8 x s8 dot. Measured under heavy load only
 # (benchmarks/bench_ops.py, xla/native columns): ahead at M = 1 on 768-wide layers, behind at M = 8;
-# re-measure on a quiet machine. The kernel itself takes any M (tests run it up to 8).
+# re-measure on a quiet machine. The kernel itself takes any M (tests run it up to 8). Not a
+# function of the weight's size: at 4096x4096 the GEMV, XLA's dot and fbgemm all run at the
+# memory-bandwidth limit of this 2-core Xeon (docs/cpu_performance.md), and the GEMV was ahead of
+# XLA's dot there in this session's measurements.
 GEMV_MAX_M = 4
 
 _NATIVE = _jax_config.bool_state(

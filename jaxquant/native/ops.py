@@ -6,6 +6,8 @@ with :func:`conv_supported` / :func:`gemv_supported` at trace time and fall back
 from __future__ import annotations
 
 import ctypes
+import os
+import re
 from typing import Optional, Sequence
 
 import jax
@@ -176,4 +178,13 @@ def native_gemv_dynamic(x: jax.Array, w_packed: jax.Array, colsum: jax.Array, w_
         jnp.asarray(x, jnp.float32), w_packed, jnp.asarray(colsum, jnp.int32), jnp.asarray(w_scale, jnp.float32),
         jnp.asarray(w_scale if bias is None else bias, jnp.float32),
         reduce_range=np.int64(reduce_range), per_token=np.int64(per_token), relu=np.int64(relu),
-        has_bias=np.int64(bias is not None))
+        has_bias=np.int64(bias is not None), fma_epilogue=np.int64(_xla_contracts_fma()))
+
+
+def _xla_contracts_fma() -> bool:
+    """Whether XLA:CPU fuses the pure-XLA dynamic kernel's ``acc * scale + bias`` into one multiply-add:
+    at its default backend optimization level it does, at ``--xla_backend_optimization_level=0``
+    (read from ``XLA_FLAGS``, as XLA reads it) it does not. The native kernel follows, so both paths
+    stay equal at either level."""
+    levels = re.findall(r"--xla_backend_optimization_level=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    return not levels or int(levels[-1]) > 0

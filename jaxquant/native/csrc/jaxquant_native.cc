@@ -306,11 +306,26 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer vecs
     }
     void* xptr = x.untyped_data();
     if (pad_here) {
-      xbuf.assign(static_cast<size_t>(s.n * s.h * s.w * c), static_cast<uint8_t>(zx_v));
+      // Each padded row written once: zx in the borders, the input row in the middle; rows split
+      // over the OpenMP threads once the copy is large (a batch of big images).
+      xbuf.resize(static_cast<size_t>(s.n * s.h * s.w * c));
       const uint8_t* xsrc = static_cast<const uint8_t*>(x.untyped_data());
-      for (int64_t b = 0; b < s.n; ++b)
-        for (int64_t r = 0; r < h0; ++r)
-          std::memcpy(xbuf.data() + ((b * s.h + r + pt) * s.w + pl) * c, xsrc + (b * h0 + r) * w0 * c, w0 * c);
+      uint8_t* xdst = xbuf.data();
+      const uint8_t fill = static_cast<uint8_t>(zx_v);
+      const int64_t rows = s.n * s.h, row_bytes = s.w * c, pr = s.w - pl - w0;
+      const int pad_threads = rows * row_bytes >= (int64_t{1} << 21) ? omp_get_max_threads() : 1;
+#pragma omp parallel for num_threads(pad_threads) schedule(static)
+      for (int64_t row = 0; row < rows; ++row) {
+        uint8_t* d = xdst + row * row_bytes;
+        const int64_t b = row / s.h, r = row % s.h - pt;
+        if (r < 0 || r >= h0) {
+          std::memset(d, fill, row_bytes);
+        } else {
+          std::memset(d, fill, pl * c);
+          std::memcpy(d + pl * c, xsrc + (b * h0 + r) * w0 * c, w0 * c);
+          std::memset(d + (pl + w0) * c, fill, pr * c);
+        }
+      }
       xptr = xbuf.data();
     }
     scratch.resize(std::max<size_t>(e->pd.scratchpad_desc().get_size(), 1));
@@ -543,7 +558,7 @@ __attribute__((target("avx512f,avx512bw,fma"))) void quantize_row(const float* x
 // outputs are equal.
 ffi::Error GemvDynImpl(ffi::AnyBuffer x, ffi::AnyBuffer wp, ffi::AnyBuffer colsum, ffi::AnyBuffer w_scale,
                        ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y, int64_t reduce_range, int64_t per_token,
-                       int64_t relu, int64_t has_bias) {
+                       int64_t relu, int64_t has_bias, int64_t fma_epilogue) {
   auto xd = x.dimensions();
   auto od = y->dimensions();
   if (xd.size() != 2 || od.size() != 2 || xd[0] != od[0] || xd[1] < 1 || x.element_type() != ffi::DataType::F32 ||
@@ -595,7 +610,7 @@ ffi::Error GemvDynImpl(ffi::AnyBuffer x, ffi::AnyBuffer wp, ffi::AnyBuffer colsu
     float* yr = out + r * n;
     for (int64_t j = 0; j < n; ++j) {
       const float a = static_cast<float>(ar[j] - zx * cs[j]), sw = s * ws[j];
-      float v = has_bias ? __builtin_fmaf(a, sw, b[j]) : a * sw;
+      float v = !has_bias ? a * sw : (fma_epilogue ? __builtin_fmaf(a, sw, b[j]) : a * sw + b[j]);
       if (relu) v = std::max(v, 0.0f);
       yr[j] = v;
     }
@@ -630,7 +645,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JqGemvDynF32, GemvDynImpl,
                                   .Attr<int64_t>("reduce_range")
                                   .Attr<int64_t>("per_token")
                                   .Attr<int64_t>("relu")
-                                  .Attr<int64_t>("has_bias"));
+                                  .Attr<int64_t>("has_bias")
+                                  .Attr<int64_t>("fma_epilogue"));
 
 extern "C" {
 
