@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxquant import dtypes as D
-from jaxquant.qtensor import QTensor, dequantize, quantize_per_channel, quantize_per_tensor
+from jaxquant.qtensor import dequantize, quantize_per_channel, quantize_per_tensor
 
 torch = pytest.importorskip("torch")
 TQ = {D.qint8: torch.qint8, D.quint8: torch.quint8, D.qint32: torch.qint32}

@@ -1,14 +1,12 @@
 """QTensor granularity as blocks: per-group quantize/dequantize against a numpy reference, the
 derived ``blocks`` of per-tensor/per-channel tensors, and the per-group weight observer."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxquant.dtypes import per_channel_symmetric, qint4, qint8
 from jaxquant.observers import PerChannelMinMaxObserver
-from jaxquant.qtensor import (QTensor, dequantize, expand_qparams, quantize_per_channel, quantize_per_group,
-                              quantize_per_tensor)
+from jaxquant.qtensor import (dequantize, expand_qparams, quantize_per_channel, quantize_per_group, quantize_per_tensor)
 
 
 def np_quantize_per_group(x, scales, zps, block, qmin, qmax):

@@ -7,7 +7,6 @@ prepacked once; the int8 program holds no float weight of a quantized op and doe
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -27,7 +26,6 @@ from jaxquant.graph.program import (
     _state_key,
 )
 from jaxquant.observers import check_observer_state
-from jaxquant.qtensor import quantize_per_tensor
 
 __all__ = ["convert_static", "convert_without_calibration", "unit_meta", "pack_unit"]
 

@@ -21,7 +21,7 @@ from jaxquant.core.batches import iterate_batches
 from jaxquant.core.weights import observer_quant_range, weight_observer
 from jaxquant.fake_quant.functional import fake_quantize_per_channel_affine, fake_quantize_per_tensor_affine
 from jaxquant.graph import kernels as K
-from jaxquant.graph.analysis import Analysis, GraphQuantizationError, Unit
+from jaxquant.graph.analysis import Analysis, Unit
 from jaxquant.graph.capture import Lit, eval_op
 from jaxquant.graph.fold import fold_unit, prelude, weight_channel_axes
 from jaxquant.graph.plan import Plan

@@ -31,7 +31,6 @@ from jaxquant.dtypes import (
     calculate_qmin_qmax,
     per_channel_affine_float_qparams,
     per_tensor_affine,
-    qint32,
     quint8,
     validate_qrange,
 )

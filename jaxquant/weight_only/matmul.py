@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxquant.kernels.mixed_dot import dot_general_u8s8
-from jaxquant.native.weight_only_ops import weight_only_gemv, weight_only_gemv_multi, weight_only_gemv_supported
+from jaxquant.native.weight_only_ops import weight_only_gemv_multi, weight_only_gemv_supported
 from jaxquant.weight_only.blockwise import BlockQuantizedWeight, dequantize_blockwise
 
 __all__ = ["weight_only_matmul", "weight_only_matmul_multi", "int8_activation_matmul", "float_matmul", "native_matmul", "quantize_rows_int8",

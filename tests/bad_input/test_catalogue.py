@@ -7,7 +7,6 @@ gap and start failing (XPASS) the day it is fixed, so the mark gets removed.
 Test ids: P primitives, O observers, Q qconfig, T transforms (prepare/fuse), C calibration,
 V convert, I inference, L load, K kernels.
 """
-import re
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,5 @@
 """Graph-mode entries (G) of the bad-input catalogue (docs/bad_input_catalogue.md): each error names the op
 path or rule and says what to do."""
-import warnings
 
 import jax
 import jax.numpy as jnp

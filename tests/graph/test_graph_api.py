@@ -3,10 +3,8 @@ int8 program under jax.jit / jax.export, compare (per-op SQNR), and bad input er
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import jaxquant as jq
-from jaxquant.graph import GraphQuantizationError
 from testkit.graph_mlp import mlp_inputs, mlp_params
 
 

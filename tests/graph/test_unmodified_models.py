@@ -1,6 +1,5 @@
 """Unmodified third-party-style Flax models through graph mode: static PTQ, dynamic and QAT, with no change
 to the model code. Each reports cosine vs float and checks that every int8 dot compiles to u8 x s8."""
-import warnings
 
 import flax.linen as nn
 import jax
@@ -11,7 +10,7 @@ import pytest
 from flax import nnx
 
 import jaxquant as jq
-from graph_hlo import assert_int8_dots, compiled_dot_operand_types
+from graph_hlo import assert_int8_dots
 
 QCONFIG = jq.default_per_channel_qconfig
 

@@ -3,7 +3,6 @@ weights, KV-cache decoding against the full forward, and the GGUF reader / BPE t
 independent references (a hand-worked Q4_1 block, the `tokenizers` library on the same tables)."""
 import numpy as np
 import pytest
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

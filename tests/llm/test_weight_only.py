@@ -8,8 +8,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxquant as jq
-from jaxquant.weight_only import (BlockQuantizedWeight, WeightOnlyEmbedding, WeightOnlyLinear, int4_weight_only,
-                                  int8_weight_only, quantize_blockwise, quantize_weight_only)
+from jaxquant.weight_only import (WeightOnlyEmbedding, WeightOnlyLinear, int4_weight_only, int8_weight_only,
+                                  quantize_blockwise, quantize_weight_only)
 from jaxquant.weight_only.matmul import activation_block, float_matmul, int8_activation_matmul
 
 
