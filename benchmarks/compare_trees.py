@@ -38,12 +38,18 @@ from typing import Any, Iterator
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 BASELINE = "f188195"  # the tree issue #13 was filed against
-TIME_KEY = re.compile(r"(^|_)(ms|us|s|sec|seconds)($|_)")
+TIME_KEY = re.compile(r"(^|[_\s])(ms|us|s|sec|seconds)($|[_\s])")
 RATE_KEY = re.compile(r"elem|per_s|flops|/s", re.I)  # throughputs such as jax_Gelem_s are not times
 
 
 def _is_time(key: str) -> bool:
     return bool(TIME_KEY.search(key.lower())) and not RATE_KEY.search(key)
+
+
+def _is_unitless_time(key: str, value: Any) -> bool:
+    """A float cell of a table whose header gives the unit (bench_ops' ``jax_f32``, ``jq_dyn``):
+    every float that is not a ratio or a speed-up."""
+    return isinstance(value, float) and not any(t in key.lower() for t in ("/", "speed", "ratio", "agree", "vs"))
 
 
 def _git(*args: str, cwd: str = REPO) -> str:
@@ -121,7 +127,7 @@ def metrics(doc: Any, prefix: str = "", timed: bool = False) -> Iterator[tuple[s
                     isinstance(v, int) and not isinstance(v, bool) and not _is_time(k))]
                 label = f"{prefix} {' '.join(text)}".strip() if text else f"{prefix}[{i}]"
                 for key, value in item.items():
-                    if _is_number(value) and _is_time(key):
+                    if _is_number(value) and (_is_time(key) or _is_unitless_time(key, value)):
                         yield label, key, float(value)
             elif isinstance(item, list):
                 yield from metrics(item, f"{prefix}[{i}]", timed)
