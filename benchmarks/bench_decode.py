@@ -63,6 +63,31 @@ def linears_only(model):
     return f, state
 
 
+def cached_decode_step(make_forward, init_cache, model, prompt_len: int, max_len: int, native_on: bool):
+    """One timed decode call: a new token at a fixed cache position after a ``prompt_len`` prefill, batch 1.
+
+    ``make_forward`` / ``init_cache`` come from the Llama port under test (so an older port can be
+    timed too). Returns ``(step, forward, (state, token, cache_box, position), first_logits)``; ``step()``
+    returns the logits. ``forward`` donates its cache, so each call takes the cache the last one
+    returned (same position, so every call does the same work); all calls run under the same
+    ``jq.use_native`` setting, which jit's cache key holds.
+    """
+    with jq.use_native(native_on):
+        forward, state = make_forward(model)
+        cache = init_cache(model.config, 1, max_len)
+        _, cache = forward(state, jnp.ones((1, prompt_len), jnp.int32), cache, jnp.int32(0))
+        tok, pos = jnp.asarray([[2]], jnp.int32), jnp.int32(prompt_len)
+        logits, cache = forward(state, tok, cache, pos)  # compile
+        jax.block_until_ready(logits)
+    box = {"cache": cache}
+
+    def step():
+        with jq.use_native(native_on):
+            out, box["cache"] = forward(state, tok, box["cache"], pos)
+        return out
+    return step, forward, (state, tok, box, pos), logits
+
+
 def model_bytes(model) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
 
@@ -154,22 +179,7 @@ def main(argv=None):
     max_len = args.prompt_len + 8
     fns = {}
     for name, m, on in plan:
-        with jq.use_native(on):  # jit's cache key holds the flag: every call must run under the same setting
-            forward, state = make_forward(m)
-            cache = init_cache(m.config, 1, max_len)
-            _, cache = forward(state, jnp.ones((1, args.prompt_len), jnp.int32), cache, jnp.int32(0))
-            tok, pos = jnp.asarray([[2]], jnp.int32), jnp.int32(args.prompt_len)
-            logits, cache = forward(state, tok, cache, pos)  # compile
-            jax.block_until_ready(logits)
-        # forward donates its cache: each call takes the cache the last one returned (same position,
-        # so every call does the same work).
-        box = {"cache": cache}
-
-        def step(f=forward, s=state, box=box, t=tok, p=pos, on=on):
-            with jq.use_native(on):
-                logits, box["cache"] = f(s, t, box["cache"], p)
-            return logits
-        fns[name] = step
+        fns[name] = cached_decode_step(make_forward, init_cache, m, args.prompt_len, max_len, on)[0]
     for name, m, on in (("jax_f32 linears only", model, False), ("jax_W8 native linears only", w8, native),
                         ("jax_W4 g128 native linears only", w4, native)):
         if "native" in name and not native:

@@ -20,10 +20,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_decode import cached_decode_step  # noqa: E402
 from timing import markdown_table, median_ms, paired_ratio, time_interleaved, write_json  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jaxquant as jq  # noqa: E402
@@ -78,20 +78,10 @@ def main(argv=None):
         for tag, mod, base in (("before", old_llama, old_model), ("after", new_llama, model)):
             m = base if qc is None else jq.quantize_weight_only(base, qc)
             on = native and qc is not None
+            step, forward, (state, tok, box, pos), logits = cached_decode_step(
+                mod.make_forward, mod.init_cache, m, args.prompt_len, max_len, on)
             with jq.use_native(on):
-                forward, state = mod.make_forward(m)
-                cache = mod.init_cache(cfg, 1, max_len)
-                _, cache = forward(state, jnp.ones((1, args.prompt_len), jnp.int32), cache, jnp.int32(0))
-                tok, pos = jnp.asarray([[2]], jnp.int32), jnp.int32(args.prompt_len)
-                n_instr, n_kern = hlo_counts(forward, state, tok, cache, pos)
-                logits, cache = forward(state, tok, cache, pos)
-                jax.block_until_ready(logits)
-            box = {"cache": cache}
-
-            def step(f=forward, s=state, box=box, t=tok, p=pos, on=on):
-                with jq.use_native(on):
-                    logits, box["cache"] = f(s, t, box["cache"], p)
-                return logits
+                n_instr, n_kern = hlo_counts(forward, state, tok, box["cache"], pos)
             name = f"{label} {tag}"
             fns[name] = step
             rows_info[name] = {"HLO instructions": n_instr, "fusions+calls": n_kern,
