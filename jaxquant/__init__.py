@@ -108,12 +108,8 @@ from jaxquant.qconfig import (
     per_token_dynamic_qconfig,
     qconfig_equals,
 )
-from jaxquant.qconfig_mapping import (
-    QConfigMapping,
-    get_default_qat_qconfig_mapping,
-    get_default_qconfig_mapping,
-    qconfig_for,
-)
+from jaxquant.nn.qconfig_mappings import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
+from jaxquant.qconfig_mapping import QConfigMapping, qconfig_for
 from jaxquant.qtensor import QTensor, dequantize, quantize_per_channel, quantize_per_tensor
 from jaxquant.quantization_mappings import get_default_static_quant_module_mappings
 from jaxquant.serialization import CheckpointError, converted_template, load, rebuild_cache, save

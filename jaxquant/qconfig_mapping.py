@@ -14,7 +14,12 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
 from jaxquant.fake_quant.fake_quantize import FixedQParamsFakeQuantize
 from jaxquant.fake_quant.presets import (
@@ -218,34 +223,25 @@ def dynamic_qconfig_mapping(qconfig_spec: Any, dtype: Any, default_types: Callab
     return mapping
 
 
-def _fixed_qparams_ops() -> dict[ObjectType, Any]:
-    """PyTorch's ``_FIXED_QPARAMS_OP_TO_OBSERVER`` with jaxquant's module classes and JAX functions."""
-    import jax
-    import jax.numpy as jnp
-
-    import jaxquant.nn as jqnn  # modules sit above this layer: imported when a mapping is built
-
+def fixed_qparams_ops(modules: Mapping[str, type] = MappingProxyType({})) -> dict[ObjectType, Any]:
+    """PyTorch's ``_FIXED_QPARAMS_OP_TO_OBSERVER`` over JAX functions and method names, with a front
+    end's module classes for ``"hardsigmoid"``, ``"sigmoid"``, ``"softmax"`` and ``"tanh"`` (``modules``;
+    the NNX front end passes ``jaxquant.nn``'s, as this layer sits below the modules)."""
     zero_one, neg_one_one = fixed_qparams_range_0to1_observer, fixed_qparams_range_neg1to1_observer
-    return {
-        jqnn.Hardsigmoid: zero_one,
-        jax.nn.hard_sigmoid: zero_one,
-        "hardsigmoid": zero_one,
-        "hardsigmoid_": zero_one,
-        jqnn.Sigmoid: zero_one,
-        jax.nn.sigmoid: zero_one,
-        "sigmoid": zero_one,
-        "sigmoid_": zero_one,
-        jqnn.Softmax: zero_one,
-        jqnn.Tanh: neg_one_one,
-        jnp.tanh: neg_one_one,
-        "tanh": neg_one_one,
-        "tanh_": neg_one_one,
-    }
+    table: dict[ObjectType, Any] = {}
+    for name, fn, observer in (("hardsigmoid", jax.nn.hard_sigmoid, zero_one), ("sigmoid", jax.nn.sigmoid, zero_one),
+                               ("softmax", None, zero_one), ("tanh", jnp.tanh, neg_one_one)):
+        if name in modules:
+            table[modules[name]] = observer
+        if fn is not None:
+            table.update({fn: observer, name: observer, name + "_": observer})
+    return table
 
 
-def _get_default_qconfig_mapping(is_qat: bool, backend: str, version: int) -> QConfigMapping:
-    from flax import nnx
-
+def default_qconfig_mapping(is_qat: bool, backend: str, version: int,
+                            fixed_qparams_modules: Mapping[str, type] = MappingProxyType({})) -> QConfigMapping:
+    """PyTorch 2.13's default (QAT when ``is_qat``) QConfigMapping for ``backend``, with the front end's
+    fixed-qparams module classes (see :func:`fixed_qparams_ops`)."""
     qconfig = get_default_qat_qconfig(backend, version) if is_qat else get_default_qconfig(backend, version)
     default_weight = default_weight_fake_quant if is_qat else _default_weight_observer
     # per-channel weights are not supported for transposed convolutions on fbgemm/x86 (pytorch#47535)
@@ -264,21 +260,9 @@ def _get_default_qconfig_mapping(is_qat: bool, backend: str, version: int) -> QC
         .set_object_type(nnx.PReLU, _qconfig.default_quint8_weight_qconfig)
     )
     by_observer: dict[Any, QConfig] = {}
-    for op, observer in _fixed_qparams_ops().items():
+    for op, observer in fixed_qparams_ops(fixed_qparams_modules).items():
         if observer not in by_observer:
             activation = FixedQParamsFakeQuantize.with_args(observer=observer) if is_qat else observer
             by_observer[observer] = QConfig(activation=activation, weight=default_weight)
         mapping.set_object_type(op, by_observer[observer])
     return mapping
-
-
-def get_default_qconfig_mapping(backend: str = "x86", version: int = 0) -> QConfigMapping:
-    """The default post-training QConfigMapping for ``backend`` (PyTorch 2.13's): the backend's
-    default QConfig globally, fixed qparams for sigmoid/hardsigmoid/softmax ([0, 1]) and tanh
-    ([-1, 1]), per-tensor weights for ConvTranspose on x86/fbgemm, float weights for LayerNorm."""
-    return _get_default_qconfig_mapping(False, backend, version)
-
-
-def get_default_qat_qconfig_mapping(backend: str = "x86", version: int = 1) -> QConfigMapping:
-    """The default QAT QConfigMapping for ``backend`` (fixed-qparams ops get FixedQParamsFakeQuantize)."""
-    return _get_default_qconfig_mapping(True, backend, version)

@@ -3,12 +3,8 @@ import pytest
 from flax import nnx
 
 import jaxquant.qconfig as jq
-from jaxquant.qconfig_mapping import (
-    QConfigMapping,
-    get_default_qat_qconfig_mapping,
-    get_default_qconfig_mapping,
-    qconfig_for,
-)
+from jaxquant.nn.qconfig_mappings import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
+from jaxquant.qconfig_mapping import QConfigMapping, qconfig_for
 
 G, T, R1, R2, N, P, O = (jq.default_qconfig, jq.default_per_channel_qconfig, jq.default_qat_qconfig,
                          jq.default_qat_qconfig_v2, jq.float16_static_qconfig, jq.default_dynamic_qconfig,

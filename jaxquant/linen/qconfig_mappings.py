@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from jaxquant import qconfig_mapping as nnx_mappings
 from jaxquant.fake_quant.presets import default_weight_fake_quant
 from jaxquant.qconfig import QConfig, _default_weight_observer
-from jaxquant.qconfig_mapping import QConfigMapping
+from jaxquant.qconfig_mapping import QConfigMapping, default_qconfig_mapping
 
 
 def _with_linen_types(mapping: QConfigMapping, is_qat: bool, backend: str) -> QConfigMapping:
@@ -22,9 +21,9 @@ def _with_linen_types(mapping: QConfigMapping, is_qat: bool, backend: str) -> QC
 def get_default_qconfig_mapping(backend: str = "x86", version: int = 0) -> QConfigMapping:
     """PyTorch's default PTQ mapping for ``backend`` plus Linen's ``nn.ConvTranspose`` rule (per-tensor
     weights on x86/fbgemm). ``nn.Embed`` stays float unless given ``float_qparams_weight_only_qconfig``."""
-    return _with_linen_types(nnx_mappings.get_default_qconfig_mapping(backend, version), False, backend)
+    return _with_linen_types(default_qconfig_mapping(False, backend, version), False, backend)
 
 
 def get_default_qat_qconfig_mapping(backend: str = "x86", version: int = 1) -> QConfigMapping:
     """PyTorch's default QAT mapping for ``backend`` plus Linen's ``nn.ConvTranspose`` rule."""
-    return _with_linen_types(nnx_mappings.get_default_qat_qconfig_mapping(backend, version), True, backend)
+    return _with_linen_types(default_qconfig_mapping(True, backend, version), True, backend)

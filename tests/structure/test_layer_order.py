@@ -37,10 +37,7 @@ LAYERS = {
 }
 
 # (importer, imported) pairs that go up or sideways today, each with why.
-KNOWN_UPWARD = {
-    # PyTorch's fixed-qparams op table names the NNX activation modules (Sigmoid, Tanh, ...) by type
-    ("jaxquant.qconfig_mapping", "jaxquant.nn"),
-}
+KNOWN_UPWARD: set = set()
 
 
 def layer(module: str):

@@ -12,8 +12,6 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[2] / "jaxquant"
 
 ALLOWED = {
-    # PyTorch's fixed-qparams op table names the NNX activation modules, a layer above the qconfigs
-    ("jaxquant.qconfig_mapping", "jaxquant.nn"),
     # the LLM loaders: gguf_reader <-> llama refer to each other (llm2's area, issue #17)
     ("jaxquant.models.gguf_reader", "jaxquant.models.llama"),
     ("jaxquant.models.llama", "jaxquant.models.bpe_tokenizer"),
