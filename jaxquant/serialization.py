@@ -116,10 +116,6 @@ def describe_modules(model: nnx.Module) -> dict[str, dict[str, Any]]:
     return described
 
 
-def _defining_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
-    return model_arrays(model)
-
-
 def _dtype_name(dtype: np.dtype) -> str:
     name = np.dtype(dtype).name
     if name not in _ALLOWED_DTYPES:
@@ -152,7 +148,7 @@ def save(path: PathLike, model: Any, *, qconfig: Any = None,
     """
     if isinstance(model, QuantizedProgram):
         return _save_graph_program(path, model, qconfig, metadata)
-    arrays = _defining_arrays(model)
+    arrays = model_arrays(model)
     entries, data_nbytes = _layout(arrays)
     header = {
         "format": "jaxquant.checkpoint",
@@ -428,7 +424,7 @@ def check_compatible(checkpoint: Checkpoint, model: nnx.Module, where: str = "ch
             a, b = saved["static"].get(key, "<absent>"), ours["static"].get(key, "<absent>")
             if a != b:
                 problems.append(f"module '{path}': {key} = {a!r} in the checkpoint, {b!r} in the model")
-    template = _defining_arrays(model)
+    template = model_arrays(model)
     for name in sorted(set(checkpoint.arrays) - set(template)):
         problems.append(f"array '{name}' is in the checkpoint, not in the model (unexpected key)")
     for name in sorted(set(template) - set(checkpoint.arrays)):

@@ -226,18 +226,13 @@ class QuantInterceptor:
     def _activation_qparams(self, module: Any, path: str, qconfig: Any, name: str) -> tuple[jax.Array, jax.Array]:
         """Static qparams of ``input``/``output`` from an observer (PTQ) or fake quant (QAT) state."""
         scope = tuple(module.path)
-        obs_state = _get(module, QUANT_STATS, f"{name}_observer")
-        if obs_state is not None:
-            config = qconfig.activation()
-            self.record.checks.append(("observer", scope, f"{name}_observer", config))
-            self.record.qparams.append(("act", scope, f"{name}_observer", config, name))
-            return activation_qparams(config, obs_state)
-        fq_state = _get(module, QUANT_STATS, f"{name}_fake_quant")
-        if fq_state is not None:
-            config = qconfig.activation()
-            self.record.checks.append(("fake_quant", scope, f"{name}_fake_quant", config))
-            self.record.qparams.append(("act", scope, f"{name}_fake_quant", config, name))
-            return activation_qparams(config, fq_state)
+        for kind in ("observer", "fake_quant"):
+            state = _get(module, QUANT_STATS, f"{name}_{kind}")
+            if state is not None:
+                config = qconfig.activation()
+                self.record.checks.append((kind, scope, f"{name}_{kind}", config))
+                self.record.qparams.append(("act", scope, f"{name}_{kind}", config, name))
+                return activation_qparams(config, state)
         raise ValueError(f"'{display_path(path)}' ({type(module).__name__}): no '{QUANT_STATS}' for its {name}: this "
                          "layer never ran while calibrating (or QAT); calibrate with data that reaches it, or set "
                          "its qconfig to None")

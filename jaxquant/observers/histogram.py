@@ -262,8 +262,11 @@ class HistogramObserver(UniformQuantizationObserverBase):
         no data or saw NaN/Inf; under ``jit`` an empty state gives PyTorch's (1.0, 0).
         """
         self._checked(state)
-        new_min, new_max = self.non_linear_param_search(state)
-        return self._calculate_qparams(new_min, new_max)
+        return self._calculate_qparams(*self.clipped_range(state))
+
+    def clipped_range(self, state: HistogramState) -> tuple[jax.Array, jax.Array]:
+        """The ``(min, max)`` the qparams cover: :meth:`non_linear_param_search` (subclasses choose theirs)."""
+        return self.non_linear_param_search(state)
 
     def non_linear_param_search(self, state: HistogramState) -> tuple[jax.Array, jax.Array]:
         """PyTorch's ``_non_linear_param_search``: the ``(min, max)`` float32 scalars that approximately

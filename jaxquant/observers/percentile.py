@@ -39,15 +39,9 @@ class PercentileObserver(HistogramObserver):
                 "it is the upper percentile, the lower one is 100 - percentile"
             )
 
-    def calculate_qparams(self, state: HistogramState) -> tuple[jax.Array, jax.Array]:
-        """``(scale float32 (), zero_point int32 ())`` of the percentile-clipped range.
-
-        Raises :class:`~jaxquant.observers.base.NotCalibratedError` for a concrete state that saw
-        no data or saw NaN/Inf; under ``jit`` an empty state gives PyTorch's (1.0, 0).
-        """
-        self._checked(state)
-        lo, hi = self.percentile_range(state)
-        return self._calculate_qparams(lo, hi)
+    def clipped_range(self, state: HistogramState) -> tuple[jax.Array, jax.Array]:
+        """The percentile-clipped range that ``calculate_qparams`` covers: :meth:`percentile_range`."""
+        return self.percentile_range(state)
 
     def percentile_range(self, state: HistogramState) -> tuple[jax.Array, jax.Array]:
         """The ``(lower, upper)`` percentile values, float32 scalars (``(inf, -inf)`` if empty).
