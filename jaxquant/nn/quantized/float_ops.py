@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxquant.core.conv import conv_padding, spatial_tuple
 from jaxquant.core.weights import quantize_weight
 from jaxquant.dtypes import QDType
 from jaxquant.nn.quantized.common import observed_qparams, require_qtensor
@@ -114,15 +115,9 @@ class ConvTranspose(nnx.Module):
         nd = len(conv.kernel_size)
         weight = quantize_weight(conv.kernel.get_value(), observed.qconfig, path)
         bias = None if conv.bias is None else conv.bias.get_value()
-        broadcast = lambda v: (1,) * nd if v is None else ((v,) * nd if isinstance(v, int) else tuple(v))
-        padding = conv.padding
-        if isinstance(padding, int):
-            padding = ((padding, padding),) * nd
-        elif not isinstance(padding, str):
-            padding = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
-        return cls(weight, bias, out_scale, out_zp, out_dtype, strides=broadcast(conv.strides), padding=padding,
-                   kernel_dilation=broadcast(conv.kernel_dilation), transpose_kernel=conv.transpose_kernel,
-                   name=path)
+        return cls(weight, bias, out_scale, out_zp, out_dtype, strides=spatial_tuple(conv.strides, nd),
+                   padding=conv_padding(conv, path), kernel_dilation=spatial_tuple(conv.kernel_dilation, nd),
+                   transpose_kernel=conv.transpose_kernel, name=path)
 
     def __call__(self, x) -> QTensor:
         x = require_qtensor(x, self.name, "quantized ConvTranspose")
