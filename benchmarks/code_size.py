@@ -89,6 +89,10 @@ def main() -> None:
     parser.add_argument("--new", default=None, help="git ref; default: the working tree")
     args = parser.parse_args()
     old, new = measure(args.old), measure(args.new)
+    # the previous landing's measure: only the paths that existed at the old ref (moved code not counted)
+    kept = set(_files(args.old)) & set(_files(args.new))
+    old["lines, old paths only"] = old["lines"]
+    new["lines, old paths only"] = sum(t.count("\n") for n, t in _files(args.new).items() if n in kept)
     print(f"jaxquant/ minus {len(ADDED_CAPABILITIES)} added-capability paths (see ADDED_CAPABILITIES)\n")
     print(f"| | {args.old} | {args.new or 'working tree'} | change |\n|---|---|---|---|")
     for key in old:
