@@ -209,6 +209,28 @@ class FakeQuantizeBase(abc.ABC):
     def with_args(cls, **kwargs: Any) -> ObserverFactory:
         return with_args(cls, **kwargs)
 
+    # attributes PyTorch exposes on the module, read off the observer (``activation_post_process``)
+    @property
+    def dtype(self) -> Any:
+        return self.activation_post_process.dtype  # type: ignore[attr-defined]
+
+    @property
+    def qscheme(self) -> Any:
+        return getattr(self.activation_post_process, "qscheme", per_tensor_affine)  # type: ignore[attr-defined]
+
+    @property
+    def ch_axis(self) -> int:
+        return getattr(self.activation_post_process, "ch_axis", -1)  # type: ignore[attr-defined]
+
+
+def check_range_fits_dtype(quant_min: int, quant_max: int, dtype: Any, where: str) -> None:
+    """ValueError naming ``where`` unless ``[quant_min, quant_max]`` lies inside a QDType's range."""
+    if isinstance(dtype, QDType):
+        if quant_min < dtype.min:
+            raise ValueError(f"{where}: quant_min {quant_min} is out of bound for {dtype!r} (min {dtype.min})")
+        if quant_max > dtype.max:
+            raise ValueError(f"{where}: quant_max {quant_max} is out of bound for {dtype!r} (max {dtype.max})")
+
 
 _PER_TENSOR = (per_tensor_affine, per_tensor_symmetric)
 _PER_CHANNEL = (per_channel_affine, per_channel_symmetric, per_channel_affine_float_qparams)
@@ -245,12 +267,8 @@ class FakeQuantize(FakeQuantizeBase):
         if quant_min is not None and quant_max is not None:
             if quant_min > quant_max:
                 raise ValueError(f"{name}: quant_min ({quant_min}) must be less than or equal to quant_max ({quant_max})")
-            dtype = observer_kwargs.get("dtype", factory_keywords(observer).get("dtype", quint8))
-            if isinstance(dtype, QDType):
-                if quant_min < dtype.min:
-                    raise ValueError(f"{name}: quant_min {quant_min} is out of bound for {dtype!r} (min {dtype.min})")
-                if quant_max > dtype.max:
-                    raise ValueError(f"{name}: quant_max {quant_max} is out of bound for {dtype!r} (max {dtype.max})")
+            check_range_fits_dtype(quant_min, quant_max, observer_kwargs.get(
+                "dtype", factory_keywords(observer).get("dtype", quint8)), name)
             observer_kwargs.update(quant_min=quant_min, quant_max=quant_max)
         if is_dynamic or _accepts(observer, "is_dynamic"):
             observer_kwargs["is_dynamic"] = is_dynamic
@@ -276,18 +294,6 @@ class FakeQuantize(FakeQuantizeBase):
     @property
     def quant_max(self) -> int:
         return self.quant_range[1]
-
-    @property
-    def dtype(self) -> Any:
-        return self.activation_post_process.dtype
-
-    @property
-    def qscheme(self) -> Any:
-        return getattr(self.activation_post_process, "qscheme", per_tensor_affine)
-
-    @property
-    def ch_axis(self) -> int:
-        return getattr(self.activation_post_process, "ch_axis", -1)
 
     @property
     def is_per_channel(self) -> bool:

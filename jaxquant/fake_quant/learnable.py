@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxquant.fake_quant.fake_quantize import FakeQuantizeBase, instantiate_observer
+from jaxquant.fake_quant.fake_quantize import FakeQuantizeBase, check_range_fits_dtype, instantiate_observer
 from jaxquant.observers.minmax import MovingAverageMinMaxObserver
 from jaxquant.fake_quant.functional import (
     ArrayLike,
@@ -270,29 +270,12 @@ class LearnableFakeQuantize(FakeQuantizeBase):
             observer = MovingAverageMinMaxObserver
         obs = instantiate_observer(observer, where, **{**observer_kwargs, "quant_min": quant_min,
                                                         "quant_max": quant_max})
-        dtype = getattr(obs, "dtype", None)
-        if dtype is not None and hasattr(dtype, "min"):
-            if quant_min < dtype.min:
-                raise ValueError(f"{where}: quant_min {quant_min} is out of bound for {dtype!r}")
-            if quant_max > dtype.max:
-                raise ValueError(f"{where}: quant_max {quant_max} is out of bound for {dtype!r}")
+        check_range_fits_dtype(quant_min, quant_max, getattr(obs, "dtype", None), where)
         for name, value in (("activation_post_process", obs), ("quant_min", int(quant_min)),
                             ("quant_max", int(quant_max)), ("init_scale", float(scale)),
                             ("init_zero_point", float(zero_point)), ("channel_len", int(channel_len)),
                             ("use_grad_scaling", bool(use_grad_scaling))):
             object.__setattr__(self, name, value)
-
-    @property
-    def dtype(self) -> Any:
-        return self.activation_post_process.dtype
-
-    @property
-    def qscheme(self) -> Any:
-        return self.activation_post_process.qscheme
-
-    @property
-    def ch_axis(self) -> int:
-        return getattr(self.activation_post_process, "ch_axis", -1)
 
     @property
     def is_per_channel(self) -> bool:
