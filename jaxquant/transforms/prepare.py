@@ -5,16 +5,14 @@ from typing import Any, Mapping, Optional
 
 from flax import nnx
 
-from jaxquant.nn.functional_modules import FloatFunctional
 from jaxquant.nn.observed import Observed
 from jaxquant.nn.observer_module import ObserverModule
-from jaxquant.nn.stubs import DeQuantStub
 from jaxquant.quantization_mappings import (
     get_default_static_quant_module_mappings,
     get_quantized_passthrough_types,
 )
 from jaxquant.transforms.checks import checked_qconfigs
-from jaxquant.transforms.swap import finish, has_params, is_leaf, swap_modules
+from jaxquant.transforms.swap import finish, observe_stub_or_functional, refuse_unmapped_layer, swap_modules
 
 
 def _activation_observer(qconfig: Any, path: str) -> ObserverModule:
@@ -64,11 +62,9 @@ def prepare(
         if qconfig is None:
             return None
         module_type = type(module)
-        if isinstance(module, FloatFunctional):
-            module.activation_post_process = nnx.data(_activation_observer(qconfig, path))
-            return module
-        if module_type is DeQuantStub:
-            return Observed(module, None, qconfig)
+        stub = observe_stub_or_functional(path, module, qconfig, _activation_observer)
+        if stub is not None:
+            return stub
         if module_type in passthrough:
             return None
         if module_type in mapping:
@@ -77,13 +73,8 @@ def prepare(
                 raise ValueError("prepare: the model itself is a single quantizable layer; wrap it, e.g. "
                                  "QuantWrapper(model), so it has a parent and input/output stubs")
             return observed
-        if is_leaf(module) and has_params(module):
-            raise ValueError(
-                f"'{path}' ({module_type.__module__}.{module_type.__qualname__}) has a qconfig but no static "
-                "quantized counterpart. Keep it float with qconfig_mapping.set_module_name("
-                f"'{path}', None) (and put a DeQuantStub before it), use quantize_dynamic for it, or pass "
-                "mapping={...} with your own quantized module"
-            )
+        refuse_unmapped_layer(path, module, "static", "use quantize_dynamic for it, or pass mapping={...} with "
+                              "your own quantized module")
         return None
 
     return finish(model, swap_modules(model, swap)[0], inplace)

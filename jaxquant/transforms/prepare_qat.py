@@ -20,10 +20,8 @@ from jaxquant import fake_quant as fq
 from jaxquant.module_paths import copy_model, named_modules, replace_contents
 from jaxquant.nn import intrinsic
 from jaxquant.nn import qat as nnqat
-from jaxquant.nn.functional_modules import FloatFunctional
 from jaxquant.nn.observed import Observed
 from jaxquant.nn.qat.fake_quant_module import FakeQuantModule
-from jaxquant.nn.stubs import DeQuantStub
 from jaxquant.nn.variables import QuantStats
 from jaxquant.quantization_mappings import (
     get_default_qat_module_mappings,
@@ -32,7 +30,7 @@ from jaxquant.quantization_mappings import (
 )
 from jaxquant.transforms.checks import checked_qconfigs
 from jaxquant.transforms.convert import convert
-from jaxquant.transforms.swap import finish, has_params, is_leaf, swap_modules
+from jaxquant.transforms.swap import finish, observe_stub_or_functional, refuse_unmapped_layer, swap_modules
 
 __all__ = [
     "get_default_qat_module_mappings", "prepare_qat", "quantize_qat", "enable_observer", "disable_observer",
@@ -98,11 +96,9 @@ def prepare_qat(
         if path == "" and (module_type in mapping or module_type in static):
             raise ValueError("prepare_qat: the model itself is a single quantizable layer; wrap it, e.g. "
                              "QuantWrapper(model), so it has a parent and input/output stubs")
-        if isinstance(module, FloatFunctional):
-            module.activation_post_process = nnx.data(_activation_fake_quant(qconfig, path))
-            return module
-        if module_type is DeQuantStub:
-            return Observed(module, None, qconfig)
+        stub = observe_stub_or_functional(path, module, qconfig, _activation_fake_quant)
+        if stub is not None:
+            return stub
         if module_type in mapping:
             if module_type in _BN_TYPES and bool(module.bn.use_running_average):
                 raise ValueError(f"prepare_qat: '{path}.bn' is in eval mode (use_running_average=True); QAT of a "
@@ -113,11 +109,7 @@ def prepare_qat(
             return None
         if module_type in static:
             return Observed(module, _activation_fake_quant(qconfig, path), qconfig)
-        if is_leaf(module) and has_params(module):
-            raise ValueError(
-                f"'{path}' ({module_type.__module__}.{module_type.__qualname__}) has a qconfig but no QAT or static "
-                f"quantized counterpart. Keep it float with qconfig_mapping.set_module_name('{path}', None) "
-                "(and put a DeQuantStub before it), or pass mapping={...} with your own QAT module")
+        refuse_unmapped_layer(path, module, "QAT or static", "or pass mapping={...} with your own QAT module")
         return None
 
     return finish(model, swap_modules(model, swap)[0], inplace)

@@ -8,10 +8,7 @@ from flax import nnx
 from jaxquant.module_paths import copy_model, named_modules, replace_contents, set_submodule
 from jaxquant.nn.stubs import QuantWrapper
 from jaxquant.transforms.propagate import propagate_qconfig
-
-
-def _is_leaf(module: nnx.Module) -> bool:
-    return all(child is module for _, child in named_modules(module))
+from jaxquant.transforms.swap import is_leaf
 
 
 def add_quant_dequant(model: nnx.Module, qconfig_or_mapping: Any = None, inplace: bool = False) -> nnx.Module:
@@ -38,7 +35,7 @@ def add_quant_dequant(model: nnx.Module, qconfig_or_mapping: Any = None, inplace
     result = copy_model(model)
     qconfigs = propagate_qconfig(result, qconfig_or_mapping)
     targets = [(path, module) for path, module in named_modules(result)
-               if qconfigs.get(path) is not None and _is_leaf(module)]
+               if qconfigs.get(path) is not None and is_leaf(module)]
     for path, module in targets:
         wrapper = QuantWrapper(module)
         # An attribute on the wrapper is the most specific qconfig: it covers the wrapper, both stubs

@@ -7,11 +7,14 @@ module in place, and move the result into the user's model for ``inplace=True``.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from flax import nnx
 
 from jaxquant.module_paths import copy_model, named_modules, replace_contents, set_submodule
+from jaxquant.nn.functional_modules import FloatFunctional
+from jaxquant.nn.observed import Observed
+from jaxquant.nn.stubs import DeQuantStub
 
 # ``swap`` returns: None (leave the module, walk into it), the module itself (edited in place: a unit
 # now, its children are not visited), or a new module to put at ``path``.
@@ -59,3 +62,24 @@ def has_params(module: nnx.Module) -> bool:
 
 def is_leaf(module: nnx.Module) -> bool:
     return not any(child is not module for _, child in named_modules(module))
+
+
+def observe_stub_or_functional(path: str, module: nnx.Module, qconfig: Any,
+                               make_output: Callable[[Any, str], nnx.Module]) -> Optional[nnx.Module]:
+    """What ``prepare`` and ``prepare_qat`` do alike to a ``FloatFunctional`` (its output observer or fake
+    quant from ``make_output(qconfig, path)``) and a ``DeQuantStub`` (wrapped with none); None otherwise."""
+    if isinstance(module, FloatFunctional):
+        module.activation_post_process = nnx.data(make_output(qconfig, path))
+        return module
+    if type(module) is DeQuantStub:
+        return Observed(module, None, qconfig)
+    return None
+
+
+def refuse_unmapped_layer(path: str, module: nnx.Module, counterpart: str, otherwise: str) -> None:
+    """ValueError for a leaf with parameters and a qconfig that the mapping has no ``counterpart`` for."""
+    if is_leaf(module) and has_params(module):
+        t = type(module)
+        raise ValueError(f"'{path}' ({t.__module__}.{t.__qualname__}) has a qconfig but no {counterpart} quantized "
+                         f"counterpart. Keep it float with qconfig_mapping.set_module_name('{path}', None) (and put a "
+                         f"DeQuantStub before it), {otherwise}")
