@@ -135,3 +135,26 @@ def test_fuse_quantized_activations_bad_input(small_int8):
                                        rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="call jq.convert first"):
         jq.fuse_quantized_activations(float_model, eff.activation_patterns(float_model))
+
+
+def test_graph_mode_conv_relu6_clamps_in_the_conv():
+    """Graph mode's conv unit with a ReLU6 (``jax.nn.relu6``) hands its clamp to the conv kernel:
+    one native call with the clip, the same outputs as the pure-XLA program, close to the float function."""
+    def net(params, x):
+        y = jax.lax.conv_general_dilated(x, params["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.nn.relu6(y + params["b"]).mean(axis=(1, 2))
+
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(0, 0.5, (3, 3, 4, 8)), jnp.float32),
+              "b": jnp.asarray(rng.normal(0, 1, 8), jnp.float32)}
+    x = jnp.asarray(rng.normal(0, 2, (2, 6, 6, 4)), jnp.float32)
+    observed = jq.graph.prepare(net, (params, x), jq.default_per_channel_qconfig)
+    assert observed.units == [("w", "conv", ("add", "clamp"))]
+    qprog = jq.graph.convert(observed, jq.graph.calibrate(observed, [x], progress=False))
+    xla, _ = _run(lambda v: qprog(v), x, native=False)
+    ref = np.asarray(net(params, x))
+    assert np.abs(xla - ref).max() < 0.1 * np.abs(ref).max()
+    if native_backend_available():
+        native, jaxpr = _run(lambda v: qprog(v), x, native=True)
+        assert "jaxquant_conv_u8s8_clamp" in jaxpr
+        np.testing.assert_array_equal(native, xla)
