@@ -75,7 +75,7 @@ def test_clamped_conv_equals_conv_then_numpy_clip(case, out_dtype):
             np.testing.assert_array_equal(native, want, err_msg=f"native, clamp {(lo, hi)}")
 
 
-def test_clamp_codes_match_the_relu6_module():
+def test_N04_clamp_codes_match_the_relu6_module_and_refuse_lo_above_hi():
     """clamp_codes(0, 6) are the bounds the quantized ReLU6 module clips to, worked by hand."""
     for scale, zp in ((6.0 / 127, 0), (0.05, 100), (0.7, 250), (0.03, -10)):
         lo, hi = np.asarray(clamp_codes(0.0, 6.0, jnp.float32(scale), jnp.int32(zp)))
@@ -118,7 +118,7 @@ def test_fused_model_equals_unfused_model(small_int8):
         np.testing.assert_array_equal(native, ref)
 
 
-def test_fuse_quantized_activations_bad_input(small_int8):
+def test_N03_fuse_quantized_activations_bad_input(small_int8):
     int8, _, eff = small_int8
     with pytest.raises(ValueError, match="'stem.bn' is a Identity; only ReLU6, ReLU fold"):
         jq.fuse_quantized_activations(int8, [["stem.conv", "stem.bn"]])
