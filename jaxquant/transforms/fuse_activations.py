@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxquant.module_paths import copy_model, get_submodule, set_submodule
 from jaxquant.nn.activations import Identity, ReLU, ReLU6
+from jaxquant.nn.quantized.conv import Conv as QuantizedConv
 from jaxquant.transforms.checks import check_nnx_model
 from jaxquant.transforms.swap import finish
 
@@ -45,8 +46,6 @@ def fuse_quantized_activations(model: nnx.Module, pairs: Sequence[Sequence[str]]
       converted, an activation that is not a clip, a conv that already has one) nothing is changed
       and a ``ValueError`` names the pair.
     """
-    from jaxquant.nn.quantized.conv import Conv as QuantizedConv  # lazy: jaxquant.nn.quantized
-
     check_nnx_model(model, "fuse_quantized_activations")
     result = copy_model(model)
     seen: set[str] = set()
