@@ -8,7 +8,10 @@ float JAX model on ``--n-eval`` real images (no labels exist for them). The quan
 the example's (``examples/efficientnet_lite0_ptq.py``), calibrated on ``--n-calib`` images.
 Prints a markdown table and writes the numbers as JSON. "jaxquant int8 native" is the default path
 (the native backend where available: oneDNN convs, VNNI GEMV); "jaxquant int8 XLA" the pure-XLA
-kernels (``jq.use_native(False)``). Samples come from ``timing.time_interleaved`` (each after one
+kernels (``jq.use_native(False)``). Both run the example's model, whose ReLU6 modules are folded into
+their convs after convert (``jq.fuse_quantized_activations``); "int8 XLA, ReLU6 separate" is the same
+int8 model without that fold on the pure-XLA kernels, the program jaxquant ran before the native
+backend (issue #16's "today's int8"). All three give the same logits (checked on the eval images). Samples come from ``timing.time_interleaved`` (each after one
 untimed warm call, rotated order), so the speed-ups below the table are paired per round.
 """
 
@@ -67,7 +70,8 @@ def main() -> None:
 
     model = eff.load_efficientnet_lite0()
     t0 = time.perf_counter()
-    qmodel = ex.quantize_jaxquant(model, calib, args.recipe, args.act_observer)
+    qmodel_sep = ex.quantize_jaxquant(model, calib, args.recipe, args.act_observer, fold_relu6=False)
+    qmodel = jq.fuse_quantized_activations(qmodel_sep, eff.activation_patterns(qmodel_sep))
     jq_ptq_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     tq_net = ex.quantize_torch(calib, args.recipe, args.act_observer)
@@ -84,7 +88,14 @@ def main() -> None:
     def int8_xla_fn(x):  # the pure-XLA int8 kernels (traced with the native backend off)
         with jq.use_native(False):
             return int8_jit_xla(x)
+    int8_jit_sep = jax.jit(lambda x: qmodel_sep(x))
+
+    def int8_sep_fn(x):  # before #16: pure XLA, each ReLU6 its own module
+        with jq.use_native(False):
+            return int8_jit_sep(x)
     ref = ex.jax_logits(float_fn, evals, desc="float JAX")
+    same = np.array_equal(ex.jax_logits(int8_fn, evals), ex.jax_logits(int8_sep_fn, evals))
+    print(f"int8 logits with the ReLU6 folded equal the separate-ReLU6 pure-XLA logits: {same}")
     accuracy = {
         "float JAX": {"top1_agreement": 1.0, "top1_in_float_top5": 1.0},  # the reference itself
         "jaxquant int8 native": ex.agreement(ex.jax_logits(int8_fn, evals, desc="jaxquant int8"), ref),
@@ -113,16 +124,19 @@ def main() -> None:
                "PyTorch int8 x86": lambda: run_torch(tq_net)}
         if native:
             fns["jaxquant int8 XLA"] = lambda x=x: int8_xla_fn(x).block_until_ready()
+        fns["int8 XLA, ReLU6 separate"] = lambda x=x: int8_sep_fn(x).block_until_ready()
         times = time_interleaved(fns, repeats=args.repeats, warmup=1, min_sample_s=0.0)
         latency[b] = {n: median_ms(t) for n, t in times.items()}
         int8 = "jaxquant int8 XLA" if native else "jaxquant int8 native"
         speedups[b] = {"int8 native vs int8 XLA": paired_ratio(times, int8, "jaxquant int8 native"),
+                       "int8 native vs int8 XLA ReLU6 separate (before #16)": paired_ratio(
+                           times, "int8 XLA, ReLU6 separate", "jaxquant int8 native"),
                        "int8 native vs float JAX": paired_ratio(times, "float JAX", "jaxquant int8 native"),
                        "int8 native vs PyTorch int8": paired_ratio(times, "PyTorch int8 x86", "jaxquant int8 native"),
                        "int8 XLA vs float JAX": paired_ratio(times, "float JAX", int8)}
 
     names = ["float JAX", "jaxquant int8 native"] + (["jaxquant int8 XLA"] if native else []) + [
-        "float jq.compile", "int8 jq.compile", "PyTorch float", "PyTorch int8 x86"]
+        "int8 XLA, ReLU6 separate", "float jq.compile", "int8 jq.compile", "PyTorch float", "PyTorch int8 x86"]
     print(f"\nEfficientNet-Lite0, recipe '{args.recipe}', median of {args.repeats} interleaved "
           f"rounds, {torch.get_num_threads()} torch threads, jax {jax.__version__}, "
           f"torch {torch.__version__}\n")
@@ -131,7 +145,7 @@ def main() -> None:
     print("|---|" + "---|" * (len(args.batches) + 2))
     for n in names:
         # the jq.compile rows serve the same model as the rows above them: no accuracy of their own
-        acc = accuracy.get(n)
+        acc = accuracy.get("jaxquant int8 native" if n == "int8 XLA, ReLU6 separate" and same else n)
         cols = (f"{acc['top1_agreement']:.3f} | {acc['top1_in_float_top5']:.3f}" if acc is not None
                 else "(same model) | (same model)")
         print(f"| {n} | " + " | ".join(f"{latency[b][n]:.1f}" for b in args.batches) + f" | {cols} |")
@@ -149,6 +163,7 @@ def main() -> None:
                    "latency_ms_median": {str(b): v for b, v in latency.items()},
                    "speedups_paired": {str(b): v for b, v in speedups.items()},
                    "accuracy_vs_float_jax": accuracy, "size_bytes": sizes,
+                   "folded_relu6_logits_equal_separate": bool(same),
                    "ptq_seconds": {"jaxquant": jq_ptq_s, "pytorch": torch_ptq_s},
                    "jax": jax.__version__, "torch": torch.__version__,
                    "machine": platform.processor() or platform.machine()}, f, indent=2)

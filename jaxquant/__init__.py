@@ -126,6 +126,7 @@ from jaxquant.transforms import (
     propagate_qconfig,
     quantize,
 )
+from jaxquant.transforms.fuse_activations import fuse_quantized_activations
 from jaxquant.transforms.prepare_qat import (
     check_qat_state,
     disable_fake_quant,

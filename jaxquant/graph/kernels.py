@@ -40,9 +40,10 @@ def pack_conv(w_q, w_scale, w_zp, bias, *, strides, padding, dilation, groups: i
                       groups=groups, input_dilation=input_dilation)
 
 
-def run_conv(x: QTensor, packed, out_scale, out_zp, *, out_dtype, relu: bool) -> QTensor:
-    """Static int8 conv: NHWC QTensor ``(N, *spatial, cin)`` -> QTensor ``(N, *out_spatial, cout)``."""
-    return quantized_conv(x, packed, out_scale, out_zp, out_dtype=out_dtype, relu=relu)
+def run_conv(x: QTensor, packed, out_scale, out_zp, *, out_dtype, relu: bool, clamp=None) -> QTensor:
+    """Static int8 conv: NHWC QTensor ``(N, *spatial, cin)`` -> QTensor ``(N, *out_spatial, cout)``;
+    ``clamp``: None or int32 ``(2,)`` output codes a following ReLU6 / clamp clips to."""
+    return quantized_conv(x, packed, out_scale, out_zp, out_dtype=out_dtype, relu=relu, clamp=clamp)
 
 
 def run_dynamic_linear(x: jax.Array, packed, *, reduce_range: bool, per_token: bool, relu: bool) -> jax.Array:

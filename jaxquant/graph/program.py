@@ -392,9 +392,11 @@ def _run_unit(a: Analysis, u: Unit, meta: dict, p: dict, get_q, get_f):
         to_nhwc, from_nhwc = meta["perms"]
         if to_nhwc != tuple(range(len(to_nhwc))):
             q = QTensor(jnp.transpose(q.int_data, to_nhwc), q.scale, q.zero_point, q.dtype)
+        # the unit's clamp (codes inside the dtype's range) runs in the conv: the native backend
+        # clips inside its call instead of in a separate XLA kernel; the codes are the same
+        clamp = jnp.stack([jnp.asarray(c, jnp.int32) for c in p["clamp"]]) if "clamp" in p else None
         y = K.run_conv(q, p["packed"], p["out_scale"], p["out_zp"], out_dtype=meta["out_dtype"],
-                       relu=meta["relu"]).int_data
-        y = _int_clamp(y, p)
+                       relu=meta["relu"], clamp=clamp).int_data
         if from_nhwc != tuple(range(len(from_nhwc))):
             y = jnp.transpose(y, from_nhwc)
         return QTensor(y, p["out_scale"], p["out_zp"], meta["out_dtype"])

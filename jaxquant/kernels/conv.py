@@ -37,7 +37,7 @@ from jaxquant.native import ops as native_ops
 from jaxquant.qtensor import QTensor
 
 __all__ = ["PackedConv", "pack_conv", "quantized_conv", "pack_conv_transpose", "quantized_conv_transpose",
-           "IM2COL_TILE_BYTES"]
+           "IM2COL_TILE_BYTES", "clamp_codes"]
 
 Padding = Union[str, Sequence[tuple[int, int]]]
 
@@ -275,8 +275,38 @@ def _batch_tile(n: int, bytes_per_image: int) -> int:
     return best
 
 
+def clamp_codes(lo: float, hi: float, scale: jax.Array, zero_point: jax.Array) -> jax.Array:
+    """int32 ``(2,)``: the output codes of the real bounds ``[lo, hi]`` under ``(scale, zero_point)``,
+    each ``round(b / scale) + zero_point`` as the quantized ReLU6 module computes its upper code
+    (``lo = 0`` gives the zero point); an infinite bound gives the int32 limit.
+
+    Args:
+      lo, hi: Python floats, ``lo <= hi`` (``-inf`` / ``inf`` for no bound).
+      scale: float32 ``()``, > 0; zero_point: int ``()``.
+    """
+    if not lo <= hi:
+        raise ValueError(f"clamp_codes: the clamp's lower bound {lo} is above its upper bound {hi}")
+    zp = jnp.asarray(zero_point).astype(jnp.int32).reshape(())
+    scale = jnp.asarray(scale, jnp.float32).reshape(())
+    info = np.iinfo(np.int32)
+
+    def code(b: float) -> jax.Array:
+        if np.isinf(b):
+            return jnp.int32(info.max if b > 0 else info.min)
+        return jnp.round(jnp.float32(b) / scale).astype(jnp.int32) + zp
+    return jnp.stack([code(lo), code(hi)])
+
+
+def _clamp(y: jax.Array, clamp: jax.Array) -> jax.Array:
+    """The saturated output codes ``y`` clipped to ``clamp`` int32 ``(2,)``: in int32, then back into
+    ``y``'s dtype (as the quantized ReLU6 module clips, so the two give the same codes)."""
+    info = jnp.iinfo(y.dtype)
+    q = jnp.clip(y.astype(jnp.int32), clamp[0], clamp[1])
+    return jnp.clip(q, int(info.min), int(info.max)).astype(y.dtype)
+
+
 def quantized_conv(x: QTensor, packed: PackedConv, out_scale: jax.Array, out_zero_point: jax.Array, *,
-                   out_dtype: QDType, relu: bool = False) -> QTensor:
+                   out_dtype: QDType, relu: bool = False, clamp: Optional[jax.Array] = None) -> QTensor:
     """Static int8 convolution (or transposed convolution, see :func:`pack_conv_transpose`), channels
     last, PyTorch's x86 ``quantized::conv{1,2,3}d`` (fbgemm's output pipeline).
 
@@ -288,6 +318,10 @@ def quantized_conv(x: QTensor, packed: PackedConv, out_scale: jax.Array, out_zer
       packed: from :func:`pack_conv` or :func:`pack_conv_transpose`.
       out_scale, out_zero_point: float32 ``()`` / int32 ``()`` output qparams.
       out_dtype: ``quint8`` or ``qint8``; relu: fused ReLU.
+      clamp: None, or int32 ``(2,)`` output codes (see :func:`clamp_codes`): "this conv is followed by
+        a clip", e.g. a ReLU6 with the conv's output qparams. The saturated codes are clipped to
+        ``[clamp[0], clamp[1]]``, the same codes as a separate quantized ReLU6 module gives; the
+        native backend does it inside its conv call, the XLA kernels in the conv's epilogue.
 
     Returns:
       QTensor ``(N, *out_spatial, cout)`` of ``out_dtype``.
@@ -327,7 +361,7 @@ def quantized_conv(x: QTensor, packed: PackedConv, out_scale: jax.Array, out_zer
                                   p.out_channels, relu, bias_over_scale is not None, out_dtype.storage)
         if cfg is not None:
             y = native_ops.native_conv(x_u8, p.native_weight, p.colsum, bias_over_scale, multiplier, zx,
-                                       out_zero_point, cfg, out_dtype.storage)
+                                       out_zero_point, cfg, out_dtype.storage, clamp=clamp)
             return QTensor(y, out_scale, out_zero_point, out_dtype)
 
     def body(xt):
@@ -337,8 +371,9 @@ def quantized_conv(x: QTensor, packed: PackedConv, out_scale: jax.Array, out_zer
             xt = lax.pad(xt, zx.astype(jnp.uint8), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads]
                          + [(0, 0, 0)])
         acc = _conv_acc(xt, zx, offset, p, out_sp)
-        return requantize(acc, multiplier, out_zero_point, bias_over_scale=bias_over_scale, relu=relu,
-                          out_dtype=out_dtype.storage)
+        yt = requantize(acc, multiplier, out_zero_point, bias_over_scale=bias_over_scale, relu=relu,
+                        out_dtype=out_dtype.storage)
+        return yt if clamp is None else _clamp(yt, clamp)
 
     y = None
     if p.kind in ("dot", "im2col", "grouped"):

@@ -41,6 +41,7 @@ from flax import nnx
 from jaxquant import nn as qnn
 
 __all__ = [
+    "activation_patterns",
     "BlockConfig",
     "LITE0_BLOCKS",
     "ConvBN",
@@ -220,6 +221,13 @@ def fusion_patterns(model: EfficientNetLite) -> list[list[str]]:
     ['blocks.0.depthwise.conv', 'blocks.0.depthwise.bn'], ...], in forward order, for
     ``jaxquant.fuse_modules``. ReLU6 is left out on purpose (no Conv+BN+ReLU6 fusion in PyTorch)."""
     return [[f"{path}.conv", f"{path}.bn"] for path, _ in conv_bn_units(model)]
+
+
+def activation_patterns(model: EfficientNetLite) -> list[list[str]]:
+    """Module paths of every conv and the ReLU6 that follows it, e.g. [['stem.conv', 'stem.act'], ...],
+    for ``jaxquant.fuse_quantized_activations`` on the *converted* model (the ReLU6 clip then runs in
+    the conv's epilogue, or inside the native conv call; the codes are the same)."""
+    return [[f"{path}.conv", f"{path}.act"] for path, unit in conv_bn_units(model) if isinstance(unit, ConvBNAct)]
 
 
 # ---------------------------------------------------------------------------------------------

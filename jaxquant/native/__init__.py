@@ -82,6 +82,7 @@ def _registered() -> tuple[bool, str]:
         if lib is not None:
             try:
                 for name, symbol in (("jaxquant_conv_u8s8", lib.JqConvU8S8),
+                                     ("jaxquant_conv_u8s8_clamp", lib.JqConvU8S8Clamp),
                                      ("jaxquant_gemv_u8s8", lib.JqGemvU8S8),
                                      ("jaxquant_gemv_dyn_f32", lib.JqGemvDynF32)):
                     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")

@@ -94,7 +94,7 @@ def conv_supported(x_shape: Sequence, packed: Optional[jax.Array], has_w_zero_po
 
 def native_conv(x_u8: jax.Array, packed: jax.Array, colsum: jax.Array, bias_over_scale: Optional[jax.Array],
                 multiplier: jax.Array, x_zero_point: jax.Array, out_zero_point: jax.Array,
-                cfg: np.ndarray, out_dtype: str) -> jax.Array:
+                cfg: np.ndarray, out_dtype: str, clamp: Optional[jax.Array] = None) -> jax.Array:
     """oneDNN int8 conv with jaxquant's (fbgemm's) requantization fused.
 
     The three per-channel vectors (``-zx * colsum``, ``bias_over_scale``, ``multiplier``) are stacked
@@ -108,6 +108,9 @@ def native_conv(x_u8: jax.Array, packed: jax.Array, colsum: jax.Array, bias_over
       bias_over_scale: float32 ``(cout,)`` or None; multiplier float32 ``(cout,)``.
       x_zero_point, out_zero_point: int32 ``()``.
       cfg: from :func:`conv_cfg`; out_dtype: ``"uint8"`` or ``"int8"``.
+      clamp: None, or int32 ``(2,)``: the lowest and highest output code. The saturated output is
+        clipped to them (a following quantized ReLU6) inside the call, as an oneDNN ``eltwise_clip``
+        post-op on the rounded value before the zero point is added, which gives the same codes.
 
     Returns:
       ``(N, OH, OW, cout)`` (``(N, OW, cout)`` for 1-D) of ``out_dtype``, equal to
@@ -127,10 +130,13 @@ def native_conv(x_u8: jax.Array, packed: jax.Array, colsum: jax.Array, bias_over
     comp = (-zx * colsum).astype(jnp.float32)  # exact: |zx * colsum| < 255 * 128 * K < 2**24 for K < 514
     bias = comp if bias_over_scale is None else jnp.broadcast_to(jnp.asarray(bias_over_scale, jnp.float32), (cout,))
     multiplier = jnp.broadcast_to(jnp.asarray(multiplier, jnp.float32), (cout,))
-    y = jax.ffi.ffi_call("jaxquant_conv_u8s8", jax.ShapeDtypeStruct((n, oh, ow, cout), np.dtype(out_dtype)),
-                         vmap_method="sequential")(
-        x4, packed, jnp.stack([comp, bias, multiplier]), zx, jnp.asarray(out_zero_point, jnp.int32).reshape(()),
-        cfg=np.asarray(cfg, np.int64), packed=np.int64(1))
+    args = [x4, packed, jnp.stack([comp, bias, multiplier]), zx,
+            jnp.asarray(out_zero_point, jnp.int32).reshape(())]
+    if clamp is not None:
+        args.append(jnp.asarray(clamp, jnp.int32).reshape(2))
+    y = jax.ffi.ffi_call("jaxquant_conv_u8s8" if clamp is None else "jaxquant_conv_u8s8_clamp",
+                         jax.ShapeDtypeStruct((n, oh, ow, cout), np.dtype(out_dtype)),
+                         vmap_method="sequential")(*args, cfg=np.asarray(cfg, np.int64), packed=np.int64(1))
     return y[:, 0] if one_d else y
 
 

@@ -68,6 +68,9 @@ struct ConvShape {
   int64_t cfg[CFG_LEN];
   int64_t n, h, w;
   int64_t zo = 0;  // output zero point, baked into the last post-op
+  // Output-code clamp [clo, chi] (a following ReLU6 / Hardtanh), already intersected with the
+  // output dtype's range and with clo <= chi; baked into an eltwise_clip post-op.
+  int64_t clamp = 0, clo = 0, chi = 0;
   int64_t oh() const { return (h + cfg[PT] + cfg[PB] - ((cfg[KH] - 1) * cfg[DH] + 1)) / cfg[SH] + 1; }
   int64_t ow() const { return (w + cfg[PL] + cfg[PR] - ((cfg[KW] - 1) * cfg[DW] + 1)) / cfg[SW] + 1; }
   // Multiply-accumulates of the whole conv.
@@ -76,7 +79,7 @@ struct ConvShape {
   }
   std::string key() const {
     std::string k(reinterpret_cast<const char*>(cfg), sizeof(cfg));
-    int64_t nhw[4] = {n, h, w, zo};
+    int64_t nhw[7] = {n, h, w, zo, clamp, clo, chi};
     k.append(reinterpret_cast<const char*>(nhw), sizeof(nhw));
     return k;
   }
@@ -117,6 +120,12 @@ dnnl::convolution_forward::primitive_desc make_conv_pd(const ConvShape& s) {
   // the linear post-op is exact.
   po.append_eltwise(dnnl::algorithm::eltwise_round, 0.f, 0.f);
   if (c[RELU]) po.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+  // A clamp of the output codes to [clo, chi] (inside the dtype's range), applied to the rounded
+  // value before zo is added: clip(r, clo - zo, chi - zo) + zo equals clip(saturate(r + zo), clo,
+  // chi) exactly (integers in f32, and [clo, chi] lies inside the saturation range).
+  if (s.clamp)
+    po.append_eltwise(dnnl::algorithm::eltwise_clip, static_cast<float>(s.clo - s.zo),
+                      static_cast<float>(s.chi - s.zo));
   if (s.zo != 0) po.append_eltwise(dnnl::algorithm::eltwise_linear, 1.f, static_cast<float>(s.zo));
   attr.set_post_ops(po);
   memory::dims strides{c[SH], c[SW]}, dil{c[DH] - 1, c[DW] - 1}, pl{c[PT], c[PL]}, pr{c[PB], c[PR]};
@@ -234,13 +243,62 @@ std::shared_ptr<ConvEntry> get_conv(const ConvShape& s) {
   return inserted.first->second;
 }
 
+// What one thread needs to run one cached primitive: the oneDNN memory objects and the argument
+// map, built on the first call and re-pointed at each call's buffers (set_data_handle) instead of
+// created again. Per thread because memory objects are not thread-safe; the map is keyed like the
+// primitive cache, so the lookup takes no lock.
+struct ConvCall {
+  std::shared_ptr<ConvEntry> e;
+  memory m_src, m_wei, m_dst, m_scr, m_bias, m_po_bias, m_po_mult, m_zx;
+  int32_t zx = 0;  // m_zx reads it
+  std::unordered_map<int, memory> args;
+};
+
+ConvCall& get_call(const ConvShape& s) {
+  thread_local std::unordered_map<std::string, std::unique_ptr<ConvCall>> calls;
+  const std::string key = s.key();
+  auto it = calls.find(key);
+  if (it != calls.end()) return *it->second;
+  auto call = std::make_unique<ConvCall>();
+  ConvCall& c = *call;
+  c.e = get_conv(s);
+  auto& eng = cpu_engine();
+  const auto& pd = c.e->pd;
+  c.m_src = memory(pd.src_desc(), eng, nullptr);
+  c.m_wei = memory(pd.weights_desc(), eng, nullptr);
+  c.m_dst = memory(pd.dst_desc(), eng, nullptr);
+  c.m_scr = memory(pd.scratchpad_desc(), eng, nullptr);
+  c.args = {{DNNL_ARG_SRC, c.m_src}, {DNNL_ARG_WEIGHTS, c.m_wei}, {DNNL_ARG_DST, c.m_dst},
+            {DNNL_ARG_SCRATCHPAD, c.m_scr}};
+  memory::desc per_oc({1, s.cfg[COUT], 1, 1}, dt::f32, tag::abcd);
+  if (s.cfg[SRC_ZP]) {
+    c.m_zx = memory(memory::desc({1}, dt::s32, tag::a), eng, &c.zx);
+    c.args.emplace(DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_SRC, c.m_zx);
+  }
+  if (!s.cfg[SRC_ZP] || s.cfg[HAS_BIAS]) {
+    c.m_bias = memory(pd.bias_desc(), eng, nullptr);
+    c.args.emplace(DNNL_ARG_BIAS, c.m_bias);
+  }
+  int post_op = 0;
+  if (s.cfg[HAS_BIAS] && !s.cfg[SRC_ZP]) {
+    c.m_po_bias = memory(per_oc, eng, nullptr);
+    c.args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(post_op++) | DNNL_ARG_SRC_1, c.m_po_bias);
+  }
+  c.m_po_mult = memory(per_oc, eng, nullptr);
+  c.args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(post_op) | DNNL_ARG_SRC_1, c.m_po_mult);
+  return *calls.emplace(key, std::move(call)).first->second;
+}
+
 // vecs is float32 (3, cout): the compensation f32(-zx * colsum), bias / (x_scale * w_scale) and the
 // multiplier x_scale * w_scale / out_scale, computed by XLA in one small kernel (XLA's own float
 // rounding: it turns a division by a constant scale into a multiplication by its reciprocal, which
 // the call must follow to stay equal to the pure-XLA kernel). Regular convs pad the input with zx
-// here, instead of in an XLA pad kernel that writes a padded copy.
-ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer vecs, ffi::AnyBuffer zx,
-                    ffi::AnyBuffer zo, ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> cfg, int64_t packed) {
+// here, instead of in an XLA pad kernel that writes a padded copy. clamp, when given, is int32 (2,):
+// the output codes are clipped to [clamp[0], clamp[1]] after the saturation (what a following
+// quantized ReLU6 does with these output qparams).
+ffi::Error ConvCore(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer vecs, ffi::AnyBuffer zx,
+                    ffi::AnyBuffer zo, const ffi::AnyBuffer* clamp, ffi::Result<ffi::AnyBuffer> y,
+                    ffi::Span<const int64_t> cfg, int64_t packed) {
   if (cfg.size() != CFG_LEN) return ffi::Error::InvalidArgument("JqConvU8S8: cfg has the wrong length");
   auto xd = x.dimensions();
   if (xd.size() != 4 || x.element_type() != ffi::DataType::U8)
@@ -273,6 +331,18 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer vecs
   const int32_t zx_v = *static_cast<const int32_t*>(zx.untyped_data());
   if (zx_v < 0 || zx_v > 255)
     return ffi::Error::InvalidArgument("JqConvU8S8: the input zero point is out of the uint8 range");
+  if (clamp != nullptr) {
+    if (clamp->element_type() != ffi::DataType::S32 || clamp->element_count() != 2)
+      return ffi::Error::InvalidArgument("JqConvU8S8Clamp: the clamp must be int32 (2,): lowest and highest code");
+    const int32_t* b = static_cast<const int32_t*>(clamp->untyped_data());
+    // clip(saturate(v), lo, hi) then saturate == clip(v, L, H) with L, H the bounds intersected
+    // with the dtype's range and L <= H (lo > hi gives hi, as jnp.clip does). This also bounds
+    // the number of cached primitives.
+    const int64_t qmin = s.cfg[DST_S8] ? -128 : 0, qmax = s.cfg[DST_S8] ? 127 : 255;
+    s.chi = std::min<int64_t>(std::max<int64_t>(b[1], qmin), qmax);
+    s.clo = std::min<int64_t>(std::min<int64_t>(std::max<int64_t>(b[0], qmin), qmax), s.chi);
+    s.clamp = 1;
+  }
   // Regular convs: the input is padded here with zx and oneDNN runs unpadded (see the top comment).
   const bool pad_here = !s.cfg[SRC_ZP] && (s.cfg[PT] || s.cfg[PB] || s.cfg[PL] || s.cfg[PR]);
   const int64_t pt = s.cfg[PT], pl = s.cfg[PL], h0 = s.h, w0 = s.w, c = s.cfg[CIN];
@@ -286,22 +356,23 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer vecs
   float* mult_v = comp_v + 2 * cout;
   try {
     OmpThreads threads(s.macs() < kSingleThreadMacs);
-    auto e = get_conv(s);
+    ConvCall& call = get_call(s);
+    ConvEntry& e = *call.e;
     auto& eng = cpu_engine();
-    const size_t want_w = packed ? e->packed_size : plain_weight_desc(s).get_size();
+    const size_t want_w = packed ? e.packed_size : plain_weight_desc(s).get_size();
     if (weight.size_bytes() != want_w)
       return ffi::Error::InvalidArgument("JqConvU8S8: the weight blob has the wrong size for this conv");
     thread_local dnnl::stream stream(cpu_engine());
     thread_local std::vector<uint8_t> scratch, wbuf, xbuf;
-    const memory::desc& wmd = e->pd.weights_desc();
+    const memory::desc& wmd = e.pd.weights_desc();
     void* wptr = weight.untyped_data();
-    if (packed && e->packed_offset >= 0) {
-      wptr = static_cast<uint8_t*>(wptr) + e->packed_offset;
+    if (packed && e.packed_offset >= 0) {
+      wptr = static_cast<uint8_t*>(wptr) + e.packed_offset;
     } else {
       wbuf.resize(wmd.get_size());
-      memory src_w(packed ? e->packed_mds[0] : plain_weight_desc(s), eng, wptr);
+      memory src_w(packed ? e.packed_mds[0] : plain_weight_desc(s), eng, wptr);
       memory dst_w(wmd, eng, wbuf.data());
-      (packed ? e->from_packed : e->from_plain).execute(stream, src_w, dst_w);
+      (packed ? e.from_packed : e.from_plain).execute(stream, src_w, dst_w);
       wptr = wbuf.data();
     }
     void* xptr = x.untyped_data();
@@ -314,7 +385,7 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer vecs
       const uint8_t fill = static_cast<uint8_t>(zx_v);
       const int64_t rows = s.n * s.h, row_bytes = s.w * c, pr = s.w - pl - w0;
       const int pad_threads = rows * row_bytes >= (int64_t{1} << 21) ? omp_get_max_threads() : 1;
-#pragma omp parallel for num_threads(pad_threads) schedule(static)
+#pragma omp parallel for num_threads(pad_threads) schedule(static) if (pad_threads > 1)
       for (int64_t row = 0; row < rows; ++row) {
         uint8_t* d = xdst + row * row_bytes;
         const int64_t b = row / s.h, r = row % s.h - pt;
@@ -328,31 +399,36 @@ ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer vecs
       }
       xptr = xbuf.data();
     }
-    scratch.resize(std::max<size_t>(e->pd.scratchpad_desc().get_size(), 1));
-    memory m_src(e->pd.src_desc(), eng, xptr);
-    memory m_wei(wmd, eng, wptr);
-    memory m_dst(e->pd.dst_desc(), eng, y->untyped_data());
-    memory m_scr(e->pd.scratchpad_desc(), eng, scratch.data());
-    memory::desc per_oc({1, s.cfg[COUT], 1, 1}, dt::f32, tag::abcd);
-    std::unordered_map<int, memory> args{
-        {DNNL_ARG_SRC, m_src}, {DNNL_ARG_WEIGHTS, m_wei}, {DNNL_ARG_DST, m_dst}, {DNNL_ARG_SCRATCHPAD, m_scr}};
+    scratch.resize(std::max<size_t>(e.pd.scratchpad_desc().get_size(), 1));
+    call.m_src.set_data_handle(xptr);
+    call.m_wei.set_data_handle(wptr);
+    call.m_dst.set_data_handle(y->untyped_data());
+    call.m_scr.set_data_handle(scratch.data());
     if (s.cfg[SRC_ZP]) {
-      args.emplace(DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_SRC,
-                   memory(memory::desc({1}, dt::s32, tag::a), eng, const_cast<int32_t*>(&zx_v)));
-      if (s.cfg[HAS_BIAS]) args.emplace(DNNL_ARG_BIAS, memory(e->pd.bias_desc(), eng, bos_v));
+      call.zx = zx_v;
+      if (s.cfg[HAS_BIAS]) call.m_bias.set_data_handle(bos_v);
     } else {
-      args.emplace(DNNL_ARG_BIAS, memory(e->pd.bias_desc(), eng, comp_v));
+      call.m_bias.set_data_handle(comp_v);
     }
-    int post_op = 0;
-    if (s.cfg[HAS_BIAS] && !s.cfg[SRC_ZP])
-      args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(post_op++) | DNNL_ARG_SRC_1, memory(per_oc, eng, bos_v));
-    args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(post_op) | DNNL_ARG_SRC_1, memory(per_oc, eng, mult_v));
-    e->prim.execute(stream, args);
+    if (s.cfg[HAS_BIAS] && !s.cfg[SRC_ZP]) call.m_po_bias.set_data_handle(bos_v);
+    call.m_po_mult.set_data_handle(mult_v);
+    e.prim.execute(stream, call.args);
     stream.wait();
   } catch (const dnnl::error& err) {
     return ffi::Error::Internal(std::string("oneDNN convolution failed: ") + err.what());
   }
   return ffi::Error::Success();
+}
+
+ffi::Error ConvImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer vecs, ffi::AnyBuffer zx,
+                    ffi::AnyBuffer zo, ffi::Result<ffi::AnyBuffer> y, ffi::Span<const int64_t> cfg, int64_t packed) {
+  return ConvCore(x, weight, vecs, zx, zo, nullptr, y, cfg, packed);
+}
+
+ffi::Error ConvClampImpl(ffi::AnyBuffer x, ffi::AnyBuffer weight, ffi::AnyBuffer vecs, ffi::AnyBuffer zx,
+                         ffi::AnyBuffer zo, ffi::AnyBuffer clamp, ffi::Result<ffi::AnyBuffer> y,
+                         ffi::Span<const int64_t> cfg, int64_t packed) {
+  return ConvCore(x, weight, vecs, zx, zo, &clamp, y, cfg, packed);
 }
 
 // ------------------------------------------------------------------------------------ GEMV
@@ -622,6 +698,18 @@ ffi::Error GemvDynImpl(ffi::AnyBuffer x, ffi::AnyBuffer wp, ffi::AnyBuffer colsu
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqConvU8S8, ConvImpl,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<ffi::Span<const int64_t>>("cfg")
+                                  .Attr<int64_t>("packed"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JqConvU8S8Clamp, ConvClampImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jaxquant.core.conv import conv_padding, spatial_tuple as _spatial_tuple
 from jaxquant.dtypes import QDType
-from jaxquant.kernels.conv import pack_conv, quantized_conv
+from jaxquant.kernels.conv import clamp_codes, pack_conv, quantized_conv
 from jaxquant.nn.intrinsic import ConvReLU
 from jaxquant.nn.quantized.common import Int8WeightLayer, require_qtensor, weight_layer_source
 from jaxquant.nn.variables import QuantCache, refresh_cache, seal_cache
@@ -26,7 +26,7 @@ class Conv(Int8WeightLayer):
 
     def __init__(self, weight: QTensor, bias: Optional[jax.Array], out_scale: jax.Array,
                  out_zero_point: jax.Array, out_dtype: QDType, *, strides, padding, dilation,
-                 groups: int, relu: bool = False, name: str = ""):
+                 groups: int, relu: bool = False, name: str = "", clamp: Optional[tuple[float, float]] = None):
         nd = weight.ndim - 2
         out_channels = weight.shape[-1]
         w_scale, w_zero_point = weight.channel_qparams()
@@ -35,6 +35,9 @@ class Conv(Int8WeightLayer):
             strides=_spatial_tuple(strides, nd), padding=padding, dilation=_spatial_tuple(dilation, nd),
             groups=groups))
         self._set_weight_and_output(weight, bias, out_scale, out_zero_point, out_dtype, relu, name)
+        # Real bounds of a clip that follows this conv (a ReLU6 folded in by
+        # jq.fuse_quantized_activations), applied to the output codes; None: no clip.
+        self.clamp = None if clamp is None else (float(clamp[0]), float(clamp[1]))
         seal_cache(self)
 
     @classmethod
@@ -56,10 +59,14 @@ class Conv(Int8WeightLayer):
         p = self.params.get_value()
         return Conv(self.weight(), self.bias.get_value(), self.out_scale.get_value(),
                     self.out_zero_point.get_value(), self.out_dtype, strides=p.strides, padding=p.padding,
-                    dilation=p.dilation, groups=p.groups, relu=self.relu, name=self.name)
+                    dilation=p.dilation, groups=p.groups, relu=self.relu, name=self.name,
+                    clamp=getattr(self, "clamp", None))
 
     def __call__(self, x) -> QTensor:
         x = require_qtensor(x, self.name, "quantized Conv")
         refresh_cache(self, self.name)  # loaded QuantParams (nnx.update): repack, or say why not
-        return quantized_conv(x, self.params.get_value(), self.out_scale.get_value(),
-                              self.out_zero_point.get_value(), out_dtype=self.out_dtype, relu=self.relu)
+        out_scale, out_zero_point = self.out_scale.get_value(), self.out_zero_point.get_value()
+        bounds = getattr(self, "clamp", None)
+        clamp = None if bounds is None else clamp_codes(*bounds, out_scale, out_zero_point)
+        return quantized_conv(x, self.params.get_value(), out_scale, out_zero_point, out_dtype=self.out_dtype,
+                              relu=self.relu, clamp=clamp)
