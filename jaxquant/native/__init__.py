@@ -1,5 +1,6 @@
-"""Native int8 backend: oneDNN convolutions and an AVX512-VNNI decode GEMV (static, and dynamic with the
-activation's quantization fused) as XLA FFI custom calls.
+"""Native int8 backend: oneDNN convolutions, an AVX512-VNNI decode GEMV (static, and dynamic with the
+activation's quantization fused), oneDNN's int8 matmul for batched dense layers and an 8-bit max pool,
+as XLA FFI custom calls.
 
 The pure-XLA kernels in :mod:`jaxquant.kernels` stay the reference and the portable path; the kernel
 ops switch to the native ones (a few lines in ``kernels/conv.py`` and ``kernels/linear.py``) when:
@@ -12,8 +13,10 @@ ops switch to the native ones (a few lines in ``kernels/conv.py`` and ``kernels/
   StableHLO;
 * the program is not sharded (one local device), every shape is concrete (no ``jax.export``
   symbolic batch) and the op is one the native kernels do faster: 1-D/2-D convolutions with a
-  symmetric weight packed at convert time, and dense layers with at most
-  :data:`GEMV_MAX_M` rows on a CPU with AVX512-VNNI.
+  symmetric weight packed at convert time, dense layers with at most
+  :data:`GEMV_MAX_M` rows on a CPU with AVX512-VNNI (the GEMV) or more rows and a weight of at most
+  :data:`MATMUL_MAX_WEIGHT` elements (oneDNN's matmul, on the same packed weight), and 2-D max
+  pooling of uint8/int8 data.
 
 Results are identical to the pure-XLA kernels (tests/native compares every op both ways; the dynamic
 Linear against XLA at its default optimization level, and it chooses the activation's qparams in float64
