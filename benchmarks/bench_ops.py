@@ -6,7 +6,9 @@ Every row times its candidates interleaved in this one process (medians over rou
 reports paired ratios (see benchmarks/timing.py). Columns are milliseconds per call. ``jq_*`` columns
 are jaxquant's default path (the native backend where it is available and takes the op: oneDNN convs,
 the VNNI GEMV up to ``GEMV_MAX_M`` rows, for dynamic Linear with the activation's quantization in the
-same call); ``jq_*_xla`` force the pure-XLA kernels (``jq.use_native(False)``).
+same call, oneDNN's int8 matmul above it for weights up to ``MATMUL_MAX_WEIGHT`` elements, the AVX-512
+max pool); ``jq_*_xla`` force the pure-XLA kernels (``jq.use_native(False)``). ``3136x128`` is the
+Fashion CNN's fc1; the MaxPool table times its pools at batch 64.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import jaxquant as jq  # noqa: E402
 from jaxquant.dtypes import quint8  # noqa: E402
 from jaxquant.kernels.conv import pack_conv, quantized_conv  # noqa: E402
 from jaxquant.kernels.linear import pack_linear, quantized_linear, quantized_linear_dynamic  # noqa: E402
+from jaxquant.kernels.pooling import quantized_max_pool2d  # noqa: E402
 from jaxquant.qtensor import QTensor  # noqa: E402
 from timing import (import_torch, markdown_table, median_ms, paired_ratio, time_interleaved,  # noqa: E402
                     write_json)
@@ -200,29 +203,70 @@ def bench_conv(convs, batches, repeats):
     return rows
 
 
+POOLS = [  # name, (N, H, W, C), kernel, stride, padding
+    ("2x2 s2 @28 c32 b64", (64, 28, 28, 32), 2, 2, 0),
+    ("2x2 s2 @14 c64 b64", (64, 14, 14, 64), 2, 2, 0),
+    ("3x3 s2 p1 @56 c64 b1", (1, 56, 56, 64), 3, 2, 1),
+]
+
+
+def bench_pool(pools, repeats):
+    """uint8 NHWC max pooling: jaxquant (native / pure XLA), JAX f32 reduce_window, PyTorch quint8 and f32."""
+    rows = []
+    rng = np.random.default_rng(0)
+    for name, shape, k, st, pad in pools:
+        q = jax.jit(lambda x, k=k, st=st, pad=pad: quantized_max_pool2d(x, (k, k), (st, st), (pad, pad)))
+        f32 = jax.jit(lambda x, k=k, st=st, pad=pad: lax.reduce_window(
+            x, -jnp.inf, lax.max, (1, k, k, 1), (1, st, st, 1), ((0, 0), (pad, pad), (pad, pad), (0, 0))))
+        xq = rng.integers(0, 256, shape).astype(np.uint8)
+        xq_j, xf_j = jnp.asarray(xq), jnp.asarray(xq.astype(np.float32))
+        fns = {"jax_f32": lambda: f32(xf_j), "jq_int8": lambda: q(xq_j)}
+        if NATIVE:
+            fns["jq_int8_xla"] = lambda: pure_xla(q)(xq_j)
+        if torch is not None:
+            # channels-last NCHW views: the layout PyTorch's quantized CNNs run in
+            xt = torch.tensor(xq.astype(np.float32)).permute(0, 3, 1, 2)
+            xqt = torch._make_per_tensor_quantized_tensor(torch.tensor(xq), 0.05, 3).permute(0, 3, 1, 2)
+            fns["torch_f32"] = lambda: torch.nn.functional.max_pool2d(xt, k, st, pad)
+            fns["torch_int8"] = lambda: torch.nn.functional.max_pool2d(xqt, k, st, pad)
+        t = time_interleaved(fns, repeats=repeats)
+        row = {"pool": name, **{n: median_ms(v) for n, v in t.items()},
+               "f32/int8": paired_ratio(t, "jax_f32", "jq_int8")}
+        if NATIVE:
+            row["xla/native"] = paired_ratio(t, "jq_int8_xla", "jq_int8")
+        if torch is not None:
+            row["int8/torch_int8"] = paired_ratio(t, "jq_int8", "torch_int8")
+        rows.append(row)
+        print(markdown_table([row]).splitlines()[-1], flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repeats (< 2 min)")
     ap.add_argument("--json", default=None,
                     help="results file (default benchmarks/results/ops.json, ops_quick.json with --quick)")
-    ap.add_argument("--only", choices=("dense", "conv"), default=None, help="run one of the two tables")
+    ap.add_argument("--only", choices=("dense", "conv", "pool"), default=None, help="run one of the tables")
     args = ap.parse_args()
     if args.quick:
-        shapes, ms, rep = [(768, 768), (4096, 4096)], [1, 512], 5
+        shapes, ms, rep = [(768, 768), (3136, 128), (4096, 4096)], [1, 64, 512], 5
         convs, batches, crep = [CONVS[0], CONVS[2], CONVS[4]], [1], 5
     else:
-        shapes, ms, rep = [(768, 768), (768, 3072), (3072, 768), (4096, 4096)], [1, 8, 128, 512], 11
+        shapes, ms, rep = [(768, 768), (768, 3072), (3072, 768), (3136, 128), (4096, 4096)], [1, 8, 64, 128, 512], 11
         convs, batches, crep = CONVS, [1, 32], 7
     print(f"native backend: {'on' if NATIVE else 'off (' + jq.native_backend_reason() + ')'}\n")
     print("## Dense (ms per call; ratios > 1 mean the first named is slower)\n")
-    dense = [] if args.only == "conv" else bench_dense(shapes, ms, rep)
+    dense = [] if args.only not in (None, "dense") else bench_dense(shapes, ms, rep)
     print("\n" + markdown_table(dense) + "\n")
     print("## Conv (NHWC, ms per call)\n")
-    conv = [] if args.only == "dense" else bench_conv(convs, batches, crep)
-    print("\n" + markdown_table(conv))
+    conv = [] if args.only not in (None, "conv") else bench_conv(convs, batches, crep)
+    print("\n" + markdown_table(conv) + "\n")
+    print("## MaxPool (uint8 NHWC, ms per call)\n")
+    pool = [] if args.only not in (None, "pool") else bench_pool(POOLS, 5 if args.quick else 11)
+    print("\n" + markdown_table(pool))
     default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                            "ops_quick.json" if args.quick else "ops.json")
-    write_json(args.json or default, {"dense": dense, "conv": conv}, quick=args.quick)
+    write_json(args.json or default, {"dense": dense, "conv": conv, "pool": pool}, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,11 @@ Einsum with an int8 kernel (:mod:`jaxquant.kernels.einsum`)::
     quantized_einsum(x: QTensor, packed: PackedEinsum, out_scale, out_zero_point, *, out_dtype,
                      relu=False) -> QTensor
 
+Max pooling of quantized data (:mod:`jaxquant.kernels.pooling`; the 2-D modules call it)::
+
+    quantized_max_pool2d(data u8/s8 (N, H, W, C), kernel (kh, kw), stride (sh, sw), padding (ph, pw))
+        -> (N, OH, OW, C)
+
 Building blocks: :func:`~jaxquant.kernels.mixed_dot.dot_general_u8s8` (the u8 x s8 -> s32 dot
 primitive, the only integer dot that reaches XLA:CPU's VNNI kernels),
 :func:`~jaxquant.kernels.linear.int8_matmul_acc` (zero-point-corrected int32 accumulator),

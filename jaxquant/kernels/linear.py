@@ -168,18 +168,22 @@ def int8_matmul_acc(x_u8: jax.Array, x_zero_point: jax.Array, pw: PackedWeight, 
       pw: packed weight.
       offset: optional int32 ``(N,)`` replacing ``-zx colsum + K zx zw`` when it was
         folded at prepack time (static activation qparams).
-      layout: force a layout (default: chosen from M; up to ``GEMV_MAX_M`` rows the native VNNI
-        GEMV runs instead where :mod:`jaxquant.native` is enabled).
+      layout: force a layout (default: chosen from M; where :mod:`jaxquant.native` is enabled, up to
+        ``GEMV_MAX_M`` rows the native VNNI GEMV runs instead, and above it oneDNN's int8 matmul for
+        weights of at most ``MATMUL_MAX_WEIGHT`` elements; both return the same exact int32 sums).
     """
     m, k = x_u8.shape
     native = layout is None and native_ops.gemv_supported(m, pw.w_native)
+    # More rows than the GEMV takes: oneDNN's matmul on the same packed weight, where it is faster.
+    native_mm = (layout is None and not native
+                 and native_ops.matmul_supported(m, k, pw.out_features, pw.w_native))
     layout = pw.choose_layout(m, layout)
     zx = jnp.asarray(x_zero_point, jnp.int32)
     if offset is None:
         offset = k * zx * pw.w_zero_point - zx * pw.colsum
     row_coeff = pw.w_zero_point if pw.has_w_zero_point else None
-    if native:
-        acc = native_ops.native_gemv(x_u8, pw.w_native, pw.out_features)
+    if native or native_mm:
+        acc = (native_ops.native_gemv if native else native_ops.native_matmul)(x_u8, pw.w_native, pw.out_features)
         rowsum = None if row_coeff is None else jnp.sum(x_u8.astype(jnp.int32), axis=1, keepdims=True)
     elif layout == "weight_lhs":
         xs = lax.bitcast_convert_type(x_u8 ^ jnp.uint8(128), jnp.int8)

@@ -58,4 +58,7 @@ def load() -> tuple[object, str]:
     lib.jq_conv_impl_name.restype = ctypes.c_int
     lib.jq_conv_impl_name.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                       ctypes.c_char_p, ctypes.c_int64]
+    lib.jq_matmul_impl_name.restype = ctypes.c_int
+    lib.jq_matmul_impl_name.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_char_p,
+                                        ctypes.c_int64]
     return lib, ""

@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxquant.native import GEMV_MAX_M, _lib, native_enabled
+from jaxquant.native import GEMV_MAX_M, MATMUL_MAX_WEIGHT, _lib, native_enabled
 
 __all__ = ["CONV_CFG_FIELDS", "conv_cfg", "pack_conv_weight", "native_conv", "conv_impl_name",
-           "pack_gemv_weight", "native_gemv", "native_gemv_dynamic", "gemv_supported", "conv_supported", "GEMV_COLS"]
+           "pack_gemv_weight", "native_gemv", "native_gemv_dynamic", "gemv_supported", "conv_supported", "GEMV_COLS",
+           "matmul_impl_name", "matmul_supported", "native_matmul", "pool_supported", "native_max_pool"]
 
 # Must match CfgIndex in csrc/jaxquant_native.cc.
 CONV_CFG_FIELDS = ("kh", "kw", "sh", "sw", "pt", "pb", "pl", "pr", "dh", "dw", "groups", "cin", "cout",
@@ -194,3 +195,56 @@ def _xla_contracts_fma() -> bool:
     stay equal at either level."""
     levels = re.findall(r"--xla_backend_optimization_level=(\d+)", os.environ.get("XLA_FLAGS", ""))
     return not levels or int(levels[-1]) > 0
+
+
+# ------------------------------------------------------------------ batched matmul and max-pool
+# (csrc/onednn_matmul_pool.cc)
+
+
+def matmul_impl_name(m: int, k: int, n: int) -> str:
+    """Name of oneDNN's implementation of the ``(m, k) x (k, n)`` u8 x s8 matmul on the GEMV-packed
+    weight (e.g. ``"brg:avx512_core_amx"``; diagnostics)."""
+    buf = ctypes.create_string_buffer(256)
+    if _lib().jq_matmul_impl_name(m, k, n, buf, 256) != 0:
+        raise RuntimeError(f"oneDNN has no int8 matmul for ({m}, {k}) x ({k}, {n}): {buf.value.decode()}")
+    return buf.value.decode()
+
+
+def matmul_supported(m, k: int, n: int, pw_native: Optional[jax.Array]) -> bool:
+    """Trace-time switch for a ``(m, k) x (k, n)`` dense call with more rows than the GEMV takes:
+    weights of at most :data:`~jaxquant.native.MATMUL_MAX_WEIGHT` elements (larger ones stay on XLA's
+    dot, measured faster or tied there)."""
+    return (pw_native is not None and _concrete(m) and m > GEMV_MAX_M and k * n <= MATMUL_MAX_WEIGHT
+            and m * k < (1 << 31) and native_enabled())
+
+
+def native_matmul(x_u8: jax.Array, w_packed: jax.Array, n: int) -> jax.Array:
+    """``x_u8 @ w`` as int32 ``(M, n)`` on oneDNN, for uint8 ``x_u8 (M, K)`` and the weight packed by
+    :func:`pack_gemv_weight` (its layout is oneDNN's ``BA16a64b4a``). Raw dot, as :func:`native_gemv`."""
+    m = x_u8.shape[0]
+    return jax.ffi.ffi_call("jaxquant_matmul_u8s8", jax.ShapeDtypeStruct((m, n), jnp.int32),
+                            vmap_method="sequential")(x_u8, w_packed)
+
+
+def pool_supported(x_shape: Sequence, dtype, kernel: Sequence[int], stride: Sequence[int],
+                   padding: Sequence[int]) -> bool:
+    """Trace-time switch for a 2-D max pool of 8-bit NHWC data: concrete shapes, padding smaller
+    than the window (PyTorch allows at most half of it), and the backend on."""
+    return (len(x_shape) == 4 and _concrete(*x_shape, *kernel, *stride, *padding)
+            and np.dtype(dtype) in (np.dtype(np.uint8), np.dtype(np.int8))
+            and all(k >= 1 for k in kernel) and all(s >= 1 for s in stride)
+            and all(0 <= p < k for p, k in zip(padding, kernel))
+            and all(x_shape[1 + i] + 2 * padding[i] >= kernel[i] for i in range(2))
+            and max(*x_shape, *kernel, *stride) <= _MAX_DIM and native_enabled())
+
+
+def native_max_pool(x: jax.Array, kernel: Sequence[int], stride: Sequence[int],
+                    padding: Sequence[int]) -> jax.Array:
+    """2-D max pool of uint8/int8 ``x (N, H, W, C)`` with symmetric ``padding`` (padded taps ignored),
+    on oneDNN; equal to ``lax.reduce_window(x, iinfo.min, max, ...)``. Returns ``(N, OH, OW, C)``."""
+    n, h, w, c = x.shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    cfg = np.asarray([kh, kw, sh, sw, ph, ph, pw, pw], np.int64)
+    return jax.ffi.ffi_call("jaxquant_maxpool_u8", jax.ShapeDtypeStruct((n, oh, ow, c), x.dtype),
+                            vmap_method="sequential")(x, cfg=cfg)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from jaxquant.kernels.pooling import quantized_max_pool2d
 from jaxquant.qtensor import QTensor
 
 IntOrPair = Union[int, Sequence[int]]
@@ -33,9 +34,7 @@ def max_pool2d(x, kernel_size: IntOrPair, stride: IntOrPair | None = None, paddi
     stride = _pair(stride if stride is not None else kernel_size)
     padding = _pair(padding)
     if isinstance(x, QTensor):
-        data = x.int_data
-        init = jnp.array(jnp.iinfo(data.dtype).min, data.dtype)
-        out = _window(data, init, lax.max, kernel, stride, padding)
+        out = quantized_max_pool2d(x.int_data, kernel, stride, padding)
         return QTensor(out, x.scale, x.zero_point, x.dtype, x.qscheme, None)
     # A Python-scalar identity lets JAX recognise the max monoid, whose reduce_window is differentiable.
     return _window(x, -jnp.inf, lax.max, kernel, stride, padding)

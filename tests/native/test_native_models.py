@@ -46,6 +46,8 @@ def test_fashion_cnn_native_equals_xla(fashion_int8, batch):
         xla = _run(int8, x)
     assert jaxpr.count("jaxquant_conv_u8s8") == 2
     assert ("jaxquant_gemv_u8s8" in jaxpr) == (batch <= GEMV_MAX_M)
+    assert ("jaxquant_matmul_u8s8" in jaxpr) == (batch > GEMV_MAX_M)
+    assert jaxpr.count("jaxquant_maxpool_u8") == 2
     np.testing.assert_array_equal(native, xla)
     assert np.std(native) > 0
 
