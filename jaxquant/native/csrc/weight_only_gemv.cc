@@ -46,10 +46,37 @@ struct Problem {
   int64_t m, k, kp, n, g, gs, rows, half;  // half: row offset of the high nibble (4 bits)
 };
 
+// One 16-input step of R stored rows x MC activation rows: acc[r][u][m] += codes * x. The codes are
+// converted as stored (unsigned): 8 bits by vpmovzxbd + vcvtdq2ps; 4 bits by one vpmovzxbd per 16
+// bytes, then a 16-entry float table lookup (vpermps, which reads only the low 4 index bits, so the
+// low nibble needs no mask and the high nibble one shift). The table holds 0.0f..15.0f, so the
+// values are exactly those vcvtdq2ps gives: same numerics, one port-0 op fewer per 16 codes.
+// MASKED: the ragged end of a group past K (masked-off lanes load code 0 and x 0: they add nothing).
+template <int BITS, int R, int MC, bool MASKED>
+JQ_AVX512 __attribute__((always_inline)) inline void step(const uint8_t* const* rowp, const float* const* xp,
+                                                           int64_t k, __mmask16 mask, __m512 table,
+                                                           __m512 (&acc)[R][BITS == 4 ? 2 : 1][MC]) {
+  __m512 xv[MC];
+  for (int m = 0; m < MC; ++m) xv[m] = MASKED ? _mm512_maskz_loadu_ps(mask, xp[m] + k) : _mm512_loadu_ps(xp[m] + k);
+  for (int r = 0; r < R; ++r) {
+    const __m512i v = _mm512_cvtepu8_epi32(MASKED ? _mm_maskz_loadu_epi8(mask, rowp[r] + k)
+                                                  : _mm_loadu_si128(reinterpret_cast<const __m128i*>(rowp[r] + k)));
+    if constexpr (BITS == 8) {
+      const __m512 w = _mm512_cvtepi32_ps(v);
+      for (int m = 0; m < MC; ++m) acc[r][0][m] = _mm512_fmadd_ps(w, xv[m], acc[r][0][m]);
+    } else {
+      const __m512 lo = _mm512_permutexvar_ps(v, table);
+      const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+      for (int m = 0; m < MC; ++m) acc[r][0][m] = _mm512_fmadd_ps(lo, xv[m], acc[r][0][m]);
+      for (int m = 0; m < MC; ++m) acc[r][1][m] = _mm512_fmadd_ps(hi, xv[m], acc[r][1][m]);
+    }
+  }
+}
+
 // R stored rows (8 bits: R outputs; 4 bits: 2R outputs) x MC activation rows, starting at stored
-// row r0 and activation row m0. The codes are converted as stored (unsigned) and the zero point
-// enters once per group as zero_point * sum_{k in g} x (p.xsum): one vector op fewer per 16 codes
-// than subtracting it from every code.
+// row r0 and activation row m0. The zero point enters once per group as zero_point * sum_{k in g} x
+// (p.xsum): one vector op fewer per 16 codes than subtracting it from every code. Each (row,
+// activation row) pair has one accumulator chain in k order, so the result does not depend on R.
 template <int BITS, int R, int MC>
 JQ_AVX512 void block_kernel(const Problem& p, int64_t r0, int64_t m0) {
   constexpr int U = BITS == 4 ? 2 : 1;
@@ -61,45 +88,45 @@ JQ_AVX512 void block_kernel(const Problem& p, int64_t r0, int64_t m0) {
   int64_t nrow[R][U];
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < U; ++u) nrow[r][u] = r0 + r + u * p.half;  // output row; >= n is padding
-  const __m512i low4 = _mm512_set1_epi32(15);
+  const uint8_t* rowp[R];
+  for (int r = 0; r < R; ++r) rowp[r] = p.data + (r0 + r) * p.kp;
+  const float* xp[MC];
+  for (int m = 0; m < MC; ++m) xp[m] = p.x + (m0 + m) * p.k;
+  const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // The same columns R rows further on (the next block of this work item): the rows of a block are
+  // R interleaved streams, more than the hardware prefetcher follows well on one core.
+  const int64_t ahead = R * p.kp;
+  const int64_t k_end = p.k, gs = p.gs, n_groups = p.g;
 
-  for (int64_t g = 0; g < p.g; ++g) {
-    const int64_t kb = g * p.gs, ke = std::min(kb + p.gs, p.k);
+  for (int64_t g = 0; g < n_groups; ++g) {
+    const int64_t kb = g * gs, ke = std::min(kb + gs, k_end);
     if (kb >= ke) break;
     __m512 acc[R][U][MC];
     for (int r = 0; r < R; ++r)
       for (int u = 0; u < U; ++u)
         for (int m = 0; m < MC; ++m) acc[r][u][m] = _mm512_setzero_ps();
-    for (int64_t k = kb; k < ke; k += 16) {
-      const int64_t len = std::min<int64_t>(16, ke - k);
-      const __mmask16 mask = len == 16 ? __mmask16(0xFFFF) : __mmask16((1u << len) - 1);
-      __m512 xv[MC];
-      for (int m = 0; m < MC; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, p.x + (m0 + m) * p.k + k);
-      for (int r = 0; r < R; ++r) {
-        // The same bytes of rows further on: single-threaded streams stall on DRAM latency without it.
-        _mm_prefetch(reinterpret_cast<const char*>(p.data + (r0 + r) * p.kp + k + 2 * R * p.kp), _MM_HINT_T0);
-        // Masked-off lanes load code 0 and x 0: they add nothing.
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mask, p.data + (r0 + r) * p.kp + k));
-        __m512 w[U];
-        if constexpr (BITS == 8) {
-          w[0] = _mm512_cvtepi32_ps(v);
-        } else {
-          w[0] = _mm512_cvtepi32_ps(_mm512_and_si512(v, low4));
-          w[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-        }
-        for (int u = 0; u < U; ++u)
-          for (int m = 0; m < MC; ++m) acc[r][u][m] = _mm512_fmadd_ps(w[u], xv[m], acc[r][u][m]);
-      }
+    int64_t k = kb;
+    for (; k + 64 <= ke; k += 64) {
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(rowp[r] + k + ahead), _MM_HINT_T0);
+      step<BITS, R, MC, false>(rowp, xp, k, 0xFFFF, table, acc);
+      step<BITS, R, MC, false>(rowp, xp, k + 16, 0xFFFF, table, acc);
+      step<BITS, R, MC, false>(rowp, xp, k + 32, 0xFFFF, table, acc);
+      step<BITS, R, MC, false>(rowp, xp, k + 48, 0xFFFF, table, acc);
     }
+    for (; k + 16 <= ke; k += 16) {
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(rowp[r] + k + ahead), _MM_HINT_T0);
+      step<BITS, R, MC, false>(rowp, xp, k, 0xFFFF, table, acc);
+    }
+    if (k < ke) step<BITS, R, MC, true>(rowp, xp, k, __mmask16((1u << (ke - k)) - 1), table, acc);
     for (int r = 0; r < R; ++r)
       for (int u = 0; u < U; ++u) {
         if (nrow[r][u] >= p.n) continue;
-        const float s = p.scale[nrow[r][u] * p.g + g];
-        const float sz = s * static_cast<float>(p.zp[nrow[r][u] * p.g + g]);
+        const float s = p.scale[nrow[r][u] * n_groups + g];
+        const float sz = s * static_cast<float>(p.zp[nrow[r][u] * n_groups + g]);
         const __m512 sv = _mm512_set1_ps(s);
         for (int m = 0; m < MC; ++m) {
           tot[r][u][m] = _mm512_fmadd_ps(acc[r][u][m], sv, tot[r][u][m]);
-          corr[r][u][m] += sz * p.xsum[(m0 + m) * p.g + g];
+          corr[r][u][m] += sz * p.xsum[(m0 + m) * n_groups + g];
         }
       }
   }
@@ -111,11 +138,12 @@ JQ_AVX512 void block_kernel(const Problem& p, int64_t r0, int64_t m0) {
     }
 }
 
-// Rows per kernel call: enough independent FMA chains, few enough accumulators for 32 zmm registers.
+// Rows per kernel call: R * U * MC = 8 accumulator chains (FMA latency 4, two FMA ports), and few
+// enough registers (acc + tot + x + temporaries) for the 32 zmm registers.
 template <int BITS, int MC>
 constexpr int rows_per_call() {
-  if constexpr (BITS == 8) return MC == 1 ? 4 : (MC == 2 ? 2 : 1);
-  return MC == 1 ? 2 : 1;
+  constexpr int outs = MC == 1 ? 8 : (MC == 2 ? 4 : 2);  // outputs per call
+  return BITS == 8 ? outs : outs / 2;
 }
 
 template <int BITS, int MC>

@@ -1,0 +1,158 @@
+"""The native weight-only GEMV alone (``jaxquant/native/csrc/weight_only_gemv.cc``) on SmolLM2-135M's
+projection shapes: float32 ``x (M, K)`` times int8 / int4 codes, M = 1..8.
+
+Per shape, format and M it reports the time of one GEMV, the GB/s of codes streamed and the GMAC/s,
+for two cache states:
+
+* ``hot``: the same weight every call (it stays in L1/L2, so this is the kernel's compute rate);
+* ``streamed``: a ring of distinct copies of the weight totalling ``--stream-mb`` MB (well past
+  L2, as in a decode step, where each of the 30 layers' weights is read once per token).
+
+One timed sample is one jitted call that runs ``--chain`` GEMVs back to back (so the per-call
+dispatch of JAX is paid once per chain, as inside a jitted decode step); the per-GEMV time is the
+sample over the chain length. ``read`` rows time a plain AVX-512 read of the same bytes (the
+kernel's ceiling: the memory system, not the arithmetic), and with ``--baseline-so PATH`` the same
+GEMVs through another build of the extension (e.g. the kernel before a change) run interleaved in
+the same process, with the paired speed-up.
+
+    python benchmarks/bench_weight_only_gemv.py [--quick] [--baseline-so /tmp/before.so]
+        [--json benchmarks/results/weight_only_gemv.json]
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from timing import markdown_table, median_ms, paired_ratio, time_interleaved, write_json  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxquant.native import _lib  # noqa: E402
+from jaxquant.native.weight_only_ops import _target_ready  # noqa: E402
+from jaxquant.weight_only import quantize_blockwise  # noqa: E402
+
+# SmolLM2-135M: hidden 576, 9 heads x 64 (q, o), 3 KV heads x 64 (k, v), MLP 1536.
+SHAPES = {
+    "q/o 576x576": [(576, 576)],
+    "k/v 576x192": [(576, 192)],
+    "gate/up 576x1536": [(576, 1536)],
+    "down 1536x576": [(1536, 576)],
+    "qkv fused": [(576, 576), (576, 192), (576, 192)],
+    "gate+up fused": [(576, 1536), (576, 1536)],
+}
+FORMATS = {  # name: (bits, group_size, symmetric)
+    "W8 per-channel": (8, None, True),
+    "W4 g128": (4, 128, True),
+    "W4 g32 asym": (4, 32, False),
+}
+
+
+def _register_baseline(path: str) -> str:
+    """Register the weight-only target of another build of the extension; returns its target name."""
+    lib = ctypes.CDLL(os.path.abspath(path))
+    name = "jaxquant_weight_only_gemv_baseline"
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(lib.JqWeightOnlyGemv), platform="cpu")
+    return name
+
+
+def _gemv_chain(target: str, bits: int, group_size: int, ns: list, n_weights: int):
+    """A jitted ``f(x, *weights)``: one custom call per weight set, each on its own (or the same) buffers."""
+    @jax.jit
+    def f(x, *ws):
+        total = jnp.zeros((), jnp.float32)
+        per = 3 * len(ns)
+        for i in range(n_weights):
+            ops = ws[i * per:(i + 1) * per]
+            outs = jax.ffi.ffi_call(target, [jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32) for n in ns],
+                                    vmap_method="sequential")(x, *ops, bits=np.int64(bits),
+                                                              group_size=np.int64(group_size))
+            total = total + sum(o[0, 0] for o in outs)
+        return total
+    return f
+
+
+def _read_fn(lib, buf: np.ndarray, threads: int):
+    lib.jq_wo_read_bytes.restype = ctypes.c_int64
+    lib.jq_wo_read_bytes.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    ptr, n = buf.ctypes.data, buf.nbytes
+    return lambda: lib.jq_wo_read_bytes(ptr, n, threads)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="M = 1 and 4, fewer shapes and rounds")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--chain", type=int, default=16, help="GEMVs per jitted call (hot)")
+    ap.add_argument("--stream-mb", type=float, default=48.0, help="MB of distinct weight copies per streamed ring")
+    ap.add_argument("--baseline-so", default=None, help="another build of the extension to compare against")
+    ap.add_argument("--json", default="benchmarks/results/weight_only_gemv.json")
+    args = ap.parse_args()
+    if not _target_ready():
+        sys.exit("the native weight-only kernel is unavailable (extension not built or no AVX-512)")
+    repeats = args.repeats or (5 if args.quick else 9)
+    ms_list = [1, 4] if args.quick else [1, 2, 4, 8]
+    shapes = (["q/o 576x576", "down 1536x576", "qkv fused", "gate+up fused"] if args.quick else list(SHAPES))
+    targets = {"new": "jaxquant_weight_only_gemv"}
+    if args.baseline_so:
+        targets["before"] = _register_baseline(args.baseline_so)
+    lib = _lib()
+    rng = np.random.default_rng(0)
+    rows = []
+    for shape in shapes:
+        kn = SHAPES[shape]
+        k = kn[0][0]
+        for fmt, (bits, gs, sym) in FORMATS.items():
+            qs = [quantize_blockwise(jnp.asarray(rng.standard_normal((k, n)), jnp.float32) * 0.05, bits=bits,
+                                     group_size=gs, symmetric=sym, allow_partial_group=True) for _, n in kn]
+            group_size, ns = qs[0].group_size, [q.out_features for q in qs]
+            one = [a for q in qs for a in (q.data, q.scale, q.zero_point)]
+            code_bytes = sum(q.data.nbytes for q in qs)
+            macs = sum(k * n for n in ns)
+            n_copies = min(256, max(args.chain, int(args.stream_mb * 2**20 // code_bytes)))
+            # Distinct buffers: a copy per chain position (device_put of a fresh numpy copy).
+            ring = [jnp.asarray(np.array(a)) for _ in range(n_copies) for a in one]
+            hot_ops = one * args.chain
+            for m in ms_list:
+                x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+                fns, per = {}, {}
+                for tname, target in targets.items():
+                    fh = _gemv_chain(target, bits, group_size, ns, args.chain)
+                    fs = _gemv_chain(target, bits, group_size, ns, n_copies)
+                    fns[f"{tname} hot"] = lambda fh=fh: fh(x, *hot_ops)
+                    fns[f"{tname} streamed"] = lambda fs=fs: fs(x, *ring)
+                    per[f"{tname} hot"], per[f"{tname} streamed"] = args.chain, n_copies
+                times = time_interleaved(fns, repeats=repeats, min_sample_s=0.01)
+                for name, ts in times.items():
+                    t = median_ms(ts) / per[name]
+                    row = {"shape": shape, "format": fmt, "M": m, "kernel": name, "us/GEMV": 1e3 * t,
+                           "GB/s codes": code_bytes / (t * 1e-3) / 1e9, "GMAC/s": m * macs / (t * 1e-3) / 1e9}
+                    if name.startswith("new") and "before" in targets:
+                        other = name.replace("new", "before")
+                        row["speed-up vs before"] = paired_ratio(
+                            {k2: [v / per[k2] for v in times[k2]] for k2 in (name, other)}, other, name)
+                    rows.append(row)
+                print(markdown_table(rows[-len(times):]), flush=True)
+    # The memory system's ceiling: a plain AVX-512 read of the same amount of bytes.
+    if hasattr(lib, "jq_wo_read_bytes"):
+        for label, mb in (("hot (1 MB)", 1.0), ("streamed", args.stream_mb)):
+            buf = rng.integers(0, 255, size=int(mb * 2**20), dtype=np.uint8)
+            fns = {f"read {label} {t} thr": _read_fn(lib, buf, t) for t in (1, 2)}
+            times = time_interleaved(fns, repeats=repeats, min_sample_s=0.01)
+            for name, ts in times.items():
+                rows.append({"shape": f"{mb:g} MB", "format": "plain read", "M": "", "kernel": name,
+                             "us/GEMV": 1e3 * median_ms(ts), "GB/s codes": buf.nbytes / (median_ms(ts) * 1e-3) / 1e9})
+            print(markdown_table(rows[-len(times):]), flush=True)
+    print("\n## all rows (measured under load unless the machine was idle)\n")
+    print(markdown_table(rows))
+    write_json(args.json, rows, quick=args.quick, chain=args.chain, stream_mb=args.stream_mb)
+
+
+if __name__ == "__main__":
+    main()
