@@ -13,12 +13,15 @@
 // per group and row) and its zero point enters through the group's sum of x:
 //   y[m, n] = sum_g scale[n, g] * (sum_{k in g} code[n, k] x[m, k] - zero_point[n, g] sum_{k in g} x[m, k])
 // in float32, activations never quantized. Inputs past K (the zero-padded last group) are skipped.
-// Rows are split over the OpenMP threads when the call's weights hold enough bytes.
+// Rows are split between the calling thread and tasks on XLA's intra-op thread pool when the call's
+// weights hold enough bytes.
 #include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -32,9 +35,11 @@ namespace {
 
 constexpr int kMaxMc = 4;        // activation rows per pass (more rows: another pass over L1-hot codes)
 constexpr int64_t kRowBlock = 16;  // stored rows per parallel work item (16 x Kp bytes stay in L1/L2)
-// Weights smaller than this many code bytes run on the calling thread: waking a sleeping OpenMP
-// worker (OMP_WAIT_POLICY=PASSIVE, set by the loader) costs more than it saves on small layers.
-int64_t g_parallel_bytes = int64_t{1} << 17;
+// Code bytes per participating thread: a call on fewer bytes runs on the calling thread alone.
+int64_t g_parallel_bytes = int64_t{1} << 16;
+// Work items run by helper tasks since load (a diagnostic for the benchmark: how often the pool's
+// thread joined in time).
+std::atomic<int64_t> g_helper_items{0};
 
 struct Problem {
   const float* x;      // (M, K)
@@ -198,16 +203,43 @@ const char* bind_weight(Problem& p, const ffi::AnyBuffer& x, const ffi::AnyBuffe
   return "";
 }
 
+// One call's work, shared with the helper tasks: a helper that starts after every item is taken
+// (XLA's pool thread was busy) finds nothing left and exits without touching the buffers, so the
+// caller waits only for items that a helper actually took, never for a helper to wake up.
+struct CallState {
+  std::vector<Problem> ps;
+  std::vector<std::pair<int32_t, int64_t>> items;  // (weight, first stored row) per work item
+  std::vector<float> xsum;
+  int bits = 8;
+  std::atomic<int64_t> next{0}, done{0};
+
+  void work(bool helper) {
+    const int64_t n = static_cast<int64_t>(items.size());
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+      if (helper) g_helper_items.fetch_add(1, std::memory_order_relaxed);
+      const Problem& p = ps[items[i].first];
+      const int64_t a = items[i].second, e = std::min(a + kRowBlock, p.rows);
+      bits == 8 ? row_block<8>(p, a, e) : row_block<4>(p, a, e);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
 // args: x, then (codes, scale, zero_point) per weight; one result per weight. Several weights that
-// read the same x (Q/K/V, gate/up) share one call and one parallel region.
-ffi::Error WeightOnlyGemvImpl(ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t bits, int64_t group_size) {
+// read the same x (Q/K/V, gate/up) share one call. Rows are split between the calling thread and
+// tasks on XLA's own intra-op pool (ffi::ThreadPool): its threads are the ones XLA keeps warm during
+// a decode step, where an OpenMP worker sleeping under OMP_WAIT_POLICY=PASSIVE costs a futex wake-up
+// per call, and a late OpenMP worker holds the caller at the region's closing barrier.
+ffi::Error WeightOnlyGemvImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t bits,
+                              int64_t group_size) {
   const size_t nw = rets.size();
   if (nw == 0 || args.size() != 1 + 3 * nw)
     return ffi::Error::InvalidArgument("JqWeightOnlyGemv: expects x and 3 buffers (codes, scale, zero_point) per result");
   auto x = args.get<ffi::AnyBuffer>(0);
   if (!x.has_value()) return ffi::Error::InvalidArgument("JqWeightOnlyGemv: bad x");
-  std::vector<Problem> ps(nw);
-  std::vector<std::pair<int32_t, int64_t>> items;  // (weight, first stored row) per work item
+  auto st = std::make_shared<CallState>();
+  st->bits = static_cast<int>(bits);
+  st->ps.resize(nw);
   int64_t bytes = 0;
   for (size_t i = 0; i < nw; ++i) {
     auto d = args.get<ffi::AnyBuffer>(1 + 3 * i), s = args.get<ffi::AnyBuffer>(2 + 3 * i),
@@ -216,38 +248,30 @@ ffi::Error WeightOnlyGemvImpl(ffi::RemainingArgs args, ffi::RemainingRets rets, 
     if (!d.has_value() || !s.has_value() || !z.has_value() || !o.has_value())
       return ffi::Error::InvalidArgument("JqWeightOnlyGemv: bad buffer");
     ffi::Result<ffi::AnyBuffer> out = *o;
-    const char* err = bind_weight(ps[i], *x, *d, *s, *z, out, bits, group_size);
+    const char* err = bind_weight(st->ps[i], *x, *d, *s, *z, out, bits, group_size);
     if (*err) return ffi::Error::InvalidArgument(err);
-    if (ps[i].m == 0 || ps[i].n == 0) continue;
-    bytes += ps[i].rows * ps[i].kp;
-    for (int64_t a = 0; a < ps[i].rows; a += kRowBlock) items.emplace_back(static_cast<int32_t>(i), a);
+    if (st->ps[i].m == 0 || st->ps[i].n == 0) continue;
+    bytes += st->ps[i].rows * st->ps[i].kp;
+    for (int64_t a = 0; a < st->ps[i].rows; a += kRowBlock) st->items.emplace_back(static_cast<int32_t>(i), a);
   }
+  if (st->items.empty()) return ffi::Error::Success();
   // Group sums of x, shared by every weight (same K, same group size).
-  std::vector<float> xsum;
-  if (!items.empty()) {
-    const Problem& p0 = ps[items[0].first];
-    xsum.assign(p0.m * p0.g, 0.0f);
-    for (int64_t m = 0; m < p0.m; ++m)
-      for (int64_t k = 0; k < p0.k; ++k) xsum[m * p0.g + k / p0.gs] += p0.x[m * p0.k + k];
-    for (auto& p : ps) {
-      if (p.k != p0.k || p.g != p0.g) return ffi::Error::InvalidArgument("JqWeightOnlyGemv: weights differ in K");
-      p.xsum = xsum.data();
-    }
+  const Problem& p0 = st->ps[st->items[0].first];
+  st->xsum.assign(p0.m * p0.g, 0.0f);
+  for (int64_t m = 0; m < p0.m; ++m)
+    for (int64_t k = 0; k < p0.k; ++k) st->xsum[m * p0.g + k / p0.gs] += p0.x[m * p0.k + k];
+  for (auto& p : st->ps) {
+    if (p.k != p0.k || p.g != p0.g) return ffi::Error::InvalidArgument("JqWeightOnlyGemv: weights differ in K");
+    p.xsum = st->xsum.data();
   }
-  auto run = [&](const std::pair<int32_t, int64_t>& it) {
-    const Problem& p = ps[it.first];
-    const int64_t e = std::min(it.second + kRowBlock, p.rows);
-    bits == 8 ? row_block<8>(p, it.second, e) : row_block<4>(p, it.second, e);
-  };
-  const int64_t n_items = static_cast<int64_t>(items.size());
-  const int threads = bytes >= g_parallel_bytes ? std::min<int64_t>(omp_get_max_threads(), n_items) : 1;
-  if (threads <= 1) {
-    for (const auto& it : items) run(it);
-    return ffi::Error::Success();
-  }
-  // Dynamic: a worker woken late (OMP_WAIT_POLICY=PASSIVE) takes fewer items instead of delaying the call.
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-  for (int64_t b = 0; b < n_items; ++b) run(items[b]);
+  // Each participant gets at least g_parallel_bytes of codes: below that a helper's start-up costs
+  // more than its share of the rows.
+  const int64_t n_items = static_cast<int64_t>(st->items.size());
+  int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, n_items - 1);
+  if (g_parallel_bytes > 0) helpers = std::min<int64_t>(helpers, bytes / g_parallel_bytes - 1);
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([st] { st->work(true); });
+  st->work(false);
+  while (st->done.load(std::memory_order_acquire) < n_items) _mm_pause();
   return ffi::Error::Success();
 }
 
@@ -255,6 +279,7 @@ ffi::Error WeightOnlyGemvImpl(ffi::RemainingArgs args, ffi::RemainingRets rets, 
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JqWeightOnlyGemv, WeightOnlyGemvImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .RemainingArgs()
                                   .RemainingRets()
                                   .Attr<int64_t>("bits")
@@ -268,8 +293,31 @@ int jq_wo_gemv_supported() {
          __builtin_cpu_supports("avx512vl");
 }
 
+// A plain AVX-512 read of `bytes` bytes on `threads` OpenMP threads (a checksum, so the loads are
+// not optimized away): the memory system's ceiling for the kernel (benchmarks/bench_weight_only_gemv.py).
+JQ_AVX512 int64_t jq_wo_read_bytes(const uint8_t* data, int64_t bytes, int threads) {
+  const int64_t n64 = bytes / 64;
+  int64_t total = 0;
+#pragma omp parallel for num_threads(std::max(threads, 1)) schedule(static) reduction(+ : total)
+  for (int64_t t = 0; t < 64; ++t) {  // 64 contiguous slices, split over the threads
+    const int64_t a = n64 * t / 64, b = n64 * (t + 1) / 64;
+    __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t i = a;
+    for (; i + 4 <= b; i += 4) {
+      s0 = _mm512_add_epi64(s0, _mm512_loadu_si512(data + 64 * i));
+      s1 = _mm512_add_epi64(s1, _mm512_loadu_si512(data + 64 * i + 64));
+      s2 = _mm512_add_epi64(s2, _mm512_loadu_si512(data + 64 * i + 128));
+      s3 = _mm512_add_epi64(s3, _mm512_loadu_si512(data + 64 * i + 192));
+    }
+    for (; i < b; ++i) s0 = _mm512_add_epi64(s0, _mm512_loadu_si512(data + 64 * i));
+    total += _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(s0, s1), _mm512_add_epi64(s2, s3)));
+  }
+  return total;
+}
+
 // Code bytes from which a call splits its rows over the OpenMP threads (benchmarks tune it).
 void jq_wo_gemv_set_parallel_bytes(int64_t bytes) { g_parallel_bytes = bytes; }
 int64_t jq_wo_gemv_parallel_bytes() { return g_parallel_bytes; }
+int64_t jq_wo_gemv_helper_items() { return g_helper_items.load(); }
 
 }  // extern "C"
