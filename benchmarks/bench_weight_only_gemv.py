@@ -13,7 +13,9 @@ dispatch of JAX is paid once per chain, as inside a jitted decode step); the per
 sample over the chain length. ``read`` rows time a plain AVX-512 read of the same bytes (the
 kernel's ceiling: the memory system, not the arithmetic), and with ``--baseline-so PATH`` the same
 GEMVs through another build of the extension (e.g. the kernel before a change) run interleaved in
-the same process, with the paired speed-up.
+the same process, with the paired speed-up. ``token`` rows run every projection of one SmolLM2
+token (30 layers, 4 calls each, random weights of the model's shapes) in one jitted call: the
+``us/GEMV`` column there is the whole token's projection time.
 
     python benchmarks/bench_weight_only_gemv.py [--quick] [--baseline-so /tmp/before.so]
         [--json benchmarks/results/weight_only_gemv.json]
@@ -63,18 +65,45 @@ def _register_baseline(path: str) -> str:
 
 
 def _gemv_chain(target: str, bits: int, group_size: int, ns: list, n_weights: int):
-    """A jitted ``f(x, *weights)``: one custom call per weight set, each on its own (or the same) buffers."""
+    """A jitted ``f(x, *weights)``: one custom call per weight set, each on its own (or the same)
+    buffers. Each call's input depends on the previous call's output (as in a decode step), so XLA
+    runs them one after another, not concurrently."""
+
     @jax.jit
     def f(x, *ws):
-        total = jnp.zeros((), jnp.float32)
+        d = jnp.ones((), jnp.float32)
         per = 3 * len(ns)
         for i in range(n_weights):
             ops = ws[i * per:(i + 1) * per]
             outs = jax.ffi.ffi_call(target, [jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32) for n in ns],
-                                    vmap_method="sequential")(x, *ops, bits=np.int64(bits),
+                                    vmap_method="sequential")(x * d, *ops, bits=np.int64(bits),
                                                               group_size=np.int64(group_size))
-            total = total + sum(o[0, 0] for o in outs)
-        return total
+            d = 1.0 + 1e-30 * outs[0][0, 0]
+        return d
+    return f
+
+
+def _token_fn(target: str, bits: int, layers: list):
+    """A jitted ``f(x576, x1536, layers)``: every projection of a SmolLM2-135M token, grouped as the
+    decode step calls them (Q/K/V fused, O, gate/up fused, down: 4 calls per layer), each call's
+    input depending on the previous output."""
+
+    def call(x, ws):
+        outs = jax.ffi.ffi_call(target, [jax.ShapeDtypeStruct((x.shape[0], w.out_features), jnp.float32) for w in ws],
+                                vmap_method="sequential")(
+            x, *[a for w in ws for a in (w.data, w.scale, w.zero_point)], bits=np.int64(bits),
+            group_size=np.int64(ws[0].group_size))
+        return 1.0 + 1e-30 * outs[0][0, 0]
+
+    @jax.jit
+    def f(x576, x1536, layers):
+        d = jnp.ones((), jnp.float32)
+        for qkv, o, gu, down in layers:
+            d = call(x576 * d, qkv)
+            d = call(x576 * d, o)
+            d = call(x576 * d, gu)
+            d = call(x1536 * d, down)
+        return d
     return f
 
 
@@ -92,6 +121,8 @@ def main() -> None:
     ap.add_argument("--chain", type=int, default=16, help="GEMVs per jitted call (hot)")
     ap.add_argument("--stream-mb", type=float, default=48.0, help="MB of distinct weight copies per streamed ring")
     ap.add_argument("--baseline-so", default=None, help="another build of the extension to compare against")
+    ap.add_argument("--no-token", action="store_true", help="skip the whole-token rows")
+    ap.add_argument("--only-token", action="store_true", help="only the whole-token rows (and the plain read)")
     ap.add_argument("--json", default="benchmarks/results/weight_only_gemv.json")
     args = ap.parse_args()
     if not _target_ready():
@@ -105,7 +136,7 @@ def main() -> None:
     lib = _lib()
     rng = np.random.default_rng(0)
     rows = []
-    for shape in shapes:
+    for shape in ([] if args.only_token else shapes):
         kn = SHAPES[shape]
         k = kn[0][0]
         for fmt, (bits, gs, sym) in FORMATS.items():
@@ -139,6 +170,32 @@ def main() -> None:
                             {k2: [v / per[k2] for v in times[k2]] for k2 in (name, other)}, other, name)
                     rows.append(row)
                 print(markdown_table(rows[-len(times):]), flush=True)
+    # A whole token's projections (30 layers of random weights of SmolLM2-135M's shapes).
+    if not args.no_token:
+        for fmt, (bits, gs, sym) in FORMATS.items():
+            if args.quick and fmt == "W4 g32 asym":
+                continue
+            qz = lambda k, n: quantize_blockwise(jnp.asarray(rng.standard_normal((k, n)) * 0.05, jnp.float32),
+                                                 bits=bits, group_size=gs, symmetric=sym, allow_partial_group=True)
+            layers = [((qz(576, 576), qz(576, 192), qz(576, 192)), (qz(576, 576),), (qz(576, 1536), qz(576, 1536)),
+                       (qz(1536, 576),)) for _ in range(30)]
+            code_bytes = sum(w.data.nbytes for layer in layers for ws in layer for w in ws)
+            for m in ms_list:
+                x576 = jnp.asarray(rng.standard_normal((m, 576)), jnp.float32)
+                x1536 = jnp.asarray(rng.standard_normal((m, 1536)), jnp.float32)
+                fns = {f"{tname} token": (lambda f=_token_fn(target, bits, layers): f(x576, x1536, layers))
+                       for tname, target in targets.items()}
+                times = time_interleaved(fns, repeats=repeats, min_sample_s=0.02)
+                for name, ts in times.items():
+                    t = median_ms(ts)
+                    row = {"shape": "SmolLM2 token (120 calls)", "format": fmt, "M": m, "kernel": name,
+                           "us/GEMV": 1e3 * t, "GB/s codes": code_bytes / (t * 1e-3) / 1e9,
+                           "GMAC/s": m * 30 * 3538944 / (t * 1e-3) / 1e9}
+                    if name == "new token" and "before" in targets:
+                        row["speed-up vs before"] = paired_ratio(times, "before token", "new token")
+                    rows.append(row)
+                print(markdown_table(rows[-len(times):]), flush=True)
+            del layers
     # The memory system's ceiling: a plain AVX-512 read of the same amount of bytes.
     if hasattr(lib, "jq_wo_read_bytes"):
         for label, mb in (("hot (1 MB)", 1.0), ("streamed", args.stream_mb)):

@@ -22,6 +22,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -78,18 +79,32 @@ JQ_AVX512 __attribute__((always_inline)) inline void step(const uint8_t* const* 
   }
 }
 
+// sum_g scale[g] * zero_point[g] * xsum[g] over one output row's G groups, 16 groups per step: out
+// of the code loop, where one scalar multiply-add per group and output cost as much as the codes
+// of a 32-input group.
+JQ_AVX512 inline float zero_point_term(const float* s, const int32_t* zp, const float* xsum, int64_t n_groups) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t g = 0; g < n_groups; g += 16) {
+    const __mmask16 mask = n_groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n_groups - g)) - 1);
+    const __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s + g),
+                                    _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(mask, zp + g)));
+    acc = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mask, xsum + g), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
 // R stored rows (8 bits: R outputs; 4 bits: 2R outputs) x MC activation rows, starting at stored
-// row r0 and activation row m0. The zero point enters once per group as zero_point * sum_{k in g} x
-// (p.xsum): one vector op fewer per 16 codes than subtracting it from every code. Each (row,
+// row r0 and activation row m0. The zero point enters once per group and output as
+// scale * zero_point * sum_{k in g} x (p.xsum, zero_point_term): one vector op fewer per 16 codes
+// than subtracting it from every code. Each (row,
 // activation row) pair has one accumulator chain in k order, so the result does not depend on R.
 template <int BITS, int R, int MC>
 JQ_AVX512 void block_kernel(const Problem& p, int64_t r0, int64_t m0) {
   constexpr int U = BITS == 4 ? 2 : 1;
   __m512 tot[R][U][MC];
-  float corr[R][U][MC];
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < U; ++u)
-      for (int m = 0; m < MC; ++m) tot[r][u][m] = _mm512_setzero_ps(), corr[r][u][m] = 0.0f;
+      for (int m = 0; m < MC; ++m) tot[r][u][m] = _mm512_setzero_ps();
   int64_t nrow[R][U];
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < U; ++u) nrow[r][u] = r0 + r + u * p.half;  // output row; >= n is padding
@@ -126,20 +141,18 @@ JQ_AVX512 void block_kernel(const Problem& p, int64_t r0, int64_t m0) {
     for (int r = 0; r < R; ++r)
       for (int u = 0; u < U; ++u) {
         if (nrow[r][u] >= p.n) continue;
-        const float s = p.scale[nrow[r][u] * n_groups + g];
-        const float sz = s * static_cast<float>(p.zp[nrow[r][u] * n_groups + g]);
-        const __m512 sv = _mm512_set1_ps(s);
-        for (int m = 0; m < MC; ++m) {
-          tot[r][u][m] = _mm512_fmadd_ps(acc[r][u][m], sv, tot[r][u][m]);
-          corr[r][u][m] += sz * p.xsum[(m0 + m) * n_groups + g];
-        }
+        const __m512 sv = _mm512_set1_ps(p.scale[nrow[r][u] * n_groups + g]);
+        for (int m = 0; m < MC; ++m) tot[r][u][m] = _mm512_fmadd_ps(acc[r][u][m], sv, tot[r][u][m]);
       }
   }
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < U; ++u) {
       if (nrow[r][u] >= p.n) continue;
+      const float* s = p.scale + nrow[r][u] * n_groups;
+      const int32_t* zp = p.zp + nrow[r][u] * n_groups;
       for (int m = 0; m < MC; ++m)
-        p.out[(m0 + m) * p.n + nrow[r][u]] = _mm512_reduce_add_ps(tot[r][u][m]) - corr[r][u][m];
+        p.out[(m0 + m) * p.n + nrow[r][u]] =
+            _mm512_reduce_add_ps(tot[r][u][m]) - zero_point_term(s, zp, p.xsum + (m0 + m) * n_groups, n_groups);
     }
 }
 
@@ -271,7 +284,12 @@ ffi::Error WeightOnlyGemvImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi
   if (g_parallel_bytes > 0) helpers = std::min<int64_t>(helpers, bytes / g_parallel_bytes - 1);
   for (int64_t h = 0; h < helpers; ++h) pool.Schedule([st] { st->work(true); });
   st->work(false);
-  while (st->done.load(std::memory_order_acquire) < n_items) _mm_pause();
+  // A helper still on its last item: spin briefly, then yield, so that on a busy machine a helper
+  // descheduled mid-item gets a core back instead of this thread burning it.
+  for (int spins = 0; st->done.load(std::memory_order_acquire) < n_items; ++spins) {
+    if (spins < 2000) _mm_pause();
+    else std::this_thread::yield();
+  }
   return ffi::Error::Success();
 }
 
