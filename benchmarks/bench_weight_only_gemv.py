@@ -8,16 +8,20 @@ for two cache states:
 * ``streamed``: a ring of distinct copies of the weight totalling ``--stream-mb`` MB (well past
   L2, as in a decode step, where each of the 30 layers' weights is read once per token).
 
-One timed sample is one jitted call that runs ``--chain`` GEMVs back to back (so the per-call
-dispatch of JAX is paid once per chain, as inside a jitted decode step); the per-GEMV time is the
-sample over the chain length. ``read`` rows time a plain AVX-512 read of the same bytes (the
-kernel's ceiling: the memory system, not the arithmetic), and with ``--baseline-so PATH`` the same
-GEMVs through another build of the extension (e.g. the kernel before a change) run interleaved in
-the same process, with the paired speed-up. ``token`` rows run every projection of one SmolLM2
-token (30 layers, 4 calls each, random weights of the model's shapes) in one jitted call: the
-``us/GEMV`` column there is the whole token's projection time.
+Default rows (``alone``): the kernel on one thread through ``jq_wo_gemv_run`` (no XLA, no helper
+threads), timed in thread CPU time, which other jobs on a busy machine disturb far less than wall
+time (streamed rows include one ctypes call per GEMV, about a microsecond). ``plain read`` rows
+time an AVX-512 read of the same amount of bytes on 1 and 2 threads: the memory system's ceiling.
 
-    python benchmarks/bench_weight_only_gemv.py [--quick] [--baseline-so /tmp/before.so]
+With ``--xla``: the kernel through XLA as a model runs it (2 threads: the caller and XLA's pool),
+wall time. One sample is one jitted call of ``--chain`` dependent GEMVs (JAX's dispatch is paid
+once per chain, as inside a jitted decode step). ``token`` rows run every projection of one
+SmolLM2 token (30 layers, 4 calls each, and the LM head; random weights of the model's shapes) in
+one jitted call: their ``us/GEMV`` column is the whole token's projection time. With
+``--baseline-so PATH`` the same XLA rows run through another build of the extension (e.g. the
+kernel before a change) interleaved in the same process, with the paired speed-up.
+
+    python benchmarks/bench_weight_only_gemv.py [--quick] [--xla [--baseline-so /tmp/before.so]]
         [--json benchmarks/results/weight_only_gemv.json]
 """
 from __future__ import annotations
@@ -26,6 +30,7 @@ import argparse
 import ctypes
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -85,8 +90,8 @@ def _gemv_chain(target: str, bits: int, group_size: int, ns: list, n_weights: in
 
 def _token_fn(target: str, bits: int, layers: list):
     """A jitted ``f(x576, x1536, layers)``: every projection of a SmolLM2-135M token, grouped as the
-    decode step calls them (Q/K/V fused, O, gate/up fused, down: 4 calls per layer), each call's
-    input depending on the previous output."""
+    decode step calls them (Q/K/V fused, O, gate/up fused, down: 4 calls per layer) and the LM head
+    (576 -> 49152, tied to the embedding), each call's input depending on the previous output."""
 
     def call(x, ws):
         outs = jax.ffi.ffi_call(target, [jax.ShapeDtypeStruct((x.shape[0], w.out_features), jnp.float32) for w in ws],
@@ -96,15 +101,51 @@ def _token_fn(target: str, bits: int, layers: list):
         return 1.0 + 1e-30 * outs[0][0, 0]
 
     @jax.jit
-    def f(x576, x1536, layers):
+    def f(x576, x1536, layers, lm_head):
         d = jnp.ones((), jnp.float32)
         for qkv, o, gu, down in layers:
             d = call(x576 * d, qkv)
             d = call(x576 * d, o)
             d = call(x576 * d, gu)
             d = call(x1536 * d, down)
-        return d
+        return call(x576 * d, lm_head)
     return f
+
+
+class _KernelAlone:
+    """The kernel on the calling thread through ``jq_wo_gemv_run`` (no XLA, no helper threads), on
+    numpy copies of one weight's arrays."""
+
+    def __init__(self, lib, q):
+        self.lib, self.q = lib, q
+        self.data, self.scale = np.ascontiguousarray(q.data), np.ascontiguousarray(q.scale)
+        self.zp = np.ascontiguousarray(q.zero_point)
+        lib.jq_wo_gemv_run.restype = ctypes.c_int
+        lib.jq_wo_gemv_run.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7
+
+    def __call__(self, x: np.ndarray, out: np.ndarray, reps: int = 1) -> None:
+        q = self.q
+        rc = self.lib.jq_wo_gemv_run(x.ctypes.data, self.data.ctypes.data, self.scale.ctypes.data, self.zp.ctypes.data,
+                                     out.ctypes.data, x.shape[0], x.shape[1], q.out_features, q.n_groups, q.group_size,
+                                     q.bits, reps)
+        if rc != 0:
+            raise RuntimeError("jq_wo_gemv_run refused the shapes")
+
+
+def _cpu_seconds(fn, repeats: int, min_s: float = 0.02) -> list:
+    """Thread CPU seconds per call of ``fn`` over ``repeats`` samples (each at least ``min_s`` long):
+    time the machine's other jobs take from this thread is not counted, unlike wall time."""
+    fn()
+    t0 = time.thread_time()
+    fn()
+    n = max(1, int(min_s / max(time.thread_time() - t0, 1e-6)))
+    out = []
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        for _ in range(n):
+            fn()
+        out.append((time.thread_time() - t0) / n)
+    return out
 
 
 def _read_fn(lib, buf: np.ndarray, threads: int):
@@ -121,6 +162,8 @@ def main() -> None:
     ap.add_argument("--chain", type=int, default=16, help="GEMVs per jitted call (hot)")
     ap.add_argument("--stream-mb", type=float, default=48.0, help="MB of distinct weight copies per streamed ring")
     ap.add_argument("--baseline-so", default=None, help="another build of the extension to compare against")
+    ap.add_argument("--xla", action="store_true",
+                    help="also time the kernel through XLA (jitted chains: hot, streamed, whole token; 2 threads)")
     ap.add_argument("--no-token", action="store_true", help="skip the whole-token rows")
     ap.add_argument("--only-token", action="store_true", help="only the whole-token rows (and the plain read)")
     ap.add_argument("--json", default="benchmarks/results/weight_only_gemv.json")
@@ -147,6 +190,30 @@ def main() -> None:
             code_bytes = sum(q.data.nbytes for q in qs)
             macs = sum(k * n for n in ns)
             n_copies = min(256, max(args.chain, int(args.stream_mb * 2**20 // code_bytes)))
+            # The kernel alone on one thread, in thread CPU time: hot (one copy) and streamed (a ring).
+            alone = [_KernelAlone(lib, q) for q in qs]
+            alone_ring = [[_KernelAlone(lib, q) for q in qs] for _ in range(n_copies)]
+            for m in ms_list:
+                xn = rng.standard_normal((m, k)).astype(np.float32)
+                outs = [np.empty((m, n), np.float32) for n in ns]
+
+                def hot(reps=16):
+                    for f, o in zip(alone, outs):
+                        f(xn, o, reps)
+
+                def streamed():
+                    for fs in alone_ring:
+                        for f, o in zip(fs, outs):
+                            f(xn, o)
+                for name, fn, per in (("alone hot (1 thread, CPU time)", hot, 16),
+                                      ("alone streamed (1 thread, CPU time)", streamed, n_copies)):
+                    t = median_ms(_cpu_seconds(fn, repeats)) / per
+                    rows.append({"shape": shape, "format": fmt, "M": m, "kernel": name, "us/GEMV": 1e3 * t,
+                                 "GB/s codes": code_bytes / (t * 1e-3) / 1e9, "GMAC/s": m * macs / (t * 1e-3) / 1e9})
+                print(markdown_table(rows[-2:]), flush=True)
+            del alone_ring
+            if not args.xla:
+                continue
             # Distinct buffers: a copy per chain position (device_put of a fresh numpy copy).
             ring = [jnp.asarray(np.array(a)) for _ in range(n_copies) for a in one]
             hot_ops = one * args.chain
@@ -171,7 +238,7 @@ def main() -> None:
                     rows.append(row)
                 print(markdown_table(rows[-len(times):]), flush=True)
     # A whole token's projections (30 layers of random weights of SmolLM2-135M's shapes).
-    if not args.no_token:
+    if args.xla and not args.no_token:
         for fmt, (bits, gs, sym) in FORMATS.items():
             if args.quick and fmt == "W4 g32 asym":
                 continue
@@ -179,29 +246,32 @@ def main() -> None:
                                                  bits=bits, group_size=gs, symmetric=sym, allow_partial_group=True)
             layers = [((qz(576, 576), qz(576, 192), qz(576, 192)), (qz(576, 576),), (qz(576, 1536), qz(576, 1536)),
                        (qz(1536, 576),)) for _ in range(30)]
-            code_bytes = sum(w.data.nbytes for layer in layers for ws in layer for w in ws)
+            lm_head = (qz(576, 49152),)
+            code_bytes = sum(w.data.nbytes for layer in layers for ws in layer for w in ws) + lm_head[0].data.nbytes
             for m in ms_list:
                 x576 = jnp.asarray(rng.standard_normal((m, 576)), jnp.float32)
                 x1536 = jnp.asarray(rng.standard_normal((m, 1536)), jnp.float32)
-                fns = {f"{tname} token": (lambda f=_token_fn(target, bits, layers): f(x576, x1536, layers))
+                fns = {f"{tname} token": (lambda f=_token_fn(target, bits, layers): f(x576, x1536, layers, lm_head))
                        for tname, target in targets.items()}
                 times = time_interleaved(fns, repeats=repeats, min_sample_s=0.02)
                 for name, ts in times.items():
                     t = median_ms(ts)
-                    row = {"shape": "SmolLM2 token (120 calls)", "format": fmt, "M": m, "kernel": name,
+                    row = {"shape": "SmolLM2 token (121 calls)", "format": fmt, "M": m, "kernel": name,
                            "us/GEMV": 1e3 * t, "GB/s codes": code_bytes / (t * 1e-3) / 1e9,
-                           "GMAC/s": m * 30 * 3538944 / (t * 1e-3) / 1e9}
+                           "GMAC/s": m * (30 * 3538944 + 576 * 49152) / (t * 1e-3) / 1e9}
                     if name == "new token" and "before" in targets:
                         row["speed-up vs before"] = paired_ratio(times, "before token", "new token")
                     rows.append(row)
                 print(markdown_table(rows[-len(times):]), flush=True)
-            del layers
+            del layers, lm_head
     # The memory system's ceiling: a plain AVX-512 read of the same amount of bytes.
     if hasattr(lib, "jq_wo_read_bytes"):
         for label, mb in (("hot (1 MB)", 1.0), ("streamed", args.stream_mb)):
             buf = rng.integers(0, 255, size=int(mb * 2**20), dtype=np.uint8)
-            fns = {f"read {label} {t} thr": _read_fn(lib, buf, t) for t in (1, 2)}
-            times = time_interleaved(fns, repeats=repeats, min_sample_s=0.01)
+            # One thread in thread CPU time (comparable with the "alone" rows), two in wall time.
+            times = {f"read {label}, 1 thread, CPU time": _cpu_seconds(_read_fn(lib, buf, 1), repeats)}
+            times.update({f"read {label}, 2 threads, wall": ts for ts in
+                          time_interleaved({"r": _read_fn(lib, buf, 2)}, repeats=repeats, min_sample_s=0.01).values()})
             for name, ts in times.items():
                 rows.append({"shape": f"{mb:g} MB", "format": "plain read", "M": "", "kernel": name,
                              "us/GEMV": 1e3 * median_ms(ts), "GB/s codes": buf.nbytes / (median_ms(ts) * 1e-3) / 1e9})

@@ -333,6 +333,33 @@ JQ_AVX512 int64_t jq_wo_read_bytes(const uint8_t* data, int64_t bytes, int threa
   return total;
 }
 
+// The kernel alone on the calling thread, `reps` times (no XLA, no helper threads): the benchmark
+// times it in thread CPU time, which a busy machine disturbs far less than wall time. Shapes as
+// JqWeightOnlyGemv's (rows = N or ceil(N/2), Kp = G * group_size); returns 0, or -1 on bad sizes.
+int jq_wo_gemv_run(const float* x, const uint8_t* data, const float* scale, const int32_t* zp, float* out, int64_t m,
+                   int64_t k, int64_t n, int64_t n_groups, int64_t group_size, int64_t bits, int64_t reps) {
+  if ((bits != 4 && bits != 8) || m < 1 || n < 1 || n_groups < 1 || group_size < 1 || k <= (n_groups - 1) * group_size ||
+      k > n_groups * group_size || !jq_wo_gemv_supported())
+    return -1;
+  Problem p{};
+  p.x = x, p.data = data, p.scale = scale, p.zp = zp, p.out = out;
+  p.m = m, p.k = k, p.kp = n_groups * group_size, p.n = n, p.g = n_groups, p.gs = group_size;
+  p.rows = bits == 8 ? n : (n + 1) / 2;
+  p.half = bits == 4 ? p.rows : 0;
+  std::vector<float> xsum(m * n_groups, 0.0f);
+  for (int64_t r = 0; r < reps; ++r) {
+    std::fill(xsum.begin(), xsum.end(), 0.0f);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < k; ++j) xsum[i * n_groups + j / group_size] += x[i * k + j];
+    p.xsum = xsum.data();
+    for (int64_t a = 0; a < p.rows; a += kRowBlock) {
+      const int64_t e = std::min(a + kRowBlock, p.rows);
+      bits == 8 ? row_block<8>(p, a, e) : row_block<4>(p, a, e);
+    }
+  }
+  return 0;
+}
+
 // Code bytes from which a call splits its rows over the OpenMP threads (benchmarks tune it).
 void jq_wo_gemv_set_parallel_bytes(int64_t bytes) { g_parallel_bytes = bytes; }
 int64_t jq_wo_gemv_parallel_bytes() { return g_parallel_bytes; }
