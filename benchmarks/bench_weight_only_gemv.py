@@ -211,7 +211,6 @@ def main() -> None:
                     rows.append({"shape": shape, "format": fmt, "M": m, "kernel": name, "us/GEMV": 1e3 * t,
                                  "GB/s codes": code_bytes / (t * 1e-3) / 1e9, "GMAC/s": m * macs / (t * 1e-3) / 1e9})
                 print(markdown_table(rows[-2:]), flush=True)
-            del alone_ring
             if not args.xla:
                 continue
             # Distinct buffers: a copy per chain position (device_put of a fresh numpy copy).
