@@ -135,16 +135,24 @@ class _KernelAlone:
 def _cpu_seconds(fn, repeats: int, min_s: float = 0.02) -> list:
     """Thread CPU seconds per call of ``fn`` over ``repeats`` samples (each at least ``min_s`` long):
     time the machine's other jobs take from this thread is not counted, unlike wall time."""
-    fn()
-    t0 = time.thread_time()
-    fn()
-    n = max(1, int(min_s / max(time.thread_time() - t0, 1e-6)))
-    out = []
-    for _ in range(repeats):
+    return _cpu_interleaved({"f": fn}, repeats, min_s)["f"]
+
+
+def _cpu_interleaved(fns: dict, repeats: int, min_s: float = 0.02) -> dict:
+    """:func:`_cpu_seconds` of several callables, interleaved round by round (for paired ratios)."""
+    inner = {}
+    for name, fn in fns.items():
+        fn()
         t0 = time.thread_time()
-        for _ in range(n):
-            fn()
-        out.append((time.thread_time() - t0) / n)
+        fn()
+        inner[name] = max(1, int(min_s / max(time.thread_time() - t0, 1e-6)))
+    out = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.thread_time()
+            for _ in range(inner[name]):
+                fn()
+            out[name].append((time.thread_time() - t0) / inner[name])
     return out
 
 
@@ -161,7 +169,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--chain", type=int, default=16, help="GEMVs per jitted call (hot)")
     ap.add_argument("--stream-mb", type=float, default=48.0, help="MB of distinct weight copies per streamed ring")
-    ap.add_argument("--baseline-so", default=None, help="another build of the extension to compare against")
+    ap.add_argument("--baseline-so", default=None,
+                    help="another build of the extension (or of weight_only_gemv.cc alone) to compare against")
     ap.add_argument("--xla", action="store_true",
                     help="also time the kernel through XLA (jitted chains: hot, streamed, whole token; 2 threads)")
     ap.add_argument("--no-token", action="store_true", help="skip the whole-token rows")
@@ -177,6 +186,11 @@ def main() -> None:
     if args.baseline_so:
         targets["before"] = _register_baseline(args.baseline_so)
     lib = _lib()
+    alone_libs = {"new": lib}
+    if args.baseline_so:
+        blib = ctypes.CDLL(os.path.abspath(args.baseline_so))
+        if hasattr(blib, "jq_wo_gemv_run"):  # builds from before jq_wo_gemv_run existed have XLA rows only
+            alone_libs["before"] = blib
     rng = np.random.default_rng(0)
     rows = []
     for shape in ([] if args.only_token else shapes):
@@ -191,26 +205,39 @@ def main() -> None:
             macs = sum(k * n for n in ns)
             n_copies = min(256, max(args.chain, int(args.stream_mb * 2**20 // code_bytes)))
             # The kernel alone on one thread, in thread CPU time: hot (one copy) and streamed (a ring).
-            alone = [_KernelAlone(lib, q) for q in qs]
+            alone = {lname: [_KernelAlone(alib, q) for q in qs] for lname, alib in alone_libs.items()}
             alone_ring = [[_KernelAlone(lib, q) for q in qs] for _ in range(n_copies)]
             for m in ms_list:
                 xn = rng.standard_normal((m, k)).astype(np.float32)
                 outs = [np.empty((m, n), np.float32) for n in ns]
 
-                def hot(reps=16):
-                    for f, o in zip(alone, outs):
+                def hot(fs, reps=16):
+                    for f, o in zip(fs, outs):
                         f(xn, o, reps)
 
-                def streamed():
-                    for fs in alone_ring:
+                def streamed(fs_ring):
+                    for fs in fs_ring:
                         for f, o in zip(fs, outs):
                             f(xn, o)
-                for name, fn, per in (("alone hot (1 thread, CPU time)", hot, 16),
-                                      ("alone streamed (1 thread, CPU time)", streamed, n_copies)):
-                    t = median_ms(_cpu_seconds(fn, repeats)) / per
-                    rows.append({"shape": shape, "format": fmt, "M": m, "kernel": name, "us/GEMV": 1e3 * t,
-                                 "GB/s codes": code_bytes / (t * 1e-3) / 1e9, "GMAC/s": m * macs / (t * 1e-3) / 1e9})
-                print(markdown_table(rows[-2:]), flush=True)
+                fns = {f"{lname} alone hot (1 thread, CPU time)": (lambda fs=fs: hot(fs)) for lname, fs in alone.items()}
+                fns["new alone streamed (1 thread, CPU time)"] = lambda: streamed(alone_ring)
+                if "before" in alone:
+                    before_ring = [[_KernelAlone(alone_libs["before"], f.q) for f in fs]
+                                   for fs in alone_ring]  # the same buffers, the other build's kernel
+                    for fs_b, fs in zip(before_ring, alone_ring):
+                        for fb, f in zip(fs_b, fs):
+                            fb.data, fb.scale, fb.zp = f.data, f.scale, f.zp
+                    fns["before alone streamed (1 thread, CPU time)"] = lambda: streamed(before_ring)
+                times = _cpu_interleaved(fns, repeats)
+                for name, ts in times.items():
+                    per = 16 if " hot " in name else n_copies
+                    t = median_ms(ts) / per
+                    row = {"shape": shape, "format": fmt, "M": m, "kernel": name, "us/GEMV": 1e3 * t,
+                           "GB/s codes": code_bytes / (t * 1e-3) / 1e9, "GMAC/s": m * macs / (t * 1e-3) / 1e9}
+                    if name.startswith("new") and name.replace("new", "before") in times:
+                        row["speed-up vs before"] = paired_ratio(times, name.replace("new", "before"), name)
+                    rows.append(row)
+                print(markdown_table(rows[-len(times):]), flush=True)
             if not args.xla:
                 continue
             # Distinct buffers: a copy per chain position (device_put of a fresh numpy copy).
