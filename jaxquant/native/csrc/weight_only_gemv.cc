@@ -8,8 +8,8 @@
 //     output row r + ceil(N/2) (so one byte load feeds two output rows);
 //   * scale float32 (N, G) and zero_point int32 (N, G), unsigned code domain, Kp = G * group_size,
 //     w[k, n] = scale[n, g] * (code[n, k] - zero_point[n, g]) with g = k / group_size.
-// Per 16 inputs: load 16 code bytes, zero-extend to int32 (vpmovzxbd), unpack nibbles (and/shift),
-// convert to f32 (vcvtdq2ps, exact) and FMA with x. Each group's partial sum is scaled once (one FMA
+// Per 16 inputs: load 16 code bytes, zero-extend to int32 (vpmovzxbd), convert to f32 exactly
+// (8 bits: vcvtdq2ps; 4 bits: a 16-entry table lookup per nibble, see step) and FMA with x. Each group's partial sum is scaled once (one FMA
 // per group and row) and its zero point enters through the group's sum of x:
 //   y[m, n] = sum_g scale[n, g] * (sum_{k in g} code[n, k] x[m, k] - zero_point[n, g] sum_{k in g} x[m, k])
 // in float32, activations never quantized. Inputs past K (the zero-padded last group) are skipped.
@@ -38,9 +38,6 @@ constexpr int kMaxMc = 4;        // activation rows per pass (more rows: another
 constexpr int64_t kRowBlock = 16;  // stored rows per parallel work item (16 x Kp bytes stay in L1/L2)
 // Code bytes per participating thread: a call on fewer bytes runs on the calling thread alone.
 int64_t g_parallel_bytes = int64_t{1} << 16;
-// Work items run by helper tasks since load (a diagnostic for the benchmark: how often the pool's
-// thread joined in time).
-std::atomic<int64_t> g_helper_items{0};
 
 struct Problem {
   const float* x;      // (M, K)
@@ -226,10 +223,9 @@ struct CallState {
   int bits = 8;
   std::atomic<int64_t> next{0}, done{0};
 
-  void work(bool helper) {
+  void work() {
     const int64_t n = static_cast<int64_t>(items.size());
     for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
-      if (helper) g_helper_items.fetch_add(1, std::memory_order_relaxed);
       const Problem& p = ps[items[i].first];
       const int64_t a = items[i].second, e = std::min(a + kRowBlock, p.rows);
       bits == 8 ? row_block<8>(p, a, e) : row_block<4>(p, a, e);
@@ -282,8 +278,8 @@ ffi::Error WeightOnlyGemvImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi
   const int64_t n_items = static_cast<int64_t>(st->items.size());
   int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, n_items - 1);
   if (g_parallel_bytes > 0) helpers = std::min<int64_t>(helpers, bytes / g_parallel_bytes - 1);
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([st] { st->work(true); });
-  st->work(false);
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([st] { st->work(); });
+  st->work();
   // A helper still on its last item: spin briefly, then yield, so that on a busy machine a helper
   // descheduled mid-item gets a core back instead of this thread burning it.
   for (int spins = 0; st->done.load(std::memory_order_acquire) < n_items; ++spins) {
@@ -363,6 +359,5 @@ int jq_wo_gemv_run(const float* x, const uint8_t* data, const float* scale, cons
 // Code bytes from which a call splits its rows over the OpenMP threads (benchmarks tune it).
 void jq_wo_gemv_set_parallel_bytes(int64_t bytes) { g_parallel_bytes = bytes; }
 int64_t jq_wo_gemv_parallel_bytes() { return g_parallel_bytes; }
-int64_t jq_wo_gemv_helper_items() { return g_helper_items.load(); }
 
 }  // extern "C"
