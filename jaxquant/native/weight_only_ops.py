@@ -64,7 +64,7 @@ def weight_only_gemv(x: jax.Array, data: jax.Array, scale: jax.Array, zero_point
 
 def weight_only_gemv_multi(x: jax.Array, weights: Sequence[tuple], *, bits: int, group_size: int) -> list:
     """Several weights that read the same ``x`` in one call (e.g. Q, K, V): one custom call and one
-    parallel region instead of one each.
+    split of the rows over the threads instead of one each.
 
     Args:
       x: float ``(M, K)``.

@@ -156,7 +156,7 @@ def weight_only_matmul(x: jax.Array, w: BlockQuantizedWeight, *, decode_rows: in
 def weight_only_matmul_multi(x: jax.Array, ws: Sequence[BlockQuantizedWeight], *, decode_rows: int = 8) -> list:
     """``[weight_only_matmul(x, w) for w in ws]``, in one native call when the rows take the native
     kernel and the weights share ``bits``, ``group_size`` and ``in_features`` (Q/K/V, gate/up: the
-    call overhead and the parallel-region wake-up are paid once per group of projections)."""
+    call overhead and the helper threads' start-up are paid once per group of projections)."""
     lead = x.shape[:-1]
     m = 1
     for d in lead:

@@ -52,6 +52,25 @@ def test_gemv_matches_numpy_reference(bits, sym, gs):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
 
 
+# K = 600 takes every step of the kernel's code loop in one group (9 unrolled 64-input steps, one
+# 16-input step, a masked 8-input tail); with groups of 32 there are 19 groups (the zero-point term
+# runs one full 16-group chunk and a masked one). M = 2, 5, 7 take the 2-row pass, and a 4-row pass
+# followed by 1- and 3-row passes; N = 45 leaves remainder rows after the row blocks.
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("gs", [None, 32])
+def test_gemv_every_loop_path_matches_numpy_reference(bits, gs):
+    rng = np.random.default_rng(3 * bits + (gs or 1))
+    k, n = 600, 45
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    q = quantize_blockwise(jnp.asarray(w), bits=bits, group_size=gs, symmetric=False, allow_partial_group=True)
+    for m in (2, 5, 7):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        got, ref = _call(x, q), _np_reference(x, q)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        # Each output is computed by one activation row's pass alone: row m equals the M = 1 call on it.
+        np.testing.assert_array_equal(got[m - 1:m], _call(x[m - 1:m], q))
+
+
 def test_gemv_hand_worked_int4():
     # One output channel, 4 inputs, group 2. int4 symmetric codes are stored shifted by 8: codes [9, 6 | 8, 15]
     # are w = 0.5 * [1, -2] and 0.25 * [0, 7]; x = [2, 1, 3, -1] gives 0.5 * (2 - 2) + 0.25 * (0 - 7) = -1.75.
