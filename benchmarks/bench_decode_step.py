@@ -3,9 +3,9 @@
 Times one decode token of SmolLM2-135M (batch 1, KV cache) through ``jaxquant.models.llama`` and
 through a reference copy of the port given by ``--baseline FILE`` (e.g. an older llama.py from git:
 ``git show REV:jaxquant/models/llama.py > /tmp/llama_old.py``), on the same weights, for float32,
-W8 per-channel and W4 g128 (native weight-only kernel where available). Also reports the compiled
-HLO's instruction count and top-level fusion/custom-call count of each step (fewer small ops = less
-per-step overhead on 2 cores).
+W8 per-channel and W4 g128 (the native backend on where available: weight-only kernel and fused
+decode ops). Also reports the compiled step's op counts (instructions, fusions, dots, custom calls,
+copies, dynamic-update-slices; fewer small ops = less per-step dispatch on 2 cores).
 
     python benchmarks/bench_decode_step.py --baseline /tmp/llama_old.py [--quick] [--tiny]
 """
@@ -39,14 +39,17 @@ def load_module(path: str):
     return mod
 
 
-def hlo_counts(forward, *args) -> tuple[int, int]:
-    """(instructions in the compiled HLO's entry computation, of which fusions + custom calls)."""
+def hlo_counts(forward, *args) -> dict:
+    """Op counts of the compiled step's entry computation (what XLA CPU dispatches one by one):
+    instructions, fusions, dots, custom calls, copies and dynamic-update-slices (fused ones included)."""
     text = forward.lower(*args).compile().as_text()
     entry = text[text.index("ENTRY"):]
     entry = entry[:entry.index("\n}")]
     lines = [l for l in entry.splitlines()[1:] if "=" in l]
-    kernels = [l for l in lines if re.search(r"\b(fusion|custom-call|dot|convolution)\(", l)]
-    return len(lines), len(kernels)
+    count = lambda op: sum(bool(re.search(rf"\b{op}\(", l)) for l in lines)
+    return {"HLO instructions": len(lines), "fusions": count("fusion"), "dots": count("dot"),
+            "custom calls": count("custom-call"), "copies": count("copy") + text.count("copy_fusion"),
+            "dynamic-update-slices": text.count("dynamic-update-slice(")}
 
 
 def main(argv=None):
@@ -77,15 +80,16 @@ def main(argv=None):
     for label, qc in qcfgs.items():
         for tag, mod, base in (("before", old_llama, old_model), ("after", new_llama, model)):
             m = base if qc is None else jq.quantize_weight_only(base, qc)
-            on = native and qc is not None
+            # The native backend on for f32 too: "after" runs the fused decode ops (the same for every
+            # variant); the float projections stay XLA dots either way.
+            on = native
             step, forward, (state, tok, box, pos), logits = cached_decode_step(
                 mod.make_forward, mod.init_cache, m, args.prompt_len, max_len, on)
             with jq.use_native(on):
-                n_instr, n_kern = hlo_counts(forward, state, tok, box["cache"], pos)
+                counts = hlo_counts(forward, state, tok, box["cache"], pos)
             name = f"{label} {tag}"
             fns[name] = step
-            rows_info[name] = {"HLO instructions": n_instr, "fusions+calls": n_kern,
-                               "logits": jax.device_get(logits)}
+            rows_info[name] = dict(counts, logits=jax.device_get(logits))
     times = time_interleaved(fns, repeats=repeats, warmup=1)
     rows = []
     for name in fns:
@@ -95,7 +99,7 @@ def main(argv=None):
         rel = float(abs(info["logits"] - before).max() / abs(before).max())
         rows.append({"step": name, "ms/token": median_ms(times[name]),
                      "after/before speed-up": paired_ratio(times, f"{label} before", name) if tag == "after" else 1.0,
-                     "HLO instructions": info["HLO instructions"], "fusions+calls": info["fusions+calls"],
+                     **{k: v for k, v in info.items() if k != "logits"},
                      "max rel logit diff vs before": rel})
     title = "tiny random Llama" if args.tiny else "SmolLM2-135M"
     print(f"\n{title} decode step, before/after (paired, one process); "

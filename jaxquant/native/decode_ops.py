@@ -61,11 +61,11 @@ def add_rms_norm(x: jax.Array, h, weight: jax.Array, eps: float) -> tuple[jax.Ar
     Returns:
       ``(r, y)``, both float32 of ``x``'s shape.
     """
-    _require()
     d = int(weight.shape[-1])
     if x.shape[-1] != d or x.dtype != jnp.float32 or (h is not None and (h.shape != x.shape or h.dtype != x.dtype)):
         raise ValueError(f"add_rms_norm: x {x.dtype}{tuple(x.shape)} and h must be float32 (..., {d}) of one shape "
                          f"to match the RMSNorm weight of {d} features")
+    _require()
     operands = [x, jnp.asarray(weight, jnp.float32)] + ([] if h is None else [h])
     shape = jax.ShapeDtypeStruct(x.shape, jnp.float32)
     r, y = jax.ffi.ffi_call("jaxquant_add_rms_norm", (shape, shape), vmap_method="sequential")(
@@ -87,7 +87,8 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, s
     Returns:
       ``(out, cache_k, cache_v)``: float32 ``(B, H * D)`` and the updated caches.
     """
-    _require()
+    if cache_k.ndim != 4:
+        raise ValueError(f"decode_attention: the key cache must be (B, S, KVH, D), got {tuple(cache_k.shape)}")
     b, s, kvh, d = cache_k.shape
     if (cache_k.dtype != jnp.float32 or cache_v.shape != cache_k.shape or cache_v.dtype != jnp.float32
             or k.shape != (b, kvh * d) or v.shape != (b, kvh * d) or q.ndim != 2 or q.shape[0] != b
@@ -95,6 +96,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, cos: jax.Array, s
         raise ValueError(f"decode_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, cos "
                          f"{tuple(cos.shape)} do not fit float32 caches {cache_k.dtype}{tuple(cache_k.shape)} "
                          "(B, S, KVH, D): q must be (B, H*D), k/v (B, KVH*D), cos/sin (D/2,)")
+    _require()
     f32 = lambda a: jnp.asarray(a, jnp.float32)
     out_shapes = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(cache_k.shape, jnp.float32),
                   jax.ShapeDtypeStruct(cache_v.shape, jnp.float32))
