@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxquant.native.decode_ops import add_rms_norm, decode_attention, decode_ops_supported
 from jaxquant.weight_only.modules import project_all
 
 __all__ = ["LlamaConfig", "RMSNorm", "Attention", "MLP", "Block", "Llama", "init_cache", "load_llama_gguf",
@@ -68,7 +69,6 @@ class RMSNorm(nnx.Module):
         instead of XLA's 4-5 kernels; equal within float rounding.
         """
         if native and x.dtype == jnp.float32 and (h is None or h.dtype == jnp.float32):
-            from jaxquant.native.decode_ops import add_rms_norm
             return add_rms_norm(x, h, self.weight.get_value(), self.eps)
         r = x if h is None else x + h
         return r, self(r)
@@ -122,7 +122,6 @@ class Attention(nnx.Module):
         hd = self.head_dim
         q, k, v = project_all(x, (self.wq, self.wk, self.wv))
         if native and t == 1 and cache is not None and cache[0].dtype == jnp.float32:
-            from jaxquant.native.decode_ops import decode_attention
             cos, sin = (a.reshape(hd // 2) for a in rope)
             out, ck, cv = decode_attention(q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1), cos, sin,
                                            cache[0], cache[1], start_pos)
@@ -225,7 +224,7 @@ class Llama(nnx.Module):
         bias = jnp.where(key_pos[None, :] <= positions[:, None], 0.0, -1e30).astype(jnp.float32)  # (t, s)
         # One new token on a float32 cache with the native backend on: the fused decode ops
         # (jaxquant.native.decode_ops), the same for float and quantized projections.
-        native = (t == 1 and cache is not None and cache[0][0].dtype == jnp.float32 and _decode_ops_supported())
+        native = (t == 1 and cache is not None and cache[0][0].dtype == jnp.float32 and decode_ops_supported())
         x = self.embed(tokens)
         pending = None
         new_cache = [] if cache is not None else None
@@ -236,11 +235,6 @@ class Llama(nnx.Module):
         _, y = self.norm.add_norm(x, pending, native)
         logits = self.lm_head(y).astype(jnp.float32)
         return logits, new_cache
-
-
-def _decode_ops_supported() -> bool:
-    from jaxquant.native.decode_ops import decode_ops_supported
-    return decode_ops_supported()
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> list:
