@@ -5,7 +5,9 @@ through a reference copy of the port given by ``--baseline FILE`` (e.g. an older
 ``git show REV:jaxquant/models/llama.py > /tmp/llama_old.py``), on the same weights, for float32,
 W8 per-channel and W4 g128 (the native backend on where available: weight-only kernel and fused
 decode ops). Also reports the compiled step's op counts (instructions, fusions, dots, custom calls,
-copies, dynamic-update-slices; fewer small ops = less per-step dispatch on 2 cores).
+copies, dynamic-update-slices; fewer small ops = less per-step dispatch on 2 cores). The
+"projections stubbed" rows replace every projection by a broadcast (:class:`StubProjection`): what is
+left is the non-matmul part of a step, timed directly.
 
     python benchmarks/bench_decode_step.py --baseline /tmp/llama_old.py [--quick] [--tiny]
 """
@@ -24,6 +26,7 @@ from bench_decode import cached_decode_step  # noqa: E402
 from timing import markdown_table, median_ms, paired_ratio, time_interleaved, write_json  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jaxquant as jq  # noqa: E402
@@ -52,6 +55,33 @@ def hlo_counts(forward, *args) -> dict:
             "dynamic-update-slices": text.count("dynamic-update-slice(")}
 
 
+class StubProjection(nnx.Module):
+    """Stands in for a projection: ``(..., K) -> (..., N)`` by broadcasting ``x[..., :1]`` (one cheap
+    kernel, often fused into its consumer), so a step with every projection stubbed times the rest
+    of the step: norms, rotary, attention, cache writes and dispatch."""
+
+    def __init__(self, in_features: int, out_features: int):
+        self.in_features, self.out_features = in_features, out_features
+
+    def __call__(self, x):
+        return jnp.broadcast_to(x[..., :1], x.shape[:-1] + (self.out_features,))
+
+
+def stub_projections(model):
+    """A copy of the Llama ``model`` (arrays shared) whose 211 projections are :class:`StubProjection`."""
+    m = nnx.merge(*nnx.split(model))
+    cfg = m.config
+    hd = cfg.head_dim
+    for layer in m.layers:
+        a, f = layer.attn, layer.mlp
+        a.wq, a.wk = StubProjection(cfg.dim, cfg.n_heads * hd), StubProjection(cfg.dim, cfg.n_kv_heads * hd)
+        a.wv, a.wo = StubProjection(cfg.dim, cfg.n_kv_heads * hd), StubProjection(cfg.n_heads * hd, cfg.dim)
+        f.gate, f.up = StubProjection(cfg.dim, cfg.hidden_dim), StubProjection(cfg.dim, cfg.hidden_dim)
+        f.down = StubProjection(cfg.hidden_dim, cfg.dim)
+    m.lm_head = StubProjection(cfg.dim, cfg.vocab_size)
+    return m
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--baseline", required=True, help="path of the older llama.py to compare against")
@@ -74,12 +104,14 @@ def main(argv=None):
     old_gd, _ = nnx.split(nnx.eval_shape(lambda: old_llama.Llama(cfg, rngs=nnx.Rngs(0))))
     old_model = nnx.merge(old_gd, nnx.state(model))
     native = jq.native_backend_available()
-    qcfgs = {"f32": None, "W8": jq.int8_weight_only(), "W4 g128": jq.int4_weight_only(128, allow_partial_group=True)}
+    w8, w4 = jq.int8_weight_only(), jq.int4_weight_only(128, allow_partial_group=True)
+    qcfgs = {"f32": lambda m: m, "W8": lambda m: jq.quantize_weight_only(m, w8),
+             "W4 g128": lambda m: jq.quantize_weight_only(m, w4), "projections stubbed": stub_projections}
     max_len = args.prompt_len + 8
     fns, rows_info = {}, {}
     for label, qc in qcfgs.items():
         for tag, mod, base in (("before", old_llama, old_model), ("after", new_llama, model)):
-            m = base if qc is None else jq.quantize_weight_only(base, qc)
+            m = qc(base)
             # The native backend on for f32 too: "after" runs the fused decode ops (the same for every
             # variant); the float projections stay XLA dots either way.
             on = native

@@ -11,6 +11,14 @@ gives the original model, and GGUF files store them permuted.
 
 Shapes: tokens ``(B, T)`` int32; logits ``(B, T, vocab)`` float32; the KV cache holds, per layer,
 ``k`` and ``v`` of shape ``(B, S_max, n_kv_heads, head_dim)``.
+
+Decode steps (one new token, float32 cache) with the native backend on run each residual add +
+RMSNorm and each layer's rotary + cache write + attention as one custom call
+(:mod:`jaxquant.native.decode_ops`) instead of about 20 small XLA kernels per block. That code does
+not depend on the projections' format: float and quantized models run the same non-matmul ops, so
+speed-ups of quantized models over float ones measure their projections. ``jq.use_native(False)``
+(or a build without the extension) runs the pure-JAX code below, which the fused ops equal within
+float rounding.
 """
 from __future__ import annotations
 
