@@ -88,6 +88,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--variants", default="f32,W8,W4 g128,projections stubbed",
+                    help="comma-separated subset of: f32, W8, W4 g128, projections stubbed")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer random Llama instead of SmolLM2 (smoke test)")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                    "decode_step.json"))
@@ -107,6 +109,11 @@ def main(argv=None):
     w8, w4 = jq.int8_weight_only(), jq.int4_weight_only(128, allow_partial_group=True)
     qcfgs = {"f32": lambda m: m, "W8": lambda m: jq.quantize_weight_only(m, w8),
              "W4 g128": lambda m: jq.quantize_weight_only(m, w4), "projections stubbed": stub_projections}
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(wanted) - set(qcfgs))
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; choose from {list(qcfgs)}")
+    qcfgs = {k: qcfgs[k] for k in wanted}
     max_len = args.prompt_len + 8
     fns, rows_info = {}, {}
     for label, qc in qcfgs.items():
