@@ -64,7 +64,8 @@ class OptionalNativeBuild(build_ext):
 setup(
     ext_modules=[Extension("jaxquant.native._jaxquant_native", sources=[f"{CSRC}/jaxquant_native.cc",
                                                                      f"{CSRC}/weight_only_gemv.cc",
-                                                                     f"{CSRC}/onednn_matmul_pool.cc"],
+                                                                     f"{CSRC}/onednn_matmul_pool.cc",
+                                                                     f"{CSRC}/decode_ops.cc"],
                            optional=True)],
     cmdclass={"build_ext": OptionalNativeBuild},
 )

@@ -3,7 +3,10 @@ the native weight-only kernel and the pure-XLA int8-activation fallback side by 
 ``torch.ao.quantization.quantize_dynamic`` int8) as peers. Also model memory.
 
 The ``... linears only`` rows time every projection of the model once on a (1, K) input in one jitted
-call (the matmul share of a token); the rest of a token is attention, norms, rotary and dispatch.
+call, grouped as the decode step groups them (the matmul share of a token); a variant's
+``non-projection ms/token`` is its token time minus its linears-only time: attention, norms, rotary,
+cache writes and dispatch. The float row (``jax_f32``) runs the same fused decode ops as the quantized
+native rows (only its projections differ: XLA's float dots); ``jax_f32 pure-XLA`` runs everything on XLA.
 
 One timed call = one new token: ``forward(state, token (1, 1), cache, position)`` at a fixed cache
 position (every call does the same work), so tokens/s = 1000 / ms. Candidates run interleaved in one
@@ -32,7 +35,9 @@ from flax import nnx  # noqa: E402
 import jaxquant as jq  # noqa: E402
 from jaxquant.models.llama import init_cache, load_smollm2, make_forward  # noqa: E402
 from jaxquant.native.weight_only_ops import weight_only_gemv_supported  # noqa: E402
+from jaxquant.native.decode_ops import decode_ops_supported  # noqa: E402
 from jaxquant.weight_only import WeightOnlyLinear  # noqa: E402
+from jaxquant.weight_only.modules import project_all  # noqa: E402
 
 
 def linear_weight_bytes(model) -> int:
@@ -47,18 +52,23 @@ def linear_weight_bytes(model) -> int:
 
 
 def linears_only(model):
-    """A jitted ``f(state, x)`` applying every projection of ``model`` to ``x[:K]`` once, and its state."""
-    mods = [m for _, m in jq.named_modules(model) if isinstance(m, (nnx.Linear, WeightOnlyLinear))]
-    graphdef, state = nnx.split(nnx.List(mods))
+    """A jitted ``f(state, x)`` applying every projection of ``model`` to ``x[:, :K]`` once, grouped as
+    the decode step calls them (Q/K/V and gate/up through ``project_all``, so one native call each), and
+    its state. The outputs are returned, not reduced: no kernels beyond the projections' own."""
+    groups = []
+    for layer in model.layers:
+        groups += [(layer.attn.wq, layer.attn.wk, layer.attn.wv), (layer.attn.wo,),
+                   (layer.mlp.gate, layer.mlp.up), (layer.mlp.down,)]
+    groups.append((model.lm_head,))
+    graphdef, state = nnx.split(nnx.List([nnx.List(list(g)) for g in groups]))
 
     @jax.jit
     def f(state, x):
-        ms = nnx.merge(graphdef, state)
-        total = jnp.zeros((), jnp.float32)
-        for m in ms:
-            k = m.in_features
-            total = total + jnp.sum(m(x[:, :k]))
-        return total
+        outs = []
+        for g in nnx.merge(graphdef, state):
+            k = g[0].in_features
+            outs += project_all(x[:, :k], tuple(g))
+        return outs
 
     return f, state
 
@@ -147,6 +157,12 @@ def torch_peers(model, prompt_len: int):
     return {"torch_f32 (HF)": stepper(hf), "torch_int8_dynamic (HF)": stepper(int8)}
 
 
+# variant -> its "linears only" row (same weights, same kernels)
+LINEARS_OF = {"jax_f32": "jax_f32 linears only", "jax_f32 pure-XLA": "jax_f32 linears only",
+              "jax_W8 (per-channel) native": "jax_W8 native linears only",
+              "jax_W4 g128 native": "jax_W4 g128 native linears only"}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -169,8 +185,14 @@ def main(argv=None):
     w4 = jq.quantize_weight_only(model, jq.int4_weight_only(128, allow_partial_group=True))
     w4_64 = jq.quantize_weight_only(model, jq.int4_weight_only(64))
     native = jq.native_backend_available() and weight_only_gemv_supported(1)
-    # (name, model, native?): the native rows exist only where the kernel runs.
-    plan = [("jax_f32", model, False)]
+    fused = jq.native_backend_available() and decode_ops_supported()
+    # (name, model, native?): the native rows exist only where the kernel runs. jax_f32 runs with the
+    # native backend on: its projections are XLA's float dots either way, and its norms and attention
+    # take the same fused decode ops (jaxquant.native.decode_ops) as the quantized native rows, so every
+    # row shares the non-matmul code. "jax_f32 pure-XLA" is the same model with everything on XLA.
+    plan = [("jax_f32", model, fused)]
+    if fused:
+        plan.append(("jax_f32 pure-XLA", model, False))
     for label, m in (("W8 (per-channel)", w8), ("W4 g128", w4), ("W4 g64", w4_64)):
         if native:
             plan.append((f"jax_{label} native", m, True))
@@ -180,6 +202,8 @@ def main(argv=None):
     fns = {}
     for name, m, on in plan:
         fns[name] = cached_decode_step(make_forward, init_cache, m, args.prompt_len, max_len, on)[0]
+    # Each "linears only" row is the projections of the variant named in LINEARS_OF; the difference is
+    # that variant's non-projection time per token (norms, rotary, attention, cache, dispatch).
     for name, m, on in (("jax_f32 linears only", model, False), ("jax_W8 native linears only", w8, native),
                         ("jax_W4 g128 native linears only", w4, native)):
         if "native" in name and not native:
@@ -204,6 +228,9 @@ def main(argv=None):
         ms = median_ms(times[name])
         row = {"variant": name, "ms/token": ms, "tokens/s": 1000.0 / ms,
                "speed-up vs jax_f32": paired_ratio(times, "jax_f32", name)}
+        lin = LINEARS_OF.get(name)
+        if lin in times:
+            row["non-projection ms/token"] = ms - median_ms(times[lin])
         if name in variants:
             m = variants[name]
             row["linear weights MB"] = linear_weight_bytes(m) / 1e6

@@ -11,6 +11,14 @@ gives the original model, and GGUF files store them permuted.
 
 Shapes: tokens ``(B, T)`` int32; logits ``(B, T, vocab)`` float32; the KV cache holds, per layer,
 ``k`` and ``v`` of shape ``(B, S_max, n_kv_heads, head_dim)``.
+
+Decode steps (one new token, float32 cache) with the native backend on run each residual add +
+RMSNorm and each layer's rotary + cache write + attention as one custom call
+(:mod:`jaxquant.native.decode_ops`) instead of about 20 small XLA kernels per block. That code does
+not depend on the projections' format: float and quantized models run the same non-matmul ops, so
+speed-ups of quantized models over float ones measure their projections. ``jq.use_native(False)``
+(or a build without the extension) runs the pure-JAX code below, which the fused ops equal within
+float rounding.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxquant.native.decode_ops import add_rms_norm, decode_attention, decode_ops_supported
 from jaxquant.weight_only.modules import project_all
 
 __all__ = ["LlamaConfig", "RMSNorm", "Attention", "MLP", "Block", "Llama", "init_cache", "load_llama_gguf",
@@ -60,6 +69,17 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (y * self.weight.get_value()).astype(x.dtype)
+
+    def add_norm(self, x: jax.Array, h: Optional[jax.Array], native: bool = False) -> tuple[jax.Array, jax.Array]:
+        """``(r, self(r))`` with ``r = x + h`` (``x`` when ``h`` is None): a residual add and the norm after it.
+
+        ``native`` (float32 only): one fused custom call (:func:`jaxquant.native.decode_ops.add_rms_norm`)
+        instead of XLA's 4-5 kernels; equal within float rounding.
+        """
+        if native and x.dtype == jnp.float32 and (h is None or h.dtype == jnp.float32):
+            return add_rms_norm(x, h, self.weight.get_value(), self.eps)
+        r = x if h is None else x + h
+        return r, self(r)
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
@@ -100,12 +120,20 @@ class Attention(nnx.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, hd
         self.rope_theta = cfg.rope_theta
 
-    def __call__(self, x: jax.Array, rope: tuple, bias: jax.Array, cache: Optional[tuple], start_pos: Any):
+    def __call__(self, x: jax.Array, rope: tuple, bias: jax.Array, cache: Optional[tuple], start_pos: Any,
+                 native: bool = False):
         """``x`` ``(B, T, dim)``; ``rope`` = cos/sin ``(1, T, 1, head_dim/2)`` and ``bias`` the additive
-        causal mask ``(T, S)`` (0 or -1e30), both computed once per call by :class:`Llama` for every layer."""
+        causal mask ``(T, S)`` (0 or -1e30), both computed once per call by :class:`Llama` for every layer.
+        ``native`` (one new token, float32 cache): rotary, cache write and attention in one custom call
+        (:func:`jaxquant.native.decode_ops.decode_attention`), equal to the code below within float rounding."""
         b, t, _ = x.shape
         hd = self.head_dim
         q, k, v = project_all(x, (self.wq, self.wk, self.wv))
+        if native and t == 1 and cache is not None and cache[0].dtype == jnp.float32:
+            cos, sin = (a.reshape(hd // 2) for a in rope)
+            out, ck, cv = decode_attention(q.reshape(b, -1), k.reshape(b, -1), v.reshape(b, -1), cos, sin,
+                                           cache[0], cache[1], start_pos)
+            return self.wo(out.reshape(b, t, self.n_heads * hd).astype(x.dtype)), (ck, cv)
         q = q.reshape(b, t, self.n_heads, hd)
         k = k.reshape(b, t, self.n_kv_heads, hd)
         v = v.reshape(b, t, self.n_kv_heads, hd)
@@ -160,9 +188,17 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x, rope, bias, cache, start_pos):
-        h, new_cache = self.attn(self.attn_norm(x), rope, bias, cache, start_pos)
-        x = x + h
-        return x + self.mlp(self.ffn_norm(x)), new_cache
+        x, mlp_out, new_cache = self.step(x, None, rope, bias, cache, start_pos)
+        return x + mlp_out, new_cache
+
+    def step(self, x, pending, rope, bias, cache, start_pos, native: bool = False):
+        """The block with its last residual add left to the caller: ``(x + pending) -> (x', mlp_out, cache)``
+        where the block's output is ``x' + mlp_out``. :class:`Llama` hands ``mlp_out`` to the next norm,
+        which adds it in the same kernel (:meth:`RMSNorm.add_norm`)."""
+        x, y = self.attn_norm.add_norm(x, pending, native)
+        h, new_cache = self.attn(y, rope, bias, cache, start_pos, native)
+        x, y = self.ffn_norm.add_norm(x, h, native)
+        return x, self.mlp(y), new_cache
 
 
 class Llama(nnx.Module):
@@ -194,13 +230,18 @@ class Llama(nnx.Module):
         rope = (cos[None, :, None, :], sin[None, :, None, :])
         key_pos = jnp.arange(cache[0][0].shape[1]) if cache is not None else positions
         bias = jnp.where(key_pos[None, :] <= positions[:, None], 0.0, -1e30).astype(jnp.float32)  # (t, s)
+        # One new token on a float32 cache with the native backend on: the fused decode ops
+        # (jaxquant.native.decode_ops), the same for float and quantized projections.
+        native = (t == 1 and cache is not None and cache[0][0].dtype == jnp.float32 and decode_ops_supported())
         x = self.embed(tokens)
+        pending = None
         new_cache = [] if cache is not None else None
         for i, layer in enumerate(self.layers):
-            x, c = layer(x, rope, bias, None if cache is None else cache[i], start_pos)
+            x, pending, c = layer.step(x, pending, rope, bias, None if cache is None else cache[i], start_pos, native)
             if cache is not None:
                 new_cache.append(c)
-        logits = self.lm_head(self.norm(x)).astype(jnp.float32)
+        _, y = self.norm.add_norm(x, pending, native)
+        logits = self.lm_head(y).astype(jnp.float32)
         return logits, new_cache
 
 

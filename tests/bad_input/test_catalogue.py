@@ -617,6 +617,17 @@ def test_W10_native_weight_only_gemv_given_another_layout():
     with _raises(ValueError, "weight_only_gemv", "not one int4 weight", "own bits, group_size and out_features"):
         weight_only_gemv(jnp.ones((1, 64)), q.data, q.scale, q.zero_point, bits=4, group_size=16, out_features=8)
 
+
+def test_W11_native_decode_ops_given_mismatched_shapes():
+    from jaxquant.native.decode_ops import add_rms_norm, decode_attention
+
+    cache = jnp.zeros((1, 4, 2, 8), jnp.float32)
+    with _raises(ValueError, "decode_attention", "do not fit", r"k/v \(B, KVH\*D\)"):  # v of 2 heads x 8, k of 1 x 8
+        decode_attention(jnp.zeros((1, 48)), jnp.zeros((1, 8)), jnp.zeros((1, 16)), jnp.zeros(4), jnp.zeros(4),
+                         cache, cache, 0)
+    with _raises(ValueError, "add_rms_norm", "float32", "RMSNorm weight of 8 features"):
+        add_rms_norm(jnp.zeros((1, 7)), None, jnp.ones(8), 1e-5)
+
 # ------------------------------------------------- issue 15: usage errors found by a careless user
 
 
