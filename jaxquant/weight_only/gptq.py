@@ -82,17 +82,31 @@ def gptq_quantize(kernel: jax.Array, xtx: np.ndarray, rows: int, *, bits: int = 
       kernel: float ``(in_features, out_features)``.
       xtx: ``sum X^T X`` from :func:`jaxquant.weight_only.calibration.collect_linear_stats`.
       rows: number of calibration rows behind ``xtx``; fewer than ``in_features`` raises.
-      bits, group_size, symmetric, allow_partial_group: the target format (as ``quantize_blockwise``).
+      bits, group_size, symmetric, allow_partial_group: the target format (as ``quantize_blockwise``);
+        ``bits=8, group_size=None`` is per-channel int8 (decodes through the same weight-only kernels as
+        ``int8_weight_only()``).
       damp_percent: ``lambda / mean(diag H)``.
       block_size: ``B`` of the lazy batch updates (the group size when grouped without act-order).
       act_order: visit columns by decreasing ``diag(H)`` (static group qparams).
     Returns:
       A :class:`BlockQuantizedWeight` (same layout as round-to-nearest).
     Raises:
-      GPTQError naming the layer: too few calibration rows, or a Hessian still singular after damping.
+      GPTQError naming the layer: too few calibration rows, a Hessian still singular after damping,
+      bits other than 4/8, a non-positive block size, or statistics of the wrong size. ValueError:
+      a group size that does not divide ``in_features`` (without ``allow_partial_group``).
     """
+    if bits not in (4, 8):
+        raise GPTQError(f"{where}: bits must be 4 or 8 (the stored int4/int8 formats), got {bits!r}")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise GPTQError(f"{where}: block_size (columns per lazy batch update) must be a positive int, "
+                        f"got {block_size!r}")
     w_kn = jnp.asarray(kernel, jnp.float32)
+    if w_kn.ndim != 2:
+        raise GPTQError(f"{where}: expected a 2-D (in_features, out_features) kernel, got shape {w_kn.shape}")
     k, n = w_kn.shape
+    if np.shape(xtx) != (k, k):
+        raise GPTQError(f"{where}: X^T X has shape {np.shape(xtx)}, expected ({k}, {k}) for a kernel of "
+                        f"{k} inputs; collect the statistics on this layer's inputs")
     if rows < k:
         raise GPTQError(f"{where}: {rows} calibration rows for {k} inputs; X^T X has rank <= {rows} < {k}. Give at "
                         f"least {k} input rows (more or longer calibration sequences)")

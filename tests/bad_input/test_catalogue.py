@@ -610,6 +610,19 @@ def test_W09_awq_clip_grid_without_one():
         awq_clip(w, np.eye(32), 64, group_size=16, clip_grid=(0.9, 0.8))
 
 
+def test_W12_gptq_bits_block_size_or_stats_of_another_layer():
+    from jaxquant.weight_only.gptq import GPTQError, gptq_quantize
+
+    w = jnp.asarray(np.random.default_rng(2).standard_normal((16, 4)), jnp.float32)
+    xtx = np.eye(16) * 64.0
+    with _raises(GPTQError, "gptq: 'fc'", "bits must be 4 or 8", "got 3"):
+        gptq_quantize(w, xtx, 64, bits=3, group_size=None, where="gptq: 'fc'")
+    with _raises(GPTQError, "gptq: 'fc'", "block_size", "got 0"):
+        gptq_quantize(w, xtx, 64, bits=8, group_size=None, block_size=0, where="gptq: 'fc'")
+    with _raises(GPTQError, "gptq: 'fc'", r"\(8, 8\), expected \(16, 16\)", "this layer's inputs"):
+        gptq_quantize(w, xtx[:8, :8], 64, bits=8, group_size=None, where="gptq: 'fc'")
+
+
 def test_W10_native_weight_only_gemv_given_another_layout():
     from jaxquant.native.weight_only_ops import weight_only_gemv
 
