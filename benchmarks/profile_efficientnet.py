@@ -2,11 +2,12 @@
 
     python benchmarks/profile_efficientnet.py [--calls 20] [--quick]
 
-Quantizes the pretrained model with the example's recipe (relu6-range), then runs the int8 program
+Quantizes the pretrained model with the example's recipe (relu6-range; each ReLU6 folded into its conv,
+so the clips run inside the conv kernels), then runs the int8 program
 under ``jax.profiler`` with the native backend on and off and sums each compiled kernel's time per
 call. Kernels are grouped by what they are in the optimized HLO: the oneDNN conv custom calls,
 YNNPACK fusions (u8 x s8 dots), XLA loop fusions (im2col slices, depthwise tap loops, requantize
-epilogues, ReLU6 clips, residual adds), pads and copies. The profiler adds a per-kernel cost; read
+epilogues, residual adds), pads and copies. The profiler adds a per-kernel cost; read
 the shares and the kernel counts, and take end-to-end times from ``bench_efficientnet.py``.
 """
 from __future__ import annotations
