@@ -177,3 +177,4 @@ def test_max_pool_rejects_a_wrong_output_shape():
         jax.block_until_ready(call(x, cfg=np.asarray([2, 2, 2, 2, 0, 0, 0, 0], np.int64)))
     with pytest.raises(Exception, match="window, stride or padding out of range"):
         jax.block_until_ready(call(x, cfg=np.asarray([2, 2, 2, 2, 2, 2, 0, 0], np.int64)))
+
