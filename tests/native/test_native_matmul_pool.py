@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
 from jaxquant.dtypes import qint8, quint8
 from jaxquant.kernels.linear import int8_matmul_acc, pack_linear, pack_weight, quantized_linear, quantized_linear_dynamic
