@@ -1,7 +1,8 @@
 """Where the time goes: per-XLA-kernel profile of the Fashion-MNIST CNN, float32 vs static int8.
 
 Runs the models of ``bench_fashion_cnn.py`` under ``jax.profiler``, sums each compiled kernel's
-time per call (XLA:CPU thunks: ``ynn_fusion*`` are YNNPACK dots/convs/pools, ``*_fusion`` XLA
+time per call (XLA:CPU thunks: ``ffi_call*`` the native backend's custom calls, labelled with their
+target, ``ynn_fusion*`` YNNPACK dots/convs/pools, ``*_fusion`` XLA
 loops, ``concatenate`` the im2col copy), prints one markdown table per model and batch, and
 writes the optimized HLO next to the JSON so each kernel can be looked up.
 
@@ -19,6 +20,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -73,9 +75,12 @@ def main(argv=None):
             x = jnp.asarray(images[:batch])
             hlo_path = os.path.join(os.path.dirname(args.json), f"profile_{name}_b{batch}.hlo.txt")
             os.makedirs(os.path.dirname(hlo_path), exist_ok=True)
+            hlo = fn.lower(state, x).compile().as_text()
             with open(hlo_path, "w") as f:
-                f.write(fn.lower(state, x).compile().as_text())
-            times = kernel_times(fn, state, x, args.calls)
+                f.write(hlo)
+            targets = dict(re.findall(r"%(ffi_call[.\d]*) = .*?custom_call_target=\"(\w+)\"", hlo))
+            times = {f"{k} ({targets[k]})" if k in targets else k: v
+                     for k, v in kernel_times(fn, state, x, args.calls).items()}
             total = sum(times.values())
             rows = [{"kernel": k, "us per call": v, "share": v / total} for k, v in times.items() if v >= 0.01 * total]
             print(f"\n### {name}, batch {batch}: {total:.0f} us in {len(times)} kernels (HLO: {hlo_path})\n")

@@ -83,6 +83,22 @@ def test_linen_native_equals_xla(converted):
     assert np.std(native) > 0
 
 
+@needs_native
+def test_linen_dense_above_the_gemv_rows_runs_the_matmul(converted):
+    """Above GEMV_MAX_M rows the cached GEMV blob feeds oneDNN's matmul (csrc/onednn_matmul_pool.cc)."""
+    qmodel, qvars, x = converted
+    x8 = jnp.concatenate([x, -x, 0.5 * x, x + 0.25])  # 8 rows reach the Dense
+    f = jax.jit(qmodel.apply)
+    with use_native(True):
+        compiled = f.lower(qvars, x8).compile()
+    with use_native(False):
+        xla = np.asarray(f(qvars, x8))
+    assert compiled.as_text().count('"jaxquant_matmul_u8s8"') == 1
+    native = np.asarray(compiled(qvars, x8))
+    np.testing.assert_array_equal(native, xla)
+    assert np.std(native) > 0
+
+
 def test_without_the_cache_linen_runs_the_xla_program(converted):
     # variables converted with the backend off (or with the cache dropped before saving) run on XLA
     qmodel, qvars, x = converted

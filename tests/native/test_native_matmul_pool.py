@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
 from jaxquant.dtypes import qint8, quint8
 from jaxquant.kernels.linear import int8_matmul_acc, pack_linear, pack_weight, quantized_linear, quantized_linear_dynamic
@@ -177,3 +176,4 @@ def test_max_pool_rejects_a_wrong_output_shape():
         jax.block_until_ready(call(x, cfg=np.asarray([2, 2, 2, 2, 0, 0, 0, 0], np.int64)))
     with pytest.raises(Exception, match="window, stride or padding out of range"):
         jax.block_until_ready(call(x, cfg=np.asarray([2, 2, 2, 2, 2, 2, 0, 0], np.int64)))
+
