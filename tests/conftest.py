@@ -9,10 +9,17 @@ import os
 
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# Not --xla_cpu_use_fusion_emitters=false: XLA:CPU's classic emitters compile a QAT training step in
+# about half the CPU time, but they round some float math differently (tests/regression's
+# minilm_dynamic recording then differs by up to 4.5e-8), and the test session must compute what
+# users' programs compute.
 
+import json  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 # Many tests compile the same small programs (one model converted several ways, the same kernels at
 # the same shapes): a compilation cache shared by the xdist workers compiles each once per run.
@@ -31,3 +38,32 @@ def pytest_collection_modifyitems(config, items):
 
     slow_files = {file_of(item) for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: file_of(item) not in slow_files)
+
+
+# ``JAXQUANT_TEST_CPU_REPORT=PREFIX`` (benchmarks/bench_suite_time.py sets it): each pytest process
+# writes PREFIX.<xdist worker>.json, one [node id, CPU seconds, wall seconds] row per test. CPU time
+# (every thread of this process and its waited-for subprocesses) is what a test costs the suite's
+# cores, and unlike wall time it moves little when other jobs load the machine.
+_cpu_rows: list = []
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not os.environ.get("JAXQUANT_TEST_CPU_REPORT"):
+        yield
+        return
+    cpu, wall = _cpu_seconds(), time.perf_counter()
+    yield
+    _cpu_rows.append([item.nodeid, _cpu_seconds() - cpu, time.perf_counter() - wall])
+
+
+def pytest_sessionfinish(session):
+    prefix = os.environ.get("JAXQUANT_TEST_CPU_REPORT")
+    if prefix and _cpu_rows:
+        with open(f"{prefix}.{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.json", "w") as f:
+            json.dump(_cpu_rows, f)
