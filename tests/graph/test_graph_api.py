@@ -55,7 +55,8 @@ def test_other_batch_size_export_and_compare():
     x7 = mlp_inputs(2, n=7)
     y7 = jax.jit(qprog.apply)(qprog.params, x7)  # re-captured at the new shape
     assert y7.shape == (7, 4)
-    exported = jax.export.export(jax.jit(qprog.apply))(qprog.params, x)
+    with jq.use_native(False):  # raw jax.export: the portable kernels (jq.export does this itself)
+        exported = jax.export.export(jax.jit(qprog.apply))(qprog.params, x)
     np.testing.assert_array_equal(np.asarray(exported.call(qprog.params, x)), np.asarray(qprog(x)))
     rows = jq.graph.compare(qprog, params, x)
     assert [r[0] for r in rows] == ["fc1", "fc2", "output"]
