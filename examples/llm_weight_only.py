@@ -196,7 +196,12 @@ def main(argv=None):
     # GPTQ quantizes each layer from the float model's inputs, independently of the others, so the
     # blocks are quantized once and the head is added on top for the all-layers row.
     cache = {}
-    gptq_blocks = lambda: cache.setdefault("blocks", w8_gptq(model, stats))
+
+    def gptq_blocks():
+        if "blocks" not in cache:
+            cache["blocks"] = w8_gptq(model, stats)
+        return cache["blocks"]
+
     recipes = {
         "W8 per-channel RTN (`int8_weight_only()`)": lambda: w8_model,
         "W8 g128 symmetric RTN": lambda: jq.quantize_weight_only(model, jq.int8_weight_only(128, allow_partial_group=True)),
