@@ -66,6 +66,7 @@ setup(
                                                                      f"{CSRC}/weight_only_gemv.cc",
                                                                      f"{CSRC}/onednn_matmul_pool.cc",
                                                                      f"{CSRC}/decode_ops.cc"],
+                           depends=[f"{CSRC}/onednn_common.h"],
                            optional=True)],
     cmdclass={"build_ext": OptionalNativeBuild},
 )

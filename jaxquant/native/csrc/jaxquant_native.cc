@@ -44,20 +44,19 @@
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
+#include "onednn_common.h"
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
 using tag = dnnl::memory::format_tag;
 using dt = dnnl::memory::data_type;
+using jaxquant_native::cpu_engine;
+using jaxquant_native::OmpThreads;
 
 namespace {
 
 thread_local std::string g_last_error;
 
-dnnl::engine& cpu_engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
 
 // cfg layout shared with jaxquant/native/ops.py (CONV_CFG_FIELDS).
 enum CfgIndex {
@@ -183,22 +182,6 @@ size_t packed_bytes(const std::vector<memory::desc>& mds) {
 // thread, 13 us on two on an idle core pair, and 57 us when the other core is busy).
 constexpr int64_t kSingleThreadMacs = int64_t{1} << 24;
 
-// Sets the calling thread's OpenMP thread count for its scope. oneDNN sizes a primitive's work
-// split by omp_get_max_threads() when it is created and runs it with the count at execution, so
-// both happen inside the same guard; the ICV is per thread, so XLA's other threads are unaffected.
-class OmpThreads {
- public:
-  explicit OmpThreads(bool single) : saved_(omp_get_max_threads()), active_(single && saved_ > 1) {
-    if (active_) omp_set_num_threads(1);
-  }
-  ~OmpThreads() {
-    if (active_) omp_set_num_threads(saved_);
-  }
-
- private:
-  int saved_;
-  bool active_;
-};
 
 struct ConvEntry {
   dnnl::convolution_forward::primitive_desc pd;

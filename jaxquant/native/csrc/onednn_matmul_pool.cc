@@ -29,39 +29,22 @@
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
+#include "onednn_common.h"
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
 using tag = dnnl::memory::format_tag;
 using dt = dnnl::memory::data_type;
+using jaxquant_native::cpu_engine;
+using jaxquant_native::OmpThreads;
 
 namespace {
-
-dnnl::engine& engine() {
-  static dnnl::engine e(dnnl::engine::kind::cpu, 0);
-  return e;
-}
 
 // Matmuls below this many multiply-accumulates run on the calling thread. Measured under load (2 cores,
 // load average 12): the Fashion CNN's fc1 (64 x 3136 x 128, 26 M) took 0.048 ms on one thread and
 // 0.086 ms on two; a fork/join whose second thread waits for a busy core costs more than it saves.
 constexpr int64_t kSingleThreadWork = int64_t{1} << 26;
 
-// The calling thread's OpenMP thread count for a scope (oneDNN sizes its split at creation and runs
-// with the count at execution, so both happen inside the guard; the ICV is per thread).
-class OmpThreads {
- public:
-  explicit OmpThreads(bool single) : saved_(omp_get_max_threads()), active_(single && saved_ > 1) {
-    if (active_) omp_set_num_threads(1);
-  }
-  ~OmpThreads() {
-    if (active_) omp_set_num_threads(saved_);
-  }
-
- private:
-  int saved_;
-  bool active_;
-};
 
 constexpr int64_t kCols = 64;  // output columns per packed group (the GEMV's kCols)
 
@@ -101,7 +84,7 @@ std::shared_ptr<MatmulEntry> get_matmul(int64_t m, int64_t k, int64_t n) {
     e->dst = memory::desc({m, n}, dt::s32, tag::ab);
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    dnnl::matmul::primitive_desc pd(engine(), e->src, e->wei, e->dst, attr);
+    dnnl::matmul::primitive_desc pd(cpu_engine(), e->src, e->wei, e->dst, attr);
     e->scratch = pd.scratchpad_desc().get_size();
     e->prim = dnnl::matmul(pd);
     return e;
@@ -132,12 +115,12 @@ ffi::Error MatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer wp, ffi::Result<ffi::AnyB
         std::memcpy(wpad.data() + g * want, static_cast<const int8_t*>(w) + g * have, have);
       w = wpad.data();
     }
-    thread_local dnnl::stream stream(engine());
+    thread_local dnnl::stream stream(cpu_engine());
     thread_local std::vector<uint8_t> scratch;
     if (scratch.size() < e->scratch) scratch.resize(e->scratch);
-    memory src(e->src, engine(), x.untyped_data()), wei(e->wei, engine(), w),
-        dst(e->dst, engine(), acc->untyped_data()), pad(memory::desc({static_cast<int64_t>(e->scratch)}, dt::u8,
-                                                                     tag::a), engine(), scratch.data());
+    memory src(e->src, cpu_engine(), x.untyped_data()), wei(e->wei, cpu_engine(), w),
+        dst(e->dst, cpu_engine(), acc->untyped_data()), pad(memory::desc({static_cast<int64_t>(e->scratch)}, dt::u8,
+                                                                     tag::a), cpu_engine(), scratch.data());
     e->prim.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst},
                              {DNNL_ARG_SCRATCHPAD, pad}});
     stream.wait();
@@ -287,7 +270,7 @@ int jq_matmul_impl_name(int64_t m, int64_t k, int64_t n, char* out, int64_t out_
   try {
     OmpThreads threads(m * k * n < kSingleThreadWork);
     memory::desc src({m, k}, dt::u8, tag::ab), wei({k, n}, dt::s8, tag::BA16a64b4a), dst({m, n}, dt::s32, tag::ab);
-    dnnl::matmul::primitive_desc pd(engine(), src, wei, dst);
+    dnnl::matmul::primitive_desc pd(cpu_engine(), src, wei, dst);
     std::snprintf(out, out_len, "%s", pd.impl_info_str());
     return 0;
   } catch (const dnnl::error& err) {
