@@ -6,8 +6,6 @@ conv kernel ``(*k, cin/groups, cout)``, activations NHWC).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 import numpy as np
